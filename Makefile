@@ -1,0 +1,30 @@
+# tailjax: every target sets up its own virtualenv on first use (Python 3.10+ and pip only).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tailjax-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test toy bench mil clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job (see README).
+demo: $(STAMP)
+	$(BIN)/python scripts/train_toy.py --config=configs/toy_flow.py --workdir=runs/toy
+
+## The test suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+toy: $(STAMP)
+	$(BIN)/python scripts/train_toy.py --config=configs/toy_flow.py --workdir=runs/toy
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,252 @@
+"""Coupling-layer normalizing flows over patch-feature maps (FastFlow style).
+
+A flow is a bijection f: x ↦ z on feature maps ``x_BxHxWxC`` whose Jacobian
+log-determinant is kept *per spatial location*, ``logdet_BxHxW``, because the
+tail-aware loss and the mechanism analyses work with per-patch likelihoods:
+
+    log p(x_i) = log N(z_i; 0, I) + logdet_i,   i = (h, w).
+
+That factorisation is exact because every step acts on channels (a 1×1
+coupling, permutation or global affine) or, for k×k couplings, conditions on
+channels that the step leaves unchanged: the Jacobian is block-triangular with
+per-location diagonal blocks, so log|det J| = Σ_i logdet_i.
+
+Each step follows FrEIA's ``AllInOneBlock`` as FastFlow/anomalib use it:
+
+    [x1, x2] = P · x                     (fixed channel permutation P, then halves,
+                                          |x1| = C − ⌊C/2⌋)
+    a = 0.1 · subnet(x1)                 subnet = conv(k) → ReLU → conv(k)
+    s = clamp · tanh(a_s),  t = a_t      (soft-clamped log-scale, clamp 2.0)
+    y2 = x2 · exp(s) + t,   logdet_i = Σ_c s_ic + Σ_c g_c
+    y = Pᵀ · (γ ⊙ [x1, y2] + β)          optional global affine γ = exp(g), then back
+
+with inverse ``x2 = (y2 − t) · exp(−s)``. Each step draws its own constant
+permutation (a different split of the channels into conditioning and
+transformed halves, as FrEIA's permute-after-each-block does) but returns to
+the original channel order, so FrEIA's flow and this one differ only by a fixed
+permutation of z, which leaves the standard-normal NLL unchanged. Kernels
+alternate 3×3 / 1×1 between steps (FastFlow), or are all 3×3, or all 1×1 (the
+per-patch flow, whose patches are independent). The last conv of every subnet
+is zero-initialised and the global affine starts at γ = 1, β = 0, so a new flow
+is exactly the identity: z = x and logdet = 0.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tailjax import losses
+
+KERNEL_MODES = ("alternate", "3x3", "1x1")
+LAYER_NORM_MODES = ("none", "image", "patch")
+
+
+def normalize_features(x_BxHxWxC: jax.Array, mode: str, eps: float = 1e-5) -> jax.Array:
+  """Fixed (parameter-free) LayerNorm of backbone features before the flow.
+
+  ``"image"`` normalises each image over (H, W, C), as FastFlow's per-scale
+  LayerNorm; ``"patch"`` normalises each location over C (keeps patches
+  independent); ``"none"`` is the identity. There are no learned γ/β on
+  purpose: the normalisation is outside the bijection (it adds nothing to the
+  log-det), so a learned scale could shrink the features and drive the NLL
+  towards −∞ without modelling anything.
+  """
+  if mode == "none":
+    return x_BxHxWxC
+  axes = {"image": (1, 2, 3), "patch": (3,)}.get(mode)
+  if axes is None:
+    raise ValueError(f"flow.layer_norm must be one of {LAYER_NORM_MODES}, got {mode!r}")
+  mean = jnp.mean(x_BxHxWxC, axis=axes, keepdims=True)
+  var = jnp.var(x_BxHxWxC, axis=axes, keepdims=True)
+  return (x_BxHxWxC - mean) * jax.lax.rsqrt(var + eps)
+
+
+class AffineCouplingStep(nn.Module):
+  """One coupling step: affine coupling of x2 given x1, global affine, fixed permutation."""
+
+  channels: int
+  kernel_size: int
+  permutation: tuple[int, ...]
+  hidden_ratio: float = 1.0
+  clamp: float = 2.0
+  global_affine: bool = False
+
+  def setup(self):
+    c1 = self.channels - self.channels // 2
+    c2 = self.channels // 2
+    hidden = max(1, int(round(c1 * self.hidden_ratio)))
+    k = (self.kernel_size, self.kernel_size)
+    self.conv_in = nn.Conv(hidden, k, padding="SAME", name="conv_in")
+    self.conv_out = nn.Conv(2 * c2, k, padding="SAME", kernel_init=nn.initializers.zeros,
+                            bias_init=nn.initializers.zeros, name="conv_out")
+    if self.global_affine:
+      self.log_gamma = self.param("global_log_scale", nn.initializers.zeros, (self.channels,))
+      self.beta = self.param("global_offset", nn.initializers.zeros, (self.channels,))
+    self._c1, self._c2 = c1, c2
+    self._perm = np.asarray(self.permutation, dtype=np.int32)
+    self._inv_perm = np.argsort(self._perm).astype(np.int32)
+
+  def _scale_shift(self, x1):
+    a = 0.1 * self.conv_out(nn.relu(self.conv_in(x1)))
+    s = self.clamp * jnp.tanh(a[..., :self._c2])
+    return s, a[..., self._c2:]
+
+  def forward(self, x_BxHxWxC):
+    xp = x_BxHxWxC[..., self._perm]
+    x1, x2 = xp[..., :self._c1], xp[..., self._c1:]
+    s, t = self._scale_shift(x1)
+    y = jnp.concatenate([x1, x2 * jnp.exp(s) + t], axis=-1)
+    logdet_BxHxW = jnp.sum(s, axis=-1)
+    if self.global_affine:
+      y = y * jnp.exp(self.log_gamma)[None, None, None, :] + self.beta[None, None, None, :]
+      logdet_BxHxW = logdet_BxHxW + jnp.sum(self.log_gamma)
+    return y[..., self._inv_perm], logdet_BxHxW
+
+  def inverse(self, y_BxHxWxC):
+    y = y_BxHxWxC[..., self._perm]
+    logdet_BxHxW = jnp.zeros(y.shape[:-1], y.dtype)
+    if self.global_affine:
+      y = (y - self.beta[None, None, None, :]) * jnp.exp(-self.log_gamma)[None, None, None, :]
+      logdet_BxHxW = logdet_BxHxW - jnp.sum(self.log_gamma)
+    x1, y2 = y[..., :self._c1], y[..., self._c1:]
+    s, t = self._scale_shift(x1)
+    x = jnp.concatenate([x1, (y2 - t) * jnp.exp(-s)], axis=-1)
+    return x[..., self._inv_perm], logdet_BxHxW - jnp.sum(s, axis=-1)
+
+
+def step_kernel_sizes(num_steps: int, kernel_mode: str) -> list[int]:
+  """FastFlow's schedule: 3×3 on even steps, 1×1 on odd ones (or all 3×3 / all 1×1)."""
+  if kernel_mode == "alternate":
+    return [3 if i % 2 == 0 else 1 for i in range(num_steps)]
+  if kernel_mode == "3x3":
+    return [3] * num_steps
+  if kernel_mode == "1x1":
+    return [1] * num_steps
+  raise ValueError(f"flow.kernel_mode must be one of {KERNEL_MODES}, got {kernel_mode!r}")
+
+
+class FastFlow2d(nn.Module):
+  """FastFlow-style 2-D coupling flow on ``[B, H, W, C]`` feature maps.
+
+  Methods (use ``model.apply(params, x, method="forward")`` etc.):
+    forward(x) -> (z, logdet_BxHxW)   the bijection, log|det ∂z/∂x| per location;
+    inverse(z) -> (x, logdet_BxHxW)   its inverse, logdet = log|det ∂x/∂z| = −forward's;
+    __call__(x) -> (z, logdet)        ``forward(normalize_features(x, layer_norm))``;
+    nll(x) -> nll_BxHxW               per-patch NLL of the (normalised) features.
+
+  Attributes:
+    channels: C (≥ 2).
+    num_steps: K coupling steps (default 8).
+    kernel_mode: "alternate" (3×3/1×1, FastFlow), "3x3", or "1x1" (per-patch flow).
+    hidden_ratio: subnet width = hidden_ratio · ⌈C/2⌉.
+    clamp: soft-clamp of the log-scale, s = clamp · tanh(0.1 · a).
+    global_affine: learned per-channel scale/offset after each coupling.
+    layer_norm: "none" | "image" | "patch", see ``normalize_features``.
+    permutation_seed: seed of the fixed channel permutations (constants).
+  """
+
+  channels: int
+  num_steps: int = 8
+  kernel_mode: str = "alternate"
+  hidden_ratio: float = 1.0
+  clamp: float = 2.0
+  global_affine: bool = False
+  layer_norm: str = "none"
+  permutation_seed: int = 0
+
+  def setup(self):
+    if self.channels < 2:
+      raise ValueError(f"flow.channels must be ≥ 2 to split into halves, got {self.channels}")
+    if self.num_steps < 1:
+      raise ValueError(f"flow.num_steps must be ≥ 1, got {self.num_steps}")
+    if self.layer_norm not in LAYER_NORM_MODES:
+      raise ValueError(f"flow.layer_norm must be one of {LAYER_NORM_MODES}, got {self.layer_norm!r}")
+    rng = np.random.default_rng(self.permutation_seed)
+    self.steps = [
+        AffineCouplingStep(
+            channels=self.channels, kernel_size=k,
+            permutation=tuple(int(p) for p in rng.permutation(self.channels)),
+            hidden_ratio=self.hidden_ratio, clamp=self.clamp,
+            global_affine=self.global_affine, name=f"step_{i}")
+        for i, k in enumerate(step_kernel_sizes(self.num_steps, self.kernel_mode))
+    ]
+
+  def _check(self, x):
+    if x.ndim != 4 or x.shape[-1] != self.channels:
+      raise ValueError(f"flow expects [B, H, W, {self.channels}] inputs, got shape {x.shape}")
+
+  def forward(self, x_BxHxWxC):
+    self._check(x_BxHxWxC)
+    logdet_BxHxW = jnp.zeros(x_BxHxWxC.shape[:-1], x_BxHxWxC.dtype)
+    for step in self.steps:
+      x_BxHxWxC, ld = step.forward(x_BxHxWxC)
+      logdet_BxHxW = logdet_BxHxW + ld
+    return x_BxHxWxC, logdet_BxHxW
+
+  def inverse(self, z_BxHxWxC):
+    self._check(z_BxHxWxC)
+    logdet_BxHxW = jnp.zeros(z_BxHxWxC.shape[:-1], z_BxHxWxC.dtype)
+    for step in reversed(self.steps):
+      z_BxHxWxC, ld = step.inverse(z_BxHxWxC)
+      logdet_BxHxW = logdet_BxHxW + ld
+    return z_BxHxWxC, logdet_BxHxW
+
+  def __call__(self, x_BxHxWxC):
+    return self.forward(normalize_features(x_BxHxWxC, self.layer_norm))
+
+  def nll(self, x_BxHxWxC):
+    z, logdet = self(x_BxHxWxC)
+    return losses.patch_nll(z, logdet)
+
+
+class PatchFlow(FastFlow2d):
+  """Per-patch flow: 1×1 subnets only, so every patch is transformed independently.
+
+  With ``layer_norm`` "none" or "patch", ∂z_i/∂x_j = 0 for i ≠ j: the per-patch
+  NLLs are functions of their own feature vector alone.
+  """
+
+  kernel_mode: str = "1x1"
+
+  def setup(self):
+    if self.kernel_mode != "1x1":
+      raise ValueError(f"PatchFlow needs kernel_mode '1x1', got {self.kernel_mode!r}")
+    if self.layer_norm == "image":
+      raise ValueError("PatchFlow with layer_norm='image' would couple patches; use 'patch' or 'none'")
+    super().setup()
+
+
+def build_flow(cfg) -> FastFlow2d:
+  """Flow from a config block with fields channels, num_steps, kernel_mode, hidden_ratio,
+  clamp, global_affine, layer_norm, permutation_seed (missing fields take defaults)."""
+  get = lambda name, default: cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+  kwargs = dict(
+      channels=int(get("channels", 0)),
+      num_steps=int(get("num_steps", 8)),
+      kernel_mode=str(get("kernel_mode", "alternate")),
+      hidden_ratio=float(get("hidden_ratio", 1.0)),
+      clamp=float(get("clamp", 2.0)),
+      global_affine=bool(get("global_affine", False)),
+      layer_norm=str(get("layer_norm", "none")),
+      permutation_seed=int(get("permutation_seed", 0)),
+  )
+  if kwargs["kernel_mode"] not in KERNEL_MODES:
+    raise ValueError(f"flow.kernel_mode must be one of {KERNEL_MODES}, got {kwargs['kernel_mode']!r}")
+  return PatchFlow(**kwargs) if kwargs["kernel_mode"] == "1x1" else FastFlow2d(**kwargs)
+
+
+def flat_nll(model: FastFlow2d, params, x_BxHxWxC) -> jax.Array:
+  """Per-patch NLL flattened to ``[B, H·W]`` (row-major over the grid)."""
+  nll_BxHxW = model.apply(params, x_BxHxWxC, method="nll")
+  return nll_BxHxW.reshape(nll_BxHxW.shape[0], -1)
+
+
+__all__: Sequence[str] = (
+    "AffineCouplingStep", "FastFlow2d", "PatchFlow", "build_flow", "flat_nll",
+    "normalize_features", "step_kernel_sizes",
+)

@@ -1,0 +1,172 @@
+"""Losses as pure, jittable, vmappable functions.
+
+Shapes are in the names: ``nll_BxN`` is a batch of B images with N patches.
+Hyperparameters that sweeps vary (``tail_weight`` λ, ``top_k_ratio`` r,
+``pos_weight``, ``fp_weight``) may be traced arrays, so ``jax.vmap`` over them
+runs a whole sweep as one program.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+# ----------------------------------------------------------------------------
+# Flow likelihood
+# ----------------------------------------------------------------------------
+
+
+def patch_nll(z_BxHxWxC: jax.Array, logdet_BxHxW: jax.Array) -> jax.Array:
+  """Per-patch negative log-likelihood under a standard-normal base density.
+
+  ``NLL_i = 0.5 * ||z_i||^2 - logdet_i + (C/2) * log(2π)`` for every spatial
+  location i, where ``z_i`` is the C-dim latent and ``logdet_i`` the flow's
+  log|det J| at that location. Returns ``nll_BxHxW`` in nats.
+  """
+  c = z_BxHxWxC.shape[-1]
+  sq_BxHxW = jnp.sum(jnp.square(z_BxHxWxC), axis=-1)
+  return 0.5 * sq_BxHxW - logdet_BxHxW + 0.5 * c * LOG_2PI
+
+
+def validate_tail_params(tail_weight, top_k_ratio, *, where: str = "loss") -> None:
+  """Config-time check: λ ∈ [0, 1] and r ∈ (0, 1]; raises ValueError naming the field.
+
+  Traced values cannot be checked here and are skipped; check the grid that
+  produced them instead (``validate_tail_params`` accepts arrays too).
+  """
+  import numpy as np  # local: keeps the traced path free of NumPy conversions
+
+  def _concrete(x):
+    try:
+      return np.asarray(x, dtype=np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      return None  # traced inside jit/vmap: validated where the grid was built
+
+  lam = _concrete(tail_weight)
+  if lam is not None and (not np.all(np.isfinite(lam)) or np.any(lam < 0) or np.any(lam > 1)):
+    raise ValueError(
+        f"{where}.tail_weight (λ) must lie in [0, 1]; got {lam.tolist()}")
+  r = _concrete(top_k_ratio)
+  if r is not None and (not np.all(np.isfinite(r)) or np.any(r <= 0) or np.any(r > 1)):
+    raise ValueError(
+        f"{where}.top_k_ratio (r) must lie in (0, 1]; got {r.tolist()}")
+
+
+def top_k_count(top_k_ratio, n: int) -> jax.Array:
+  """k = max(1, round(r · N)) as a (possibly traced) integer array; round half to even."""
+  return jnp.maximum(1, jnp.round(jnp.asarray(top_k_ratio, jnp.float32) * n)).astype(jnp.int32)
+
+
+def tail_patch_weights(nll_BxN: jax.Array, tail_weight, top_k_ratio) -> jax.Array:
+  """Per-patch weights w_BxN of the tail-aware loss, so that loss = mean_b Σ_i w_bi · NLL_bi.
+
+  ``w_i = (1-λ)/N + λ · [rank_i < k] / k`` where ``rank_i`` is patch i's rank
+  by descending NLL within its image (ties broken by index, stable sort).
+  The weights carry no gradient: selecting the top-k set is piecewise constant.
+  """
+  n = nll_BxN.shape[-1]
+  k = top_k_count(top_k_ratio, n)
+  order_BxN = jnp.argsort(-jax.lax.stop_gradient(nll_BxN), axis=-1, stable=True)
+  rank_BxN = jnp.argsort(order_BxN, axis=-1, stable=True)
+  in_tail_BxN = (rank_BxN < k).astype(nll_BxN.dtype)
+  lam = jnp.asarray(tail_weight, nll_BxN.dtype)
+  return (1.0 - lam) / n + lam * in_tail_BxN / k.astype(nll_BxN.dtype)
+
+
+def tail_aware_loss(nll_BxN: jax.Array, tail_weight, top_k_ratio) -> jax.Array:
+  """Tail-aware NLL mixture, averaged over the batch.
+
+  ``L = mean_b [ (1-λ) · mean_i NLL_bi + λ · mean_{i ∈ top-k(b)} NLL_bi ]`` with
+  ``k = max(1, round(r · N))``. λ (``tail_weight``) and r (``top_k_ratio``) may
+  be traced scalars: the top-k set is a rank mask (sort, then ``rank < k``),
+  never a static ``lax.top_k(k)``, so one compiled program serves every (λ, r).
+  λ = 0 is the usual mean-only loss; λ = 1 trains on the top-k patches only.
+
+  Args:
+    nll_BxN: per-patch NLL, [B, N] (flatten the spatial grid first).
+    tail_weight: λ ∈ [0, 1].
+    top_k_ratio: r ∈ (0, 1].
+  Returns:
+    scalar loss.
+  """
+  if nll_BxN.ndim != 2:
+    raise ValueError(f"tail_aware_loss expects nll_BxN of rank 2, got shape {nll_BxN.shape}")
+  validate_tail_params(tail_weight, top_k_ratio, where="tail_aware_loss")
+  nll_BxN = jnp.asarray(nll_BxN)
+  w_BxN = tail_patch_weights(nll_BxN, tail_weight, top_k_ratio)
+  return jnp.mean(jnp.sum(w_BxN * nll_BxN, axis=-1))
+
+
+# ----------------------------------------------------------------------------
+# Binary cross-entropy family (bag-level MIL losses)
+# ----------------------------------------------------------------------------
+
+
+def _bce_terms(logits_B, labels_B):
+  """−log σ(x) and −log(1−σ(x)) computed stably as softplus(−x) and softplus(x)."""
+  logits_B = jnp.asarray(logits_B, jnp.float32)
+  labels_B = jnp.asarray(labels_B, logits_B.dtype)
+  if logits_B.shape != labels_B.shape:
+    raise ValueError(f"logits shape {logits_B.shape} != labels shape {labels_B.shape}")
+  return labels_B, jax.nn.softplus(-logits_B), jax.nn.softplus(logits_B)
+
+
+def bce_with_logits(logits_B, labels_B, pos_weight=None) -> jax.Array:
+  """Mean binary cross-entropy on logits with PyTorch ``BCEWithLogitsLoss`` semantics.
+
+  ``ℓ = −[ p · y · log σ(x) + (1 − y) · log(1 − σ(x)) ]`` averaged over the batch,
+  where p = ``pos_weight`` (default 1) scales the positive term only. Computed
+  with softplus, so logits of ±50 and beyond give finite losses and gradients.
+  """
+  y, neg_log_p, neg_log_1mp = _bce_terms(logits_B, labels_B)
+  pw = 1.0 if pos_weight is None else jnp.asarray(pos_weight, neg_log_p.dtype)
+  return jnp.mean(pw * y * neg_log_p + (1.0 - y) * neg_log_1mp)
+
+
+def weighted_bce(logits_B, labels_B, fp_weight) -> jax.Array:
+  """The study's ``WeightedBCE``: plain BCE with every negative's loss × (1 + fp_weight).
+
+  ``ℓ_i = BCE_i · (1 + fp_weight · [y_i = 0])``, averaged over the batch (the
+  mean divides by B, not by the sum of weights, as the study's code did).
+  """
+  y, neg_log_p, neg_log_1mp = _bce_terms(logits_B, labels_B)
+  per_example = y * neg_log_p + (1.0 - y) * neg_log_1mp
+  weight = 1.0 + jnp.asarray(fp_weight, per_example.dtype) * (1.0 - y)
+  return jnp.mean(weight * per_example)
+
+
+# ----------------------------------------------------------------------------
+# ArcFace (additive angular margin) for identity embeddings
+# ----------------------------------------------------------------------------
+
+
+def arcface_logits(emb_BxD, weights_CxD, labels_B, margin=0.4, scale=30.0) -> jax.Array:
+  """ArcFace logits: ``s · cos(θ_y + m)`` for the true class, ``s · cos θ_j`` otherwise.
+
+  Embeddings and class centres are L2-normalised here, so ``cos θ_j = ê · ŵ_j``.
+  Where ``θ_y + m > π`` the margin term stops being monotone in θ; as in
+  InsightFace we then fall back to ``cos θ_y − m · sin m`` (keeps the logit
+  decreasing in θ). Returns logits_BxC.
+  """
+  e = emb_BxD / (jnp.linalg.norm(emb_BxD, axis=-1, keepdims=True) + 1e-12)
+  w = weights_CxD / (jnp.linalg.norm(weights_CxD, axis=-1, keepdims=True) + 1e-12)
+  cos_BxC = jnp.clip(e @ w.T, -1.0 + 1e-7, 1.0 - 1e-7)
+  sin_BxC = jnp.sqrt(1.0 - jnp.square(cos_BxC))
+  cos_m, sin_m = jnp.cos(margin), jnp.sin(margin)
+  with_margin_BxC = cos_BxC * cos_m - sin_BxC * sin_m
+  threshold = jnp.cos(jnp.pi - margin)
+  with_margin_BxC = jnp.where(cos_BxC > threshold, with_margin_BxC, cos_BxC - margin * sin_m)
+  onehot_BxC = jax.nn.one_hot(labels_B, weights_CxD.shape[0], dtype=cos_BxC.dtype)
+  return scale * (onehot_BxC * with_margin_BxC + (1.0 - onehot_BxC) * cos_BxC)
+
+
+def arcface_loss(emb_BxD, weights_CxD, labels_B, margin=0.4, scale=30.0) -> jax.Array:
+  """Mean softmax cross-entropy over ArcFace logits (margin 0.4, scale 30 by default)."""
+  logits_BxC = arcface_logits(emb_BxD, weights_CxD, labels_B, margin, scale)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B))

@@ -1,0 +1,148 @@
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tailjax import losses
+
+
+def _np_tail_aware(nll, lam, r):
+  n = nll.shape[1]
+  k = max(1, int(round(r * n)))
+  top = -np.sort(-nll, axis=1)[:, :k]
+  return float(np.mean((1 - lam) * nll.mean(1) + lam * top.mean(1)))
+
+
+GRID = [(0.0, 0.02), (0.7, 0.02), (1.0, 0.02), (0.5, 0.1), (0.3, 1.0), (1.0, 0.5), (0.9, 0.004)]
+
+
+@pytest.mark.parametrize("lam,r", GRID)
+def test_tail_aware_matches_numpy(lam, r):
+  nll = np.random.default_rng(0).normal(size=(5, 196)).astype(np.float32) * 3 + 100
+  got = float(losses.tail_aware_loss(jnp.asarray(nll), lam, r))
+  np.testing.assert_allclose(got, _np_tail_aware(nll.astype(np.float64), lam, r), rtol=1e-6)
+
+
+def test_k_rounding():
+  assert int(losses.top_k_count(0.02, 196)) == 4
+  assert int(losses.top_k_count(0.001, 196)) == 1  # max(1, ·)
+  assert int(losses.top_k_count(1.0, 196)) == 196
+  assert int(losses.top_k_count(0.5, 5)) == 2  # round half to even, like Python's round
+
+
+def test_tail_only_gradient_is_one_over_bk_on_topk():
+  b, n, r = 3, 50, 0.1
+  k = 5
+  nll = jax.random.normal(jax.random.key(0), (b, n))
+  g = jax.grad(losses.tail_aware_loss)(nll, 1.0, r)
+  top = np.argsort(-np.asarray(nll), axis=1)[:, :k]
+  expected = np.zeros((b, n), np.float32)
+  np.put_along_axis(expected, top, 1.0 / (b * k), axis=1)
+  np.testing.assert_allclose(g, expected, rtol=1e-6, atol=0)
+  # mean-only: uniform 1/(B·N)
+  g0 = jax.grad(losses.tail_aware_loss)(nll, 0.0, r)
+  np.testing.assert_allclose(g0, np.full((b, n), 1.0 / (b * n)), rtol=1e-6)
+
+
+def test_vmapped_grid_equals_single_values():
+  nll = jax.random.normal(jax.random.key(1), (4, 196)) + 10
+  lams, rs = zip(*itertools.product([0.0, 0.3, 0.7, 1.0], [0.01, 0.02, 0.1, 0.5, 1.0]))
+  lam_G, r_G = jnp.asarray(lams), jnp.asarray(rs)
+  sweep = jax.jit(jax.vmap(losses.tail_aware_loss, in_axes=(None, 0, 0)))
+  got = sweep(nll, lam_G, r_G)
+  want = [float(losses.tail_aware_loss(nll, l, r)) for l, r in zip(lams, rs)]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # one compiled program serves every (λ, r): no retrace for new values
+  f = jax.jit(losses.tail_aware_loss)
+  f(nll, 0.1, 0.2)
+  f(nll, 0.9, 0.05)
+  assert f._cache_size() == 1
+
+
+def test_weights_reproduce_loss_and_sum_to_one():
+  nll = jax.random.normal(jax.random.key(2), (3, 20))
+  w = losses.tail_patch_weights(nll, 0.7, 0.1)
+  np.testing.assert_allclose(jnp.sum(w, -1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(jnp.mean(jnp.sum(w * nll, -1)), losses.tail_aware_loss(nll, 0.7, 0.1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("lam,r,field", [(-0.1, 0.1, "tail_weight"), (1.5, 0.1, "tail_weight"),
+                                         (0.5, 0.0, "top_k_ratio"), (0.5, 1.2, "top_k_ratio"),
+                                         (float("nan"), 0.1, "tail_weight")])
+def test_invalid_tail_params_raise(lam, r, field):
+  with pytest.raises(ValueError, match=field):
+    losses.tail_aware_loss(jnp.ones((2, 10)), lam, r)
+  with pytest.raises(ValueError, match=field):
+    losses.validate_tail_params(np.array([0.5, lam]), r)
+
+
+def _np_bce(x, y, pw=1.0):
+  x = x.astype(np.float64)
+  log_sig = -np.logaddexp(0, -x)
+  log_1m = -np.logaddexp(0, x)
+  return -(pw * y * log_sig + (1 - y) * log_1m)
+
+
+LOGITS = np.array([-60.0, -50.0, -3.0, -0.5, 0.0, 0.7, 4.0, 50.0, 60.0], np.float32)
+LABELS = np.array([1, 0, 1, 0, 1, 1, 0, 1, 0], np.float32)
+
+
+@pytest.mark.parametrize("pw", [None, 1.0, 3.5])
+def test_bce_with_logits_matches_formula(pw):
+  got = losses.bce_with_logits(LOGITS, LABELS, pos_weight=pw)
+  want = _np_bce(LOGITS, LABELS, 1.0 if pw is None else pw).mean()
+  assert np.isfinite(float(got))
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  g = jax.grad(losses.bce_with_logits)(jnp.asarray(LOGITS), LABELS, pw)
+  assert np.all(np.isfinite(g))
+  # extreme wrong logits: loss ≈ |x| (not inf)
+  np.testing.assert_allclose(float(losses.bce_with_logits(jnp.array([-60.0]), jnp.array([1.0]))), 60.0, rtol=1e-6)
+
+
+def test_pos_weight_scales_positive_term_only():
+  neg_only = losses.bce_with_logits(jnp.array([0.3, -1.0]), jnp.array([0.0, 0.0]), pos_weight=7.0)
+  np.testing.assert_allclose(neg_only, losses.bce_with_logits(jnp.array([0.3, -1.0]), jnp.array([0.0, 0.0])))
+
+
+@pytest.mark.parametrize("fp", [0.0, 2.0, 0.5])
+def test_weighted_bce_matches_formula(fp):
+  got = losses.weighted_bce(LOGITS, LABELS, fp)
+  per = _np_bce(LOGITS, LABELS)
+  want = (per * np.where(LABELS == 0, 1 + fp, 1.0)).mean()
+  assert np.isfinite(float(got))
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  # vmappable over fp_weight
+  fps = jnp.array([0.0, 1.0, 2.0])
+  np.testing.assert_allclose(jax.vmap(losses.weighted_bce, (None, None, 0))(LOGITS, LABELS, fps),
+                             [losses.weighted_bce(LOGITS, LABELS, f) for f in [0.0, 1.0, 2.0]], rtol=1e-6)
+
+
+def test_arcface_logits_and_loss():
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(6, 8)).astype(np.float32)
+  w = rng.normal(size=(4, 8)).astype(np.float32)
+  y = np.array([0, 1, 2, 3, 0, 1])
+  logits = np.asarray(losses.arcface_logits(emb, w, y, margin=0.4, scale=30.0), np.float64)
+  e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+  c = w / np.linalg.norm(w, axis=1, keepdims=True)
+  theta = np.arccos(np.clip(e @ c.T, -1, 1))
+  want = 30.0 * np.cos(theta)
+  rows = np.arange(6)
+  tgt = theta[rows, y]
+  want[rows, y] = np.where(tgt + 0.4 <= np.pi, 30.0 * np.cos(tgt + 0.4),
+                           30.0 * (np.cos(tgt) - 0.4 * np.sin(0.4)))
+  np.testing.assert_allclose(logits, want, atol=2e-4)
+  # margin makes the loss larger than plain normalised softmax at the same scale
+  plain = losses.arcface_loss(emb, w, y, margin=0.0, scale=30.0)
+  assert float(losses.arcface_loss(emb, w, y)) > float(plain)
+  z = want - want.max(1, keepdims=True)
+  ce = -(z[rows, y] - np.log(np.exp(z).sum(1)))
+  np.testing.assert_allclose(float(losses.arcface_loss(emb, w, y)), ce.mean(), rtol=1e-4)
+
+
+def test_patch_nll_constant():
+  z = jnp.zeros((1, 2, 2, 3))
+  np.testing.assert_allclose(losses.patch_nll(z, jnp.zeros((1, 2, 2))), 1.5 * np.log(2 * np.pi), rtol=1e-6)
+  np.testing.assert_allclose(losses.patch_nll(z, jnp.ones((1, 2, 2))), 1.5 * np.log(2 * np.pi) - 1, rtol=1e-6)
