@@ -190,8 +190,9 @@ class FitResult:
   resumed_from: int | None
 
 
-def _is_finite_tree(tree) -> bool:
-  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
+def step_of(state: TrainState) -> int:
+  """The state's step; for a stacked (sweep) state every row is at the same step."""
+  return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
 
 
 def _scalarize(metrics: dict) -> dict:
@@ -299,7 +300,7 @@ def fit(
     return {"early_stopping": [np.asarray(x).item() for x in es]}
 
   def save_latest(st):
-    step = int(st.step)
+    step = step_of(st)
     if latest.latest_step() == step:
       return
     latest.save(step, args=ocp.args.Composite(
@@ -326,7 +327,7 @@ def fit(
     history.append(rec)
     pending.clear()
 
-  start = int(state.step)
+  start = step_of(state)
   stopped = bool(es.stop)
   try:
     bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=desc,

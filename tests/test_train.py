@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import jax
@@ -6,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tailjax import flows, io, toy, train
+from tailjax import flow_train, flows, io, toy, train
 
 
 def _cfg(num_steps=40, log_every=10, **loss):
@@ -24,6 +25,17 @@ FEATS = toy.two_moons_maps(64, 2, 2, 4, seed=0)
 VAL = toy.two_moons_maps(32, 2, 2, 4, seed=1)
 
 
+@contextlib.contextmanager
+def _wrapped_batches(wrapper):
+  """Runs with ``fit``'s ``get_batch`` wrapped (to crash or poison a chosen step)."""
+  real_fit = train.fit
+  train.fit = lambda **kw: real_fit(**{**kw, "get_batch": wrapper(kw["get_batch"])})
+  try:
+    yield
+  finally:
+    train.fit = real_fit
+
+
 def _params_equal_bitwise(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
@@ -34,7 +46,7 @@ def test_flow_learns_toy_density(tmp_path):
   cfg.flow.num_steps = 4
   cfg.flow.hidden_ratio = 8.0
   cfg.optim.learning_rate = 3e-3
-  model, res = toy.train_flow_on_features(cfg, tmp_path / "run", FEATS, VAL, progress=False)
+  model, res = flow_train.train_flow_on_features(cfg, tmp_path / "run", FEATS, VAL, progress=False)
   init = model.init(jax.random.key(0), jnp.asarray(FEATS[:1]))
   nll = lambda p: float(jnp.mean(model.apply(p, jnp.asarray(VAL), method="nll")))
   before, after = nll(init), nll(res.state.params)
@@ -46,28 +58,19 @@ def test_flow_learns_toy_density(tmp_path):
 
 def test_resume_is_bit_identical(tmp_path):
   cfg = _cfg(num_steps=40, log_every=10)
-  _, full = toy.train_flow_on_features(cfg, tmp_path / "full", FEATS, progress=False)
+  _, full = flow_train.train_flow_on_features(cfg, tmp_path / "full", FEATS, progress=False)
 
   # Interrupt at step 25 (after the checkpoint at 20), then resume from the workdir.
-  real_batch_fn = toy.make_batch_fn
-
-  def crashing_batch_fn(*a, **k):
-    f = real_batch_fn(*a, **k)
-
-    def get(step):
+  def crash_at_25(get):
+    def f(step):
       if step == 25:
         raise KeyboardInterrupt("simulated kill")
-      return f(step)
+      return get(step)
+    return f
 
-    return get
-
-  toy.make_batch_fn = crashing_batch_fn
-  try:
-    with pytest.raises(KeyboardInterrupt):
-      toy.train_flow_on_features(cfg, tmp_path / "resumed", FEATS, progress=False)
-  finally:
-    toy.make_batch_fn = real_batch_fn
-  _, resumed = toy.train_flow_on_features(cfg, tmp_path / "resumed", FEATS, progress=False)
+  with _wrapped_batches(crash_at_25), pytest.raises(KeyboardInterrupt):
+    flow_train.train_flow_on_features(cfg, tmp_path / "resumed", FEATS, progress=False)
+  _, resumed = flow_train.train_flow_on_features(cfg, tmp_path / "resumed", FEATS, progress=False)
   assert resumed.resumed_from == 20
   assert int(resumed.state.step) == 40
   assert _params_equal_bitwise(full.state.params, resumed.state.params)
@@ -78,19 +81,9 @@ def test_resume_is_bit_identical(tmp_path):
 
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   cfg = _cfg(num_steps=40, log_every=10)
-  bad = FEATS.copy()
-  real_batch_fn = toy.make_batch_fn
-
-  def poisoned(feats, batch_size, key):
-    f = real_batch_fn(feats, batch_size, key)
-    return lambda step: f(step) * (jnp.nan if step == 17 else 1.0)
-
-  toy.make_batch_fn = poisoned
-  try:
-    with pytest.raises(train.NonFiniteLossError, match=r"step 17\b") as err:
-      toy.train_flow_on_features(cfg, tmp_path / "run", bad, progress=False)
-  finally:
-    toy.make_batch_fn = real_batch_fn
+  poison_17 = lambda get: (lambda step: get(step) * (jnp.nan if step == 17 else 1.0))
+  with _wrapped_batches(poison_17), pytest.raises(train.NonFiniteLossError, match=r"step 17\b") as err:
+    flow_train.train_flow_on_features(cfg, tmp_path / "run", FEATS, progress=False)
   assert "last good checkpoint is step 10" in str(err.value)
   model = flows.build_flow({**cfg.flow, "channels": 4})
   init_fn = lambda k: train.create_state(model.apply, model.init(k, jnp.asarray(FEATS[:1])),
@@ -144,7 +137,7 @@ def test_vmapped_train_step_rows_equal_single_runs():
   tx = train.make_optimizer({"learning_rate": 1e-2})
   x = jnp.asarray(FEATS[:8])
   params = model.init(jax.random.key(0), x)
-  step = train.make_train_step(toy.make_flow_loss(model))
+  step = train.make_train_step(flow_train.make_flow_loss(model))
   lams, rs, lrs = jnp.array([0.0, 0.7, 1.0]), jnp.array([0.25, 0.5, 0.25]), jnp.array([1e-2, 1e-3, 3e-2])
 
   def init(lam, r, lr):
@@ -175,6 +168,29 @@ def test_optimizer_config_errors():
 
 def test_config_validation_names_field(tmp_path):
   with pytest.raises(ValueError, match="config.loss.tail_weight"):
-    toy.train_flow_on_features(_cfg(tail_weight=1.5), tmp_path, FEATS, progress=False)
+    flow_train.train_flow_on_features(_cfg(tail_weight=1.5), tmp_path, FEATS, progress=False)
   with pytest.raises(ValueError, match="config.loss.top_k_ratio"):
-    toy.train_flow_on_features(_cfg(top_k_ratio=0.0), tmp_path, FEATS, progress=False)
+    flow_train.train_flow_on_features(_cfg(top_k_ratio=0.0), tmp_path, FEATS, progress=False)
+
+
+def test_stacked_rows_equal_single_runs(tmp_path):
+  cfg = _cfg(num_steps=12, log_every=6)
+  hp = {"tail_weight": [0.0, 0.7, 1.0], "top_k_ratio": [0.25, 0.25, 0.5],
+        "learning_rate": [1e-2, 1e-2, 3e-3]}
+  seeds = [0, 0, 5]
+  _, stacked = flow_train.train_flow_rows(cfg, tmp_path / "rows", FEATS, hp, seeds, progress=False)
+  for i in (0, 2):
+    c = _cfg(num_steps=12, log_every=6, tail_weight=hp["tail_weight"][i], top_k_ratio=hp["top_k_ratio"][i])
+    c.optim.learning_rate = hp["learning_rate"][i]
+    c.seed = seeds[i]
+    _, single = flow_train.train_flow_on_features(c, tmp_path / f"single{i}", FEATS, progress=False)
+    row = jax.tree.map(lambda a: a[i], stacked.state.params)
+    for a, b in zip(jax.tree.leaves(row), jax.tree.leaves(single.state.params)):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  # rows 0 and 1 share a seed: same initial weights and batches, different λ → different results
+  p0 = jax.tree.leaves(jax.tree.map(lambda a: a[0], stacked.state.params))
+  p1 = jax.tree.leaves(jax.tree.map(lambda a: a[1], stacked.state.params))
+  assert any(not np.allclose(a, b) for a, b in zip(p0, p1))
+  with pytest.raises(ValueError, match="sweep.tail_weight"):
+    flow_train.train_flow_rows(cfg, tmp_path / "bad", FEATS, {**hp, "tail_weight": [0, 2, 0]}, seeds,
+                               progress=False)
