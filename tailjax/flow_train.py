@@ -118,15 +118,32 @@ def train_flow_on_features(cfg, workdir: str | Path, train_feats: np.ndarray,
   return model, result
 
 
+def resolve_row_mode(mode: str) -> str:
+  """"vmap" stacks rows into one program; "loop" runs them one after another with one
+  compiled step. "auto" picks "loop" on CPU, where XLA lowers a vmapped convolution
+  with per-row weights to a grouped convolution that runs slower per row than the
+  plain one (measured in benchmarks/), and "vmap" on GPU/TPU."""
+  if mode == "auto":
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+  if mode not in ("vmap", "loop"):
+    raise ValueError(f"train.rows must be 'auto', 'vmap' or 'loop', got {mode!r}")
+  return mode
+
+
 def train_flow_rows(cfg, workdir: str | Path, train_feats: np.ndarray, hparams_R: Mapping,
-                    seeds_R: Sequence[int], progress: bool = True, desc: str = "flows") -> tuple:
-  """R runs (rows) trained side by side as one vmapped, checkpointed program.
+                    seeds_R: Sequence[int], progress: bool = True, desc: str = "flows",
+                    mode: str = "vmap") -> tuple:
+  """R runs (rows) of the flow, each checkpointed and resumable.
 
   Args:
     hparams_R: ``{"tail_weight": [R], "top_k_ratio": [R], "learning_rate": [R]}``.
     seeds_R: per-row seed; row i equals ``train_flow_on_features`` with seed seeds_R[i].
+    mode: "vmap" trains all rows as one vmapped program (one checkpoint of the
+      stacked state in ``workdir``); "loop" trains them one by one with a single
+      compiled step (checkpoints in ``workdir/row_<i>``); "auto", see
+      ``resolve_row_mode``.
   Returns:
-    (model, FitResult) whose state has a leading row axis on every leaf.
+    (model, state) where every leaf of ``state`` has a leading row axis.
   """
   _check_feats(train_feats, "train_flow_rows")
   h_R = {k: np.asarray(hparams_R[k], np.float32) for k in HPARAM_NAMES}
@@ -137,21 +154,37 @@ def train_flow_rows(cfg, workdir: str | Path, train_feats: np.ndarray, hparams_R
   losses.validate_tail_params(h_R["tail_weight"], h_R["top_k_ratio"], where="sweep")
   if np.any(h_R["learning_rate"] <= 0):
     raise ValueError(f"sweep learning_rate must be > 0, got {h_R['learning_rate'].tolist()}")
+  mode = resolve_row_mode(mode)
   model = model_for(cfg, train_feats.shape[-1])
   tx = train.make_optimizer(cfg.optim)
   keys_R = row_keys(seeds_R)
-  step_keys_R = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys_R)
   feats = jnp.asarray(train_feats)
   bs = int(cfg.train.batch_size)
-  h_R = {k: jnp.asarray(v) for k, v in h_R.items()}
+  single_step = train.make_train_step(make_flow_loss(model))
+  common = dict(num_steps=cfg.train.num_steps, config=cfg, log_every=cfg.train.log_every,
+                progress=progress)
 
-  init_fn = lambda _: jax.vmap(lambda h, k: init_row(model, tx, feats[:1], h, k))(h_R, keys_R)
-  step = jax.jit(jax.vmap(train.make_train_step(make_flow_loss(model))), donate_argnums=0)
-  batches = jax.jit(lambda t: jax.vmap(lambda k: sample_batch(feats, bs, k, t))(keys_R))
-  result = train.fit(
-      workdir=workdir, init_fn=init_fn, train_step=step,
-      get_batch=lambda t: batches(jnp.asarray(t, jnp.int32)), key=step_keys_R,
-      num_steps=cfg.train.num_steps, config=cfg, log_every=cfg.train.log_every,
-      progress=progress, desc=desc)
-  return model, result
+  if mode == "vmap":
+    h_R = {k: jnp.asarray(v) for k, v in h_R.items()}
+    step_keys_R = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys_R)
+    init_fn = lambda _: jax.vmap(lambda h, k: init_row(model, tx, feats[:1], h, k))(h_R, keys_R)
+    step = jax.jit(jax.vmap(single_step), donate_argnums=0)
+    batches = jax.jit(lambda t: jax.vmap(lambda k: sample_batch(feats, bs, k, t))(keys_R))
+    result = train.fit(workdir=workdir, init_fn=init_fn, train_step=step,
+                       get_batch=lambda t: batches(jnp.asarray(t, jnp.int32)), key=step_keys_R,
+                       desc=desc, **common)
+    return model, result.state
 
+  step = jax.jit(single_step, donate_argnums=0)
+  batch = jax.jit(sample_batch, static_argnums=1)
+  init = jax.jit(lambda h, k: init_row(model, tx, feats[:1], h, k))
+  states = []
+  for i in range(r):
+    h = {k: jnp.asarray(v[i]) for k, v in h_R.items()}
+    key = keys_R[i]
+    result = train.fit(workdir=Path(workdir) / f"row_{i}", init_fn=lambda _: init(h, key),
+                       train_step=step, key=jax.random.fold_in(key, 2),
+                       get_batch=lambda t: batch(feats, bs, key, jnp.asarray(t, jnp.int32)),
+                       desc=f"{desc} {i + 1}/{r}", **common)
+    states.append(result.state)
+  return model, jax.tree.map(lambda *xs: jnp.stack(xs), *states)

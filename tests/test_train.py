@@ -179,17 +179,20 @@ def test_stacked_rows_equal_single_runs(tmp_path):
         "learning_rate": [1e-2, 1e-2, 3e-3]}
   seeds = [0, 0, 5]
   _, stacked = flow_train.train_flow_rows(cfg, tmp_path / "rows", FEATS, hp, seeds, progress=False)
+  _, looped = flow_train.train_flow_rows(cfg, tmp_path / "loop", FEATS, hp, seeds, progress=False,
+                                         mode="loop")
   for i in (0, 2):
     c = _cfg(num_steps=12, log_every=6, tail_weight=hp["tail_weight"][i], top_k_ratio=hp["top_k_ratio"][i])
     c.optim.learning_rate = hp["learning_rate"][i]
     c.seed = seeds[i]
     _, single = flow_train.train_flow_on_features(c, tmp_path / f"single{i}", FEATS, progress=False)
-    row = jax.tree.map(lambda a: a[i], stacked.state.params)
-    for a, b in zip(jax.tree.leaves(row), jax.tree.leaves(single.state.params)):
-      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    for rows in (stacked, looped):
+      row = jax.tree.map(lambda a: a[i], rows.params)
+      for a, b in zip(jax.tree.leaves(row), jax.tree.leaves(single.state.params)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
   # rows 0 and 1 share a seed: same initial weights and batches, different λ → different results
-  p0 = jax.tree.leaves(jax.tree.map(lambda a: a[0], stacked.state.params))
-  p1 = jax.tree.leaves(jax.tree.map(lambda a: a[1], stacked.state.params))
+  p0 = jax.tree.leaves(jax.tree.map(lambda a: a[0], stacked.params))
+  p1 = jax.tree.leaves(jax.tree.map(lambda a: a[1], stacked.params))
   assert any(not np.allclose(a, b) for a, b in zip(p0, p1))
   with pytest.raises(ValueError, match="sweep.tail_weight"):
     flow_train.train_flow_rows(cfg, tmp_path / "bad", FEATS, {**hp, "tail_weight": [0, 2, 0]}, seeds,

@@ -1,0 +1,213 @@
+"""Feature cache for frozen backbones, and the reader for user-supplied feature files.
+
+Extracting backbone features is the slowest step of study A and its result
+depends only on the image bytes, the backbone, the input resolution and the
+layers, so ``cached_features`` stores it under a content hash:
+
+  key = sha256(format version, extractor_id, resolution, layers,
+               number of images, sha256(bytes of image 1), sha256(bytes of image 2), ...)
+
+Hashing the bytes (not paths or mtimes) makes the key robust: a copied or
+moved dataset still hits, any edited image misses, and a file rewritten within
+the file system's timestamp granularity cannot go unnoticed. The cost is one
+read of the images per call (hundreds of MB/s, far below extraction cost).
+Image order is part of the key because row i of the result belongs to image i.
+``extractor_id`` must change whenever the extractor's weights or code change.
+
+Entries are ``<cache_dir>/<key>.npz`` holding one float32 array per layer plus
+a JSON metadata record, written atomically; an unreadable or mismatching entry
+is recomputed and replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Callable, Hashable, Mapping, Sequence
+
+import numpy as np
+
+from tailjax.data.mvtec import DatasetError, MissingDataError, load_images
+from tailjax.io import atomic_path
+
+CACHE_FORMAT_VERSION = 1
+Extractor = Callable[[np.ndarray], Mapping[Hashable, np.ndarray]]
+
+
+def file_digest(path: str | os.PathLike) -> str:
+  """sha256 hex digest of a file's bytes."""
+  h = hashlib.sha256()
+  try:
+    with open(path, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+  except FileNotFoundError as e:
+    raise MissingDataError(f"image {path} does not exist") from e
+  return h.hexdigest()
+
+
+def feature_cache_key(image_paths: Sequence[str | os.PathLike], extractor_id: str,
+                      resolution: int, layers: Sequence[Hashable]) -> str:
+  """The content hash described in the module docstring (hex, 64 chars)."""
+  h = hashlib.sha256()
+  header = {"version": CACHE_FORMAT_VERSION, "extractor_id": extractor_id,
+            "resolution": int(resolution), "layers": [repr(l) for l in layers],
+            "n": len(image_paths)}
+  h.update(json.dumps(header, sort_keys=True).encode())
+  for path in image_paths:
+    h.update(bytes.fromhex(file_digest(path)))
+  return h.hexdigest()
+
+
+def _read_entry(path: Path, key: str, layers: Sequence[Hashable], n: int):
+  """The cached arrays, or None if the entry is missing, unreadable or not ours."""
+  if not path.is_file():
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      meta = json.loads(str(data["__meta__"]))
+      if meta.get("key") != key:
+        return None
+      out = {layer: np.asarray(data[f"layer_{i}"]) for i, layer in enumerate(layers)}
+  except Exception:  # noqa: BLE001  any unreadable entry is a miss; recomputing is safe
+    return None
+  if any(a.shape[0] != n for a in out.values()):
+    return None
+  return out
+
+
+def cached_features(image_paths: Sequence[str | os.PathLike], extractor: Extractor,
+                    extractor_id: str, resolution: int, layers: Sequence[Hashable],
+                    cache_dir: str | os.PathLike, *, batch_size: int = 64,
+                    progress: bool = False) -> dict[Hashable, np.ndarray]:
+  """Backbone features of ``image_paths``, computed once and cached on disk.
+
+  Images are decoded with ``mvtec.load_images`` (RGB uint8, bilinear resize to
+  ``resolution`` x ``resolution``) in chunks of ``batch_size`` and passed to
+  ``extractor(images_BxRxRx3_uint8) -> {layer: array [B, ...]}``, which must
+  return every entry of ``layers`` (extra keys are ignored).
+
+  Args:
+    image_paths: images in the order of the result's rows.
+    extractor: any callable as above, e.g. ``lambda x: backbone.extract(x, layers=(16,))``.
+    extractor_id: names the extractor's weights and code; part of the key.
+    resolution: side length the images are resized to before extraction.
+    layers: the extractor output keys to keep (e.g. strides ``(8, 16)``).
+    cache_dir: folder for ``<key>.npz`` entries.
+  Returns:
+    ``{layer: float32 array [N, ...]}`` in the order of ``layers``.
+  """
+  layers = tuple(layers)
+  if not layers:
+    raise ValueError("layers must name at least one extractor output")
+  image_paths = list(image_paths)
+  if not image_paths:
+    raise ValueError("image_paths is empty")
+  key = feature_cache_key(image_paths, extractor_id, resolution, layers)
+  entry = Path(cache_dir) / f"{key}.npz"
+  cached = _read_entry(entry, key, layers, len(image_paths))
+  if cached is not None:
+    return cached
+
+  chunks: dict[Hashable, list[np.ndarray]] = {layer: [] for layer in layers}
+  starts = range(0, len(image_paths), batch_size)
+  if progress:
+    from tqdm.auto import tqdm
+    starts = tqdm(starts, desc=f"features {extractor_id}", unit="batch")
+  for start in starts:
+    batch_paths = image_paths[start:start + batch_size]
+    out = extractor(load_images(batch_paths, resolution))
+    for layer in layers:
+      if layer not in out:
+        raise KeyError(f"extractor {extractor_id!r} returned keys {list(out)}; "
+                       f"layer {layer!r} is missing")
+      a = np.asarray(out[layer], dtype=np.float32)
+      if a.shape[0] != len(batch_paths):
+        raise ValueError(f"extractor {extractor_id!r} layer {layer!r} returned {a.shape[0]} "
+                         f"rows for {len(batch_paths)} images")
+      bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+      if bad.any():
+        raise FloatingPointError(f"extractor {extractor_id!r} layer {layer!r} produced NaN/Inf "
+                                 f"features for image {batch_paths[int(np.argmax(bad))]}")
+      chunks[layer].append(a)
+  result = {layer: np.concatenate(chunks[layer]) for layer in layers}
+
+  meta = {"key": key, "extractor_id": extractor_id, "resolution": int(resolution),
+          "layers": [repr(l) for l in layers], "n": len(image_paths),
+          "first_image": str(image_paths[0])}
+  arrays = {f"layer_{i}": result[layer] for i, layer in enumerate(layers)}
+  with atomic_path(entry) as tmp:
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+      np.savez(f, __meta__=np.asarray(json.dumps(meta)), **arrays)
+  return result
+
+
+# ----------------------------------------------------------------------------
+# User-supplied features
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureSet:
+  """Pre-extracted features: ``features [N, H, W, C]`` float32, ``labels [N]`` int32
+  (0 good, 1 defective) and optional ``masks [N, h, w]`` uint8 in {0, 1}."""
+  features: np.ndarray
+  labels: np.ndarray
+  masks: np.ndarray | None
+  path: Path
+
+
+def load_feature_npz(path: str | os.PathLike) -> FeatureSet:
+  """Reads and validates a ``.npz`` with ``features``, ``labels`` and optional ``masks``.
+
+  Checks: the file opens; ``features`` is a finite real array of rank 4;
+  ``labels`` has shape [N] with values in {0, 1}; ``masks`` (if present) has
+  shape [N, h, w] with values in {0, 1} or {0, 255}. Every failure raises
+  ``DatasetError`` naming the file and the field.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise MissingDataError(f"feature file {path} does not exist")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      arrays = {k: np.asarray(data[k]) for k in data.files}
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise DatasetError(f"cannot read feature file {path}: {e}") from e
+  for name in ("features", "labels"):
+    if name not in arrays:
+      raise DatasetError(f"feature file {path} lacks the array {name!r} "
+                         f"(found {sorted(arrays)})")
+  feats = arrays["features"]
+  if feats.ndim != 4:
+    raise DatasetError(f"{path}: 'features' must be [n, H, W, C], got shape {feats.shape}")
+  if not (np.issubdtype(feats.dtype, np.floating) or np.issubdtype(feats.dtype, np.integer)):
+    raise DatasetError(f"{path}: 'features' must be real numbers, got dtype {feats.dtype}")
+  feats = feats.astype(np.float32)
+  finite = np.isfinite(feats)
+  if not finite.all():
+    first = int(np.argmax(~finite.reshape(len(feats), -1).all(axis=1)))
+    raise DatasetError(f"{path}: 'features' holds {int((~finite).sum())} NaN/Inf values "
+                       f"(first in sample {first})")
+  n = feats.shape[0]
+  labels = arrays["labels"]
+  if labels.shape != (n,):
+    raise DatasetError(f"{path}: 'labels' must have shape ({n},) to match 'features', "
+                       f"got {labels.shape}")
+  if not np.isin(labels, (0, 1)).all():
+    raise DatasetError(f"{path}: 'labels' must be 0 (good) or 1 (defective), "
+                       f"got values {np.unique(labels)[:8].tolist()}")
+  masks = arrays.get("masks")
+  if masks is not None:
+    if masks.ndim != 3 or masks.shape[0] != n:
+      raise DatasetError(f"{path}: 'masks' must be [{n}, h, w], got shape {masks.shape}")
+    values = set(np.unique(masks).tolist())
+    if not (values <= {0, 1} or values <= {0, 255}):
+      raise DatasetError(f"{path}: 'masks' is not binary, values {sorted(values)[:8]}")
+    masks = (masks > 0).astype(np.uint8)
+    if masks[labels == 0].any():
+      raise DatasetError(f"{path}: 'masks' marks defect pixels in images labelled good")
+  return FeatureSet(feats, labels.astype(np.int32), masks, path)
