@@ -17,6 +17,7 @@ same weights and sees the same batches as every other variant with seed s, so
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,51 @@ def run_category(cfg, workdir: Path, data: CategoryData, progress: bool = True) 
         {**{f"{n} (seed {seeds[i]})": maps_R[i] for n, i in first.items()}, "PaDiM": padim_maps},
         n_examples=cfg.report.n_examples, title=data.name)
   return result
+
+
+@dataclasses.dataclass
+class TrainedCategory:
+  """A finished study-A category, reloaded from its workdir (for analyses)."""
+  cfg: Any
+  data: CategoryData
+  model: flows.FastFlow2d
+  params_R: Any                 # every leaf has a leading row axis
+  rows: list[dict]              # per row: variant, seed, tail_weight, top_k_ratio, learning_rate
+
+
+def load_config(workdir: str | Path):
+  """The ConfigDict saved in ``<workdir>/config.json``."""
+  import ml_collections
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: is {workdir} a train_flow.py workdir?")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_trained(workdir: str | Path, categories=None) -> dict[str, TrainedCategory]:
+  """Reloads features, masks and the trained rows of every (or the given) category.
+
+  Training is not repeated: every row's checkpoint is at ``train.num_steps``,
+  so ``train_flow_rows`` restores it and runs no step.
+  """
+  workdir = Path(workdir)
+  cfg = load_config(workdir)
+  splits = category_splits(cfg, dataset_root(cfg))
+  wanted = parse_categories(categories) or list(splits)
+  extractor, extractor_id = make_extractor(cfg)
+  names, hp, seeds = variant_rows(cfg)
+  out = {}
+  for name in wanted:
+    if not (workdir / name / "flows").is_dir():
+      raise FileNotFoundError(f"{workdir / name / 'flows'} not found: category {name!r} was not "
+                              f"trained in {workdir}")
+    data = load_category(cfg, name, *splits[name], extractor, extractor_id)
+    model, state = flow_train.train_flow_rows(cfg, workdir / name / "flows", data.train_feats, hp,
+                                              seeds, progress=False, mode=cfg.train.rows)
+    rows = [{"variant": n, "seed": s, **{k: hp[k][i] for k in hp}}
+            for i, (n, s) in enumerate(zip(names, seeds))]
+    out[name] = TrainedCategory(cfg, data, model, state.params, rows)
+  return out
 
 
 # ----------------------------------------------------------------------------

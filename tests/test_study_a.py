@@ -114,3 +114,19 @@ def test_summary_pairs_differences_by_seed():
   assert s["categories"]["a"]["mean_only"]["pixel_ap"]["std"] == pytest.approx(0.3)
   assert s["mean"]["difference"]["pixel_ap"]["values"] == pytest.approx([0.05, 0.15, 0.1])
   assert study_a.verdict(d).startswith("tail-aware better")
+
+
+def test_load_trained_restores_rows_without_training(mini_mvtec, tmp_path):
+  cfg = _smoke_cfg(mini_mvtec, tmp_path / "cache")
+  cfg.data.categories = "gravel"
+  cfg.num_seeds = 1
+  out = study_a.train_and_evaluate(cfg, tmp_path / "run", progress=False)
+  loaded = study_a.load_trained(tmp_path / "run")
+  cat = loaded["gravel"]
+  assert [r["variant"] for r in cat.rows] == ["mean_only", "tail_aware"]
+  import jax
+  for i, row in enumerate(out["results"]["gravel"]["rows"]):
+    params = jax.tree.map(lambda a: a[i], cat.params_R)
+    scores = study_a.patch_scores(cat.model, params, cat.data.test_feats, cfg.eval.score)
+    m, _ = study_a.evaluate_scores(cat.cfg, scores, cat.data)
+    assert m == row["metrics"]
