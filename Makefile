@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job (see README).
+## The main job (see README): study A on the embedded texture benchmark -> runs/demo/report.md
 demo: $(STAMP)
-	$(BIN)/python scripts/train_toy.py --config=configs/toy_flow.py --workdir=runs/toy
+	$(BIN)/python scripts/train_flow.py --config=configs/fastflow_textures.py --workdir=runs/demo
 
 ## The test suite.
 test: $(STAMP)
