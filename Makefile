@@ -23,6 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## Study B: the attention-MIL diagnosis -> runs/mil/report.md (~4-8 min on 2 cores)
+mil: $(STAMP)
+	$(BIN)/python scripts/diagnose_mil.py --config=configs/mil_diagnosis.py --workdir=runs/mil
+
 toy: $(STAMP)
 	$(BIN)/python scripts/train_toy.py --config=configs/toy_flow.py --workdir=runs/toy
 
