@@ -44,6 +44,7 @@ import optax
 from tailjax import io as tio
 from tailjax import losses
 from tailjax import mil
+from tailjax.stats import mean_ci
 from tailjax.data import bags as bags_lib
 
 # ----------------------------------------------------------------------------
@@ -276,20 +277,6 @@ def make_train(config, data: BagData, *, kind: str = "attention", layer_norm: bo
 # ----------------------------------------------------------------------------
 # Statistics
 # ----------------------------------------------------------------------------
-
-
-def mean_ci(x: Sequence[float], level: float = 0.95) -> dict:
-  """Mean and two-sided t-based confidence interval over seeds (``scipy.stats.t``)."""
-  from scipy import stats
-  x = np.asarray(x, np.float64)
-  m = float(np.mean(x))
-  if len(x) < 2:
-    return {"mean": m, "lo": float("nan"), "hi": float("nan"), "n": int(len(x))}
-  sem = float(np.std(x, ddof=1) / np.sqrt(len(x)))
-  if sem == 0:
-    return {"mean": m, "lo": m, "hi": m, "n": int(len(x))}
-  lo, hi = stats.t.interval(level, len(x) - 1, loc=m, scale=sem)
-  return {"mean": m, "lo": float(lo), "hi": float(hi), "n": int(len(x))}
 
 
 def _auc_np(scores_RxN: np.ndarray, y_N: np.ndarray) -> np.ndarray:

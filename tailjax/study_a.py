@@ -25,9 +25,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
 
 from tailjax import anomaly, flow_train, flows, io, losses, metrics
+from tailjax.stats import mean_ci
 from tailjax.data import features as feature_cache
 from tailjax.data import mvtec
 
@@ -261,18 +261,6 @@ def load_trained(workdir: str | Path, categories=None) -> dict[str, TrainedCateg
 # ----------------------------------------------------------------------------
 # Statistics and report
 # ----------------------------------------------------------------------------
-
-
-def mean_ci(values, confidence: float = 0.95) -> dict:
-  """Mean, sample std and the t-based confidence interval of the mean."""
-  v = np.asarray(values, np.float64)
-  n = v.size
-  mean = float(v.mean())
-  if n < 2:
-    return {"mean": mean, "std": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": n}
-  sd = float(v.std(ddof=1))
-  half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / np.sqrt(n))
-  return {"mean": mean, "std": sd, "lo": mean - half, "hi": mean + half, "n": n}
 
 
 def summarize(results: dict[str, dict], baseline: str, treatment: str) -> dict:
