@@ -62,11 +62,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"
-  c.optim.learning_rate = 1e-3
+  c.optim.learning_rate = 2e-3
   c.optim.grad_clip_norm = 10.0
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 10 if smoke else 200
+  c.train.num_steps = 10 if smoke else 300
   c.train.batch_size = 8 if smoke else 16
   c.train.log_every = 5 if smoke else 50
   c.train.rows = "auto"              # vmap rows on GPU/TPU, loop on CPU
