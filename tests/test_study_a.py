@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from configs import fastflow_mvtec
 from tailjax import io, study_a
@@ -88,14 +87,6 @@ def test_unknown_category_is_named(mini_mvtec, tmp_path):
   cfg.data.categories = "brick,carpet"
   with pytest.raises(ValueError, match=r"config.data.categories: \['carpet'\]"):
     study_a.category_splits(cfg, mini_mvtec)
-
-
-def test_mean_ci_matches_scipy():
-  v = np.array([0.41, 0.47, 0.44, 0.52])
-  got = study_a.mean_ci(v)
-  lo, hi = stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
-  assert got["lo"] == pytest.approx(lo) and got["hi"] == pytest.approx(hi)
-  assert got["std"] == pytest.approx(v.std(ddof=1))
 
 
 def test_summary_pairs_differences_by_seed():
