@@ -19,4 +19,4 @@ def test_mean_ci_degenerate_cases():
   one = mean_ci([0.3])
   assert one["mean"] == 0.3 and np.isnan(one["lo"]) and np.isnan(one["std"])
   const = mean_ci([0.2, 0.2, 0.2])
-  assert const["lo"] == const["hi"] == pytest.approx(0.2)
+  assert const["lo"] == pytest.approx(0.2) and const["hi"] == pytest.approx(0.2)
