@@ -9,7 +9,9 @@ cached), trains mean-only (λ = 0) and tail-aware (λ = 0.7, r = 0.02) flows wit
 3 seeds each, and prints per category the pixel AP of both variants and PaDiM,
 then the report (`runs/demo/report.md`): a table of image AUROC, pixel AUROC,
 pixel AP and AUPRO (mean ± std over seeds), the tail − mean difference with
-its 95 % CI, and a plain verdict.
+its 95 % CI, and a plain verdict; then runs the mechanism analyses (exact
+per-patch gradients, H1/H3/H4/H7; `runs/demo/analysis/report.md`) and adds
+their hypothesis table to the report.
 
 Variants: `configs/fastflow_textures.py:smoke` shrinks the run (one category of
 a tiny benchmark, 2 seeds, 10 steps; about 20 s after the install). Any field
@@ -82,6 +84,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.padim = ml_collections.ConfigDict()
   c.padim.eps = 0.01
   c.padim.n_channels = 100
+
+  c.analysis = ml_collections.ConfigDict()
+  c.analysis.enabled = not smoke     # mechanism analyses (H1/H3/H4/H7) after training
+  c.analysis.num_images = 32         # training images for the gradient analysis (H3)
+  c.analysis.num_param_images = 32   # of those, with exact per-patch parameter gradients
+  c.analysis.sweeps = ""             # comma list of sweep workdirs (results.json) for H4 / ablations
 
   c.report = ml_collections.ConfigDict()
   c.report.baseline = "mean_only"
