@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tailjax-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test toy bench mil clean
+.PHONY: install demo test toy bench mil ablations clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ test: $(STAMP)
 ## Study B: the attention-MIL diagnosis -> runs/mil/report.md (~4-8 min on 2 cores)
 mil: $(STAMP)
 	$(BIN)/python scripts/diagnose_mil.py --config=configs/mil_diagnosis.py --workdir=runs/mil
+
+## Study A ablations (λ grid and r grid, 3 seeds, all texture categories), then the analysis with H4.
+ablations: $(STAMP)
+	$(BIN)/python scripts/sweep.py --config=configs/sweep_tail_weight.py --workdir=runs/sweep_lambda
+	$(BIN)/python scripts/sweep.py --config=configs/sweep_top_k.py --workdir=runs/sweep_top_k
+	$(BIN)/python scripts/analyze.py --workdir=runs/demo --sweeps=runs/sweep_lambda,runs/sweep_top_k
+
+## Speed benchmarks -> benchmarks/results.md (~3-5 min on 2 cores; not part of the tests)
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
 
 toy: $(STAMP)
 	$(BIN)/python scripts/train_toy.py --config=configs/toy_flow.py --workdir=runs/toy

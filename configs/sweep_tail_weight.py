@@ -31,14 +31,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   smoke = arg == "smoke"
   c = fastflow_textures.get_config("smoke" if smoke else None)
   # Study A's two-variant comparison fields do not apply to a grid.
-  for name in ("variants", "report", "padim", "num_seeds"):
+  for name in ("variants", "report", "padim", "num_seeds", "analysis"):
     del c[name]
   del c.train["rows"]
 
   c.sweep = ml_collections.ConfigDict()
   c.sweep.tail_weight = (0.0, 0.7) if smoke else (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
   c.sweep.top_k_ratio = (0.02,)
-  c.sweep.learning_rate = (1e-3,)
+  c.sweep.learning_rate = (c.optim.learning_rate,)   # the demo's learning rate
   c.sweep.seeds = (0, 1) if smoke else (0, 1, 2)
   c.sweep.segment_steps = 5 if smoke else 50   # checkpoint (and resume) granularity
   c.sweep.rows = "auto"          # vmap | map | auto (map on CPU, vmap on GPU/TPU)

@@ -1,0 +1,265 @@
+"""Runs every benchmark once, at modest sizes, and writes ``benchmarks/results.md`` (atomically).
+
+  python -m benchmarks.run_all                          # ~10 min on a 2-core CPU
+  python -m benchmarks.run_all --only=sweep,train_step --out=/tmp/results.md
+
+Each benchmark module's ``main(argv)`` runs in this process with the arguments
+in ``BENCHMARKS`` (chosen to keep the whole run near 10 minutes on a small CPU;
+run a module alone with its defaults or bigger sizes for more precise figures).
+``bench_gradients`` is included when the module exists. A benchmark that fails
+is reported as failed in the results (with the error), and the others still run.
+The markdown states the machine, the sizes, every figure, and the spec's speed
+targets next to what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.util
+import os
+import platform
+import sys
+import time
+import traceback
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from tailjax import io as tj_io
+
+# name → (module, argv for its main). Sizes stated in each section of results.md.
+BENCHMARKS: dict[str, tuple[str, list[str]]] = {
+    "features": ("benchmarks.bench_features", ["--batch-sizes=1,8", "--images=16", "--repeats=2"]),
+    "gradients": ("benchmarks.bench_gradients", ["--repeats=2", "--mem-chunks=28,196",
+                                                 "--mem-images=8"]),
+    "train_step": ("benchmarks.bench_train_step", ["--batch-sizes=8,32", "--steps=2",
+                                                   "--repeats=2"]),
+    "sweep": ("benchmarks.bench_sweep", ["--rows=8", "--steps=8", "--batch-size=8"]),
+}
+SWEEP_TARGET = 3.0
+
+
+def _module_exists(name: str) -> bool:
+  try:
+    return importlib.util.find_spec(name) is not None
+  except ModuleNotFoundError:
+    return False
+
+
+def run(names: Sequence[str]) -> dict:
+  out = {}
+  for name in names:
+    module, argv = BENCHMARKS[name]
+    if not _module_exists(module):
+      out[name] = {"skipped": f"{module} not found"}
+      continue
+    print(f"\n=== {name}: python -m {module} {' '.join(argv)}", flush=True)
+    t = time.perf_counter()
+    try:
+      res = importlib.import_module(module).main(argv)
+      out[name] = {"result": res, "argv": argv, "seconds": time.perf_counter() - t}
+    except Exception as e:  # one failing benchmark must not hide the others
+      out[name] = {"error": f"{type(e).__name__}: {e}", "argv": argv,
+                   "traceback": traceback.format_exc()[-2000:], "seconds": time.perf_counter() - t}
+      print(out[name]["traceback"], file=sys.stderr)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------
+
+
+def _num(x) -> str:
+  if x is None:
+    return "–"
+  if isinstance(x, (bool, np.bool_)):
+    return str(bool(x))
+  if isinstance(x, (int, np.integer)):
+    return str(int(x))
+  if isinstance(x, (float, np.floating)):
+    x = float(x)
+    if not np.isfinite(x):
+      return str(x)
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+  return str(x)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          + ["| " + " | ".join(_num(c) for c in r) + " |" for r in rows])
+
+
+def _generic(res) -> list[str]:
+  """Tables for an unknown result: lists of flat dicts and dicts of same-keyed dicts."""
+  lines = []
+  if not isinstance(res, dict):
+    return [f"`{res!r}`"]
+  scalars = {k: v for k, v in res.items() if not isinstance(v, (dict, list))}
+  if scalars:
+    lines += [", ".join(f"{k}: {_num(v)}" for k, v in scalars.items()), ""]
+  for k, v in res.items():
+    if isinstance(v, list) and v and all(isinstance(r, dict) for r in v):
+      cols = list(dict.fromkeys(c for r in v for c in r))
+      lines += [f"**{k}**", ""] + _table(cols, [[r.get(c) for c in cols] for r in v]) + [""]
+    elif isinstance(v, dict):
+      inner = {a: b for a, b in v.items() if isinstance(b, dict)}
+      flat = {a: b for a, b in v.items() if not isinstance(b, (dict, list))}
+      if inner:
+        row_keys = list(dict.fromkeys(r for d in inner.values() for r in d))
+        lines += [f"**{k}**", ""] + _table(
+            ["", *inner], [[r, *(inner[c].get(r) for c in inner)] for r in row_keys]) + [""]
+      if flat:
+        lines += [f"**{k}**, other fields: " + ", ".join(f"{a}: {_num(b)}" for a, b in flat.items()), ""]
+  return lines
+
+
+def _sweep_md(res: dict) -> tuple[list[str], list[list]]:
+  lines = [f"{res['rows']} rows (λ = 0 … 1, r = 0.02, one seed), batch {res['batch_size']}, "
+           "4-step flow, Adam, the same number of steps for every variant of a setting. "
+           "Baseline = 8 sequential runs, each a host loop of the jitted `train_step` with "
+           "lax.conv (as `flow_train`, without checkpoint I/O). 'run s' excludes compilation "
+           "(listed apart); 'incl. compile' adds it, 8 compilations for the baseline "
+           "(`train_flow_on_features` compiles its step in every call), one for the others. "
+           "max |Δ loss| = largest difference of a row's final loss from the "
+           "baseline's (float rounding; with λ > 0 a rounding-level change can swap a patch "
+           "in or out of the top-k set).", ""]
+  targets = []
+  for setting, entry in res["settings"].items():
+    r = entry["variants"]
+    shape = "×".join(map(str, entry["shape"]))
+    lines += [f"**{setting}** ({shape} maps, {entry['steps']} steps per row)", ""] + _table(
+        ["variant", "run s", "compile s", "speed-up vs baseline", "incl. compile",
+         "max abs Δ loss"],
+        [[k, v["seconds"], v["compile_s"], f"{v['speedup']:.2f}×",
+          f"{v['speedup_with_compile']:.2f}×", f"{v['max_abs_loss_diff']:.1e}"]
+         for k, v in r.items()]) + [""]
+    one_program = {k: v for k, v in r.items() if k.startswith(("vmap", "map"))}
+    best = max(one_program, key=lambda k: one_program[k]["speedup"])
+    vm = r["vmap, matmul conv"]
+    seq = r.get("sequential scan, matmul conv")
+    own = f"; vmap vs the same program run row by row {seq['seconds'] / vm['seconds']:.2f}×" if seq else ""
+    targets.append([
+        f"sweep of {res['rows']} λ as one program vs {res['rows']} sequential runs: {setting}",
+        f"≥ {SWEEP_TARGET:g}× (CPU)",
+        f"vmap {r['vmap, lax.conv']['speedup']:.2f}× (lax.conv), {vm['speedup']:.2f}× (matmul); "
+        f"best one-program '{best}' {one_program[best]['speedup']:.2f}× "
+        f"({one_program[best]['speedup_with_compile']:.2f}× incl. compile){own}",
+        "yes" if one_program[best]["speedup"] >= SWEEP_TARGET else "**no**"])
+  if "data_in_program" in res:
+    d = res["data_in_program"]
+    lines += [f"Data in the program ({d['feats_mb']:.1f} MB of features, vmapped PatchFlow "
+              "sweep, lower + compile):", ""] + _table(
+        ["data passed as", "seconds", "HLO text MB"],
+        [[k, d[k]["seconds"], d[k]["hlo_mb"]] for k in ("argument", "closed-over constant")]) + [""]
+  return lines, targets
+
+
+def _train_step_md(res: dict) -> list[str]:
+  return [f"One train step on 14×14×112 maps, {res['flow_steps']}-step flow, λ = 0.7, r = 0.02, "
+          "Adam: called step by step from Python ('step', as `train.fit`) or inside one "
+          "`lax.scan` ('scan', as `tailjax.sweep`); convolutions as XLA convolutions or as "
+          "matmuls. Patches/s (ms per step); best of 2 blocks of 2 steps.", ""] + _table(
+      ["flow", "batch", "step, lax.conv", "step, matmul", "scan, lax.conv", "scan, matmul"],
+      [[r["flow"], r["batch_size"], *(
+          f"{r[f'{k}_patches_per_s']:,.0f} ({r[f'{k}_ms']:.0f} ms)"
+          for k in ("step_xla", "step_matmul", "scan_xla", "scan_matmul"))]
+       for r in res["throughput"]]) + [""]
+
+
+def _features_md(res: dict) -> list[str]:
+  return [f"EfficientNet-Lite0, 224×224 uint8 → stride-16 map (and → logits), {res['n_images']} "
+          "images per timed run, best of 2.", ""] + _table(
+      ["batch", "stride-16 images/s", "full network images/s", "ratio"],
+      [[r["batch_size"], r["stride16_images_per_s"], r["logits_images_per_s"],
+        r["stride16_over_logits"]] for r in res["throughput"]]) + [""]
+
+
+def _gradients_targets(res: dict) -> list[list]:
+  over = res.get("timings", {}).get("over_loop", {})
+  jac = {k: v for k, v in over.items() if k.startswith("jacrev")}
+  if not jac:
+    return []
+  best = min(jac, key=jac.get)
+  return [["per-patch gradients: jacrev of the NLL vector faster than a loop of grads",
+           "< 1× loop time",
+           ", ".join(f"{k} {v:.2f}×" for k, v in over.items()
+                     if k.startswith(("jacrev", "vmap_grad"))) + " the loop's time",
+           "yes" if jac[best] < 1 else "**no**"]]
+
+
+def markdown(results: dict, total_s: float) -> str:
+  now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+  lines = ["# Benchmarks", "",
+           f"Generated by `python -m benchmarks.run_all` on {now} in {total_s / 60:.1f} min: "
+           f"JAX {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} "
+           f"device(s) ({jax.devices()[0]}), {os.cpu_count()} CPU cores, "
+           f"{platform.python_implementation()} {platform.python_version()}, "
+           f"{platform.machine()}. The machine may be shared: every table comes from one run "
+           "with its variants side by side, so read the ratios, not the absolute times.", ""]
+  targets: list[list] = []
+  sections: list[str] = []
+  titles = {"features": "Feature extraction", "gradients": "Per-patch gradients",
+            "train_step": "Flow train-step throughput", "sweep": "Sweep: one program vs sequential runs"}
+  for name, entry in results.items():
+    module, argv = BENCHMARKS[name]
+    sections += [f"## {titles.get(name, name)}", "",
+                 f"`python -m {module} {' '.join(argv)}`"
+                 + (f" ({entry['seconds']:.0f} s)" if "seconds" in entry else ""), ""]
+    if "skipped" in entry:
+      sections += [f"Skipped: {entry['skipped']}.", ""]
+      continue
+    if "error" in entry:
+      sections += [f"**Failed**: `{entry['error']}`", ""]
+      continue
+    res = entry["result"]
+    try:
+      if name == "sweep":
+        body, t = _sweep_md(res)
+        targets += t
+      elif name == "train_step":
+        body = _train_step_md(res)
+        targets.append(["flow train-step throughput", "reported (no numeric target)",
+                        "; ".join(f"{r['flow']} b{r['batch_size']}: "
+                                  f"{r['step_xla_patches_per_s']:,.0f} patches/s (step, lax.conv), "
+                                  f"{r['scan_matmul_patches_per_s']:,.0f} (scan, matmul)"
+                                  for r in res["throughput"]), "–"])
+      elif name == "features":
+        body = _features_md(res)
+        best = max(res["throughput"], key=lambda r: r["stride16_images_per_s"])
+        targets.append(["feature extraction throughput", "reported (no numeric target)",
+                        f"{best['stride16_images_per_s']:.1f} images/s (batch {best['batch_size']})",
+                        "–"])
+      else:
+        body = _generic(res)
+        if name == "gradients":
+          targets += _gradients_targets(res)
+    except (KeyError, TypeError, ValueError) as e:   # a module changed its output format
+      body = [f"(could not tabulate: {type(e).__name__}: {e})", ""] + _generic(res)
+    sections += body
+  lines += ["## Targets", ""] + _table(["benchmark", "target", "measured", "met"], targets) + [""]
+  return "\n".join(lines + sections) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma list of benchmarks")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results.md"))
+  args = parser.parse_args(argv)
+  names = [n.strip() for n in args.only.split(",") if n.strip()]
+  unknown = [n for n in names if n not in BENCHMARKS]
+  if unknown:
+    raise SystemExit(f"--only: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+  t = time.perf_counter()
+  results = run(names)
+  text = markdown(results, time.perf_counter() - t)
+  tj_io.atomic_write_text(args.out, text)
+  print(f"\nwrote {args.out}")
+  return results
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
