@@ -17,6 +17,7 @@ same weights and sees the same batches as every other variant with seed s, so
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -137,19 +138,33 @@ def default_cache_dir() -> Path:
 # ----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=16)
+def _scorer(model: flows.FastFlow2d, score: str):
+  """One compiled scorer per (model, score); params are an argument, so every row
+  and every category with the same flow shares it."""
+
+  @jax.jit
+  def run(params, x):
+    z, logdet = model.apply(params, x)
+    return losses.patch_nll(z, logdet) if score == "nll" else anomaly.fastflow_score(z)
+
+  return run
+
+
 def patch_scores(model: flows.FastFlow2d, params, feats_NxhxwxC, score: str,
                  chunk: int = 32) -> np.ndarray:
   """Per-patch anomaly scores [N, h, w]: "nll" (nats) or "fastflow" (−exp(−0.5·mean z²))."""
   if score not in ("nll", "fastflow"):
     raise ValueError(f"config.eval.score must be 'nll' or 'fastflow', got {score!r}")
-
-  @jax.jit
-  def run(x):
-    z, logdet = model.apply(params, x)
-    return losses.patch_nll(z, logdet) if score == "nll" else anomaly.fastflow_score(z)
-
-  return np.concatenate([np.asarray(run(jnp.asarray(feats_NxhxwxC[i:i + chunk])))
-                         for i in range(0, len(feats_NxhxwxC), chunk)])
+  run = _scorer(model, score)
+  n = len(feats_NxhxwxC)
+  out = []
+  for i in range(0, n, chunk):
+    x = np.asarray(feats_NxhxwxC[i:i + chunk])
+    if len(x) < chunk and n > chunk:  # pad the last chunk: one compiled shape
+      x = np.concatenate([x, np.repeat(x[-1:], chunk - len(x), axis=0)])
+    out.append(np.asarray(run(params, jnp.asarray(x)))[:min(chunk, n - i)])
+  return np.concatenate(out)
 
 
 def evaluate_scores(cfg, scores_Nxhxw: np.ndarray, data: CategoryData) -> tuple[dict, np.ndarray]:
