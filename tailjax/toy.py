@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn import datasets
 
-from tailjax import flow_train
+from tailjax import flow_train, io
 
 
 def two_moons_maps(n: int, h: int, w: int, c: int, seed: int, noise: float = 0.05) -> np.ndarray:
@@ -40,7 +40,6 @@ def run_toy(cfg, workdir: str | Path, progress: bool = True) -> dict:
   nll = jax.jit(lambda p: jnp.mean(model.apply(p, jnp.asarray(va), method="nll")))
   out = {"untrained_val_nll": float(nll(init_params)), "trained_val_nll": float(nll(result.state.params)),
          "best_step": result.best_step, "steps": int(result.state.step)}
-  from tailjax import io
   io.atomic_write_json(Path(workdir) / "result.json", out)
   print(f"held-out NLL/patch: untrained {out['untrained_val_nll']:.3f} -> "
         f"trained {out['trained_val_nll']:.3f} (best step {out['best_step']}, {workdir})")
