@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -116,6 +117,19 @@ class JsonlWriter:
     with open(self.path, "a") as f:
       f.write(to_json(record, sort_keys=True) + "\n")
       f.flush()
+
+
+def read_npz(path: str | os.PathLike, error: type[Exception] = ValueError) -> dict[str, np.ndarray]:
+  """All arrays of a user-supplied ``.npz`` (no pickles), or ``error`` naming the file.
+
+  Truncated or corrupt archives surface as OSError, ValueError, BadZipFile or
+  EOFError depending on where they break; callers see one clear error.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {k: np.asarray(data[k]) for k in data.files}
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise error(f"{path}: not a readable .npz file ({e})") from e
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

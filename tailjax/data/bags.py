@@ -279,25 +279,21 @@ def load_prebuilt(root: str | os.PathLike, ratios: Sequence[str] | None = None) 
       path = root / r / f"{split}.npz"
       if not path.is_file():
         raise FileNotFoundError(f"prebuilt bags: missing {path}")
-      try:
-        z = np.load(path, allow_pickle=False)
-      except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from e
-      with z:
-        for key in ("features", "labels"):
-          if key not in z.files:
-            raise ValueError(f"{path}: missing key '{key}'; found {z.files}")
-        feats = np.asarray(z["features"], np.float32)
-        if feats.ndim != 3:
-          raise ValueError(f"{path}: 'features' must be [B, N, D]; got shape {feats.shape}")
-        b, n, _ = feats.shape
-        get = lambda k, default: np.asarray(z[k]) if k in z.files else default
-        s = Split(feats, get("mask", np.ones((b, n))).astype(np.float32),
-                  get("labels", None).astype(np.int8),
-                  get("instance_labels", np.zeros((b, n))).astype(np.int8),
-                  get("bag_ids", np.arange(b)).astype(np.int64),
-                  get("instance_index", np.full((b, n), -1)).astype(np.int64),
-                  get("identity", np.full((b, n), -1)).astype(np.int64))
+      z = tio.read_npz(path)
+      for key in ("features", "labels"):
+        if key not in z:
+          raise ValueError(f"{path}: missing key '{key}'; found {sorted(z)}")
+      feats = np.asarray(z["features"], np.float32)
+      if feats.ndim != 3:
+        raise ValueError(f"{path}: 'features' must be [B, N, D]; got shape {feats.shape}")
+      b, n, _ = feats.shape
+      get = lambda k, default: z[k] if k in z else default
+      s = Split(feats, get("mask", np.ones((b, n))).astype(np.float32),
+                get("labels", None).astype(np.int8),
+                get("instance_labels", np.zeros((b, n))).astype(np.int8),
+                get("bag_ids", np.arange(b)).astype(np.int64),
+                get("instance_index", np.full((b, n), -1)).astype(np.int64),
+                get("identity", np.full((b, n), -1)).astype(np.int64))
       validate_split(s, str(path))
       splits[(r, split)] = s
   return BagDataset(splits, {"source": str(root)})

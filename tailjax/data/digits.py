@@ -240,16 +240,12 @@ def load_embeddings(path: str | os.PathLike, *, normalize: bool = True) -> Ident
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"embeddings file not found: {path}")
-  try:
-    z = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: not a readable .npz file ({e})") from e
-  with z:
-    missing = [k for k in ("embeddings", "identity") if k not in z.files]
-    if missing:
-      raise ValueError(f"{path}: missing key(s) {missing}; found {z.files}")
-    emb = np.asarray(z["embeddings"], np.float32)
-    ident = np.asarray(z["identity"])
+  z = tio.read_npz(path)
+  missing = [k for k in ("embeddings", "identity") if k not in z]
+  if missing:
+    raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(z)}")
+  emb = np.asarray(z["embeddings"], np.float32)
+  ident = z["identity"]
   if emb.ndim != 2 or ident.ndim != 1 or emb.shape[0] != ident.shape[0]:
     raise ValueError(f"{path}: need embeddings [n, d] and identity [n]; got {emb.shape} and {ident.shape}")
   bad = np.flatnonzero(~np.isfinite(emb).all(1))

@@ -25,14 +25,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
 from tailjax.data.mvtec import DatasetError, MissingDataError, load_images
-from tailjax.io import atomic_path
+from tailjax.io import atomic_path, read_npz
 
 CACHE_FORMAT_VERSION = 1
 Extractor = Callable[[np.ndarray], Mapping[Hashable, np.ndarray]]
@@ -172,11 +171,7 @@ def load_feature_npz(path: str | os.PathLike) -> FeatureSet:
   path = Path(path)
   if not path.is_file():
     raise MissingDataError(f"feature file {path} does not exist")
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      arrays = {k: np.asarray(data[k]) for k in data.files}
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-    raise DatasetError(f"cannot read feature file {path}: {e}") from e
+  arrays = read_npz(path, error=DatasetError)
   for name in ("features", "labels"):
     if name not in arrays:
       raise DatasetError(f"feature file {path} lacks the array {name!r} "
