@@ -1,26 +1,41 @@
-"""Reads legacy (non-zip) PyTorch ``.pth`` files without PyTorch and without running pickle code.
+"""Reads ``torch.save`` state dicts (zip and legacy formats) without PyTorch or running pickle code.
 
-A legacy ``torch.save`` file (the default before PyTorch 1.6) is five pickles
-followed by raw storage bytes::
+Zip format (the default since PyTorch 1.6): an uncompressed zip archive whose
+records all sit in one top-level folder ``<archive>/`` (the saved file's stem,
+or ``archive``)::
+
+  <archive>/data.pkl              pickle of the object (protocol 2)
+  <archive>/byteorder             "little" or "big" (absent in old files: little)
+  <archive>/data/<key>            raw bytes of storage <key>, numel * itemsize
+  <archive>/version, .format_version, .storage_alignment, .data/...   (bookkeeping, unread)
+
+Inside ``data.pkl`` every storage is a *persistent id*
+``('storage', <torch.XStorage>, key, location, numel)`` (numel in elements of
+the storage's dtype) and every tensor is
+``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)``, so
+tensors may share a storage and be strided views of it.
+
+Legacy format (before 1.6) is five pickles followed by raw storage bytes::
 
   pickle(MAGIC_NUMBER)  pickle(PROTOCOL_VERSION=1001)  pickle(sys_info)
   pickle(obj)           pickle([storage_key, ...])
   for each key in that list:  int64 little-endian element count, then count * itemsize bytes
 
-Inside ``obj`` every storage is a *persistent id*
-``('storage', <torch.XStorage>, key, location, numel, view_metadata)`` and every
-tensor is ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)``.
+with 6-tuple ids ``('storage', <torch.XStorage>, key, location, numel, view_metadata)``.
 
 Unpickling is arbitrary code execution in general: ``find_class`` may import any
 callable and ``REDUCE`` calls it. Here ``find_class`` resolves only an allow-list
-of names (``collections.OrderedDict``, the tensor-rebuild functions and the
-storage types) to our own inert stand-ins -- ``torch`` is never imported -- and
-refuses everything else with an :class:`UnpicklingError` naming the file and
-the refused global. The result is a flat ``{name: np.ndarray}`` state dict.
+of names (``collections.OrderedDict``, the tensor/parameter-rebuild functions
+and the storage types) to our own inert stand-ins -- ``torch`` is never
+imported -- and refuses everything else with an :class:`UnpicklingError`
+naming the file and the refused global. A tensor becomes exactly what
+``_rebuild_tensor_v2`` would give, ``as_strided(storage[offset:], size,
+stride)``, copied to a C-contiguous ``np.ndarray`` after a bounds check. The
+result is a flat ``{name: np.ndarray}`` state dict.
 
-:func:`load_torch_state_dict_cached` converts once and keeps the arrays as an
-``.npz`` in the user cache directory (``$TAILJAX_CACHE``, else
-``$XDG_CACHE_HOME/tailjax``, else ``~/.cache/tailjax``).
+:func:`load_torch_state_dict` detects the format; :func:`load_torch_state_dict_cached`
+converts once and keeps the arrays as an ``.npz`` in the user cache directory
+(``$TAILJAX_CACHE``, else ``$XDG_CACHE_HOME/tailjax``, else ``~/.cache/tailjax``).
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
@@ -44,6 +60,7 @@ from tailjax import io as tj_io
 
 __all__ = [
   "UnpicklingError",
+  "load_torch_state_dict",
   "load_legacy_torch_pickle",
   "load_torch_state_dict_cached",
   "default_cache_dir",
@@ -53,6 +70,7 @@ UnpicklingError = pickle.UnpicklingError
 
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL_VERSION = 1001
+_ZIP_MAGIC = b"PK\x03\x04"
 
 # Storage class name -> element dtype (little-endian; byte-swapped if the file says big-endian).
 _STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -71,13 +89,13 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _StorageType:
   name: str
   dtype: np.dtype
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _StorageRef:
   """A (view of a) storage whose bytes come after the pickle; resolved once they are read."""
   key: str
@@ -86,7 +104,7 @@ class _StorageRef:
   numel: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _TensorRef:
   storage: _StorageRef
   offset: int
@@ -127,10 +145,13 @@ def _allowed_global(module: str, name: str):
 class _RestrictedUnpickler(pickle.Unpickler):
   """Resolves only allow-listed globals, to inert stand-ins; refuses the rest."""
 
-  def __init__(self, f: BinaryIO, source: str, storages: dict[str, _StorageRef] | None = None):
+  def __init__(self, f: BinaryIO, source: str, storages: dict[str, _StorageRef] | None = None,
+               zip_format: bool = False):
     super().__init__(f)
     self._source = source
     self._storages = storages
+    # Zip files drop the legacy format's trailing view_metadata from storage ids.
+    self._id_length = 5 if zip_format else 6
 
   def find_class(self, module: str, name: str):
     obj = _allowed_global(module, name)
@@ -143,11 +164,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
   def persistent_load(self, pid):
     if self._storages is None:
       raise UnpicklingError(f"{self._source}: unexpected persistent id in a header pickle")
-    if (not isinstance(pid, tuple) or len(pid) != 6 or pid[0] != "storage"
+    if (not isinstance(pid, tuple) or len(pid) != self._id_length or pid[0] != "storage"
         or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
         or not isinstance(pid[4], int) or pid[4] < 0):
-      raise UnpicklingError(f"{self._source}: malformed storage id {pid!r}")
-    _, stype, key, _location, numel, view_metadata = pid
+      raise UnpicklingError(f"{self._source}: malformed storage id {repr(pid)[:200]}")
+    _, stype, key, _location, numel, view_metadata = pid if len(pid) == 6 else (*pid, None)
     root = self._storages.get(key)
     if root is None:
       root = self._storages[key] = _StorageRef(key, stype.dtype, 0, numel)
@@ -157,7 +178,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return root
     # Pre-1.0 files could pickle views of a root storage: (view_key, offset, view_numel).
     if not (isinstance(view_metadata, tuple) and len(view_metadata) == 3):
-      raise UnpicklingError(f"{self._source}: malformed storage view {view_metadata!r}")
+      raise UnpicklingError(f"{self._source}: malformed storage view {repr(view_metadata)[:200]}")
     _view_key, view_offset, view_numel = view_metadata
     if not (0 <= view_offset and 0 <= view_numel and view_offset + view_numel <= numel):
       raise UnpicklingError(f"{self._source}: storage view outside storage {key}")
@@ -220,20 +241,104 @@ def _flatten(obj: Any, prefix: str, out: dict[str, _TensorRef], source: str) -> 
                      "of tensors expected)")
 
 
-def load_legacy_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Loads a legacy-format ``torch.save`` state dict as ``{name: np.ndarray}``, without torch.
+# What a corrupt or hostile pickle can make the unpickler raise; re-raised naming the file.
+_UNPICKLE_ERRORS = (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError,
+                    AttributeError, OverflowError, RecursionError, MemoryError, struct.error)
 
-  Nested mappings are flattened with ``.``-joined keys. Raises
-  :class:`UnpicklingError` (naming ``path`` and the global) on any pickled
-  global outside the tensor/storage allow-list -- nothing in the file is ever
-  executed -- and ``ValueError`` on a zip-format file, a bad header, truncation
-  or non-tensor entries.
+
+def _corrupt(source: str, what: str, e: BaseException) -> UnpicklingError:
+  return UnpicklingError(f"{source}: corrupt or truncated {what} ({type(e).__name__}: "
+                         f"{str(e)[:200]})")
+
+
+def _state_dict(obj: Any, storages: Mapping[str, np.ndarray], source: str
+                ) -> dict[str, np.ndarray]:
+  tensors: dict[str, _TensorRef] = {}
+  _flatten(obj, "", tensors, source)
+  return {name: _materialise(t, storages, source, name) for name, t in tensors.items()}
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Loads a ``torch.save`` state dict, zip or legacy format, as ``{name: np.ndarray}``.
+
+  The format is told by the first four bytes (``PK\\x03\\x04``: zip, as
+  ``torch.load`` decides). Nested mappings are flattened with ``.``-joined keys;
+  every tensor is ``as_strided(storage[offset:], size, stride)`` copied to a
+  C-contiguous array of the storage's dtype (``bfloat16`` via ``ml_dtypes``),
+  tensors sharing a storage read the same bytes. Nothing in the file is
+  executed: a pickled global outside the tensor/storage allow-list raises
+  :class:`UnpicklingError` naming ``path`` and the global; corruption,
+  truncation, missing storage records or out-of-bounds views raise
+  :class:`UnpicklingError`, non-tensor entries ``ValueError``, all naming ``path``.
+  """
+  path = Path(path)
+  with open(path, "rb") as f:
+    is_zip = f.read(4) == _ZIP_MAGIC
+  return _load_zip(path) if is_zip else load_legacy_torch_pickle(path)
+
+
+def _load_zip(path: Path) -> dict[str, np.ndarray]:
+  source = str(path)
+  try:
+    zf = zipfile.ZipFile(path)
+  except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+    raise _corrupt(source, "zip-format PyTorch file", e) from e
+  with zf:
+    names = zf.namelist()
+    # torch.load takes the archive folder from the first record and looks every
+    # other record up under it; so do we.
+    if not names or "/" not in names[0]:
+      raise UnpicklingError(f"{source}: not a torch.save zip archive (no top-level folder)")
+    root = names[0].split("/", 1)[0] + "/"
+    if root + "constants.pkl" in names:
+      raise ValueError(f"{source}: a TorchScript archive, not a state dict (save "
+                       "model.state_dict() with torch.save instead)")
+
+    def record(name: str, nbytes: int | None = None) -> bytes:
+      try:
+        info = zf.getinfo(root + name)
+      except KeyError:
+        raise UnpicklingError(f"{source}: record '{root}{name}' is missing") from None
+      if nbytes is not None and info.file_size != nbytes:
+        raise UnpicklingError(f"{source}: record '{root}{name}' holds {info.file_size} bytes, "
+                              f"the pickle declared {nbytes}")
+      try:
+        return zf.read(info)
+      except (zipfile.BadZipFile, zlib.error, NotImplementedError, OSError, EOFError) as e:
+        raise _corrupt(source, f"record '{root}{name}'", e) from e
+
+    big_endian = False  # torch.load's default for files without a byteorder record
+    if root + "byteorder" in names:
+      order = record("byteorder")
+      if order not in (b"little", b"big"):
+        raise UnpicklingError(f"{source}: unknown byteorder record {order[:20]!r}")
+      big_endian = order == b"big"
+    refs: dict[str, _StorageRef] = {}
+    try:
+      obj = _RestrictedUnpickler(io.BytesIO(record("data.pkl")), source, storages=refs,
+                                 zip_format=True).load()
+    except _UNPICKLE_ERRORS as e:
+      if str(e).startswith(source):  # our own error (e.g. a refused global), names the file
+        raise
+      raise _corrupt(source, "data.pkl", e) from e
+    storages = {}
+    for key, ref in refs.items():
+      arr = np.frombuffer(record(f"data/{key}", ref.numel * ref.dtype.itemsize), ref.dtype)
+      storages[key] = arr.byteswap() if big_endian else arr
+  return _state_dict(obj, storages, source)
+
+
+def load_legacy_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Loads a legacy-format (pre-1.6) ``torch.save`` state dict; see :func:`load_torch_state_dict`.
+
+  Raises ``ValueError`` on a zip-format file, otherwise the same errors as
+  :func:`load_torch_state_dict`.
   """
   path = Path(path)
   source = str(path)
   with open(path, "rb") as f:
-    if f.read(4) == b"PK\x03\x04":
-      raise ValueError(f"{source}: zip-format torch.save file; only the legacy format is read")
+    if f.read(4) == _ZIP_MAGIC:
+      raise ValueError(f"{source}: zip-format torch.save file; read it with load_torch_state_dict")
     f.seek(0)
     try:
       magic = _RestrictedUnpickler(f, source).load()
@@ -247,17 +352,14 @@ def load_legacy_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
       refs: dict[str, _StorageRef] = {}
       obj = _RestrictedUnpickler(f, source, storages=refs).load()
       keys = _RestrictedUnpickler(f, source).load()
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError,
-            AttributeError, OverflowError, struct.error) as e:
-      if str(e).startswith(source):  # our own error, already names the file
+    except _UNPICKLE_ERRORS as e:
+      if str(e).startswith(source):  # our own error (e.g. a refused global), names the file
         raise
-      raise UnpicklingError(f"{source}: corrupt or truncated legacy PyTorch file ({e!r})") from e
+      raise _corrupt(source, "legacy PyTorch file", e) from e
     if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
       raise UnpicklingError(f"{source}: storage key list is malformed")
     storages = _read_storages(f, keys, refs, big_endian, source)
-  tensors: dict[str, _TensorRef] = {}
-  _flatten(obj, "", tensors, source)
-  return {name: _materialise(t, storages, source, name) for name, t in tensors.items()}
+  return _state_dict(obj, storages, source)
 
 
 def default_cache_dir() -> Path:
@@ -280,7 +382,7 @@ def _sha256(path: Path) -> str:
 def load_torch_state_dict_cached(path: str | os.PathLike,
                                  cache_dir: str | os.PathLike | None = None
                                  ) -> dict[str, np.ndarray]:
-  """:func:`load_legacy_torch_pickle`, memoised on disk as ``<stem>-<sha256[:16]>.npz``.
+  """:func:`load_torch_state_dict`, memoised on disk as ``<stem>-<sha256[:16]>.npz``.
 
   The cache name carries the source file's content hash, so a changed ``.pth``
   never reuses stale arrays. The ``.npz`` is written atomically; an unreadable
@@ -294,10 +396,13 @@ def load_torch_state_dict_cached(path: str | os.PathLike,
   if cache.exists():
     try:
       with np.load(cache, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+        arrays = {k: npz[k] for k in npz.files}
+      # .npz keeps ml_dtypes' bfloat16 as raw 2-byte voids, the only V2 arrays we write.
+      return {k: a.view(ml_dtypes.bfloat16) if a.dtype == np.dtype("V2") else a
+              for k, a in arrays.items()}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
       log.warning("rebuilding unreadable weight cache %s (%s)", cache, e)
-  arrays = load_legacy_torch_pickle(path)
+  arrays = load_torch_state_dict(path)
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   tj_io.atomic_write_bytes(cache, buf.getvalue())
