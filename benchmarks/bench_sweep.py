@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tailjax import flow_train, io as tj_io, sweep, train
+from tailjax import io as tj_io, train
 
 FLOWS = {
     "FastFlow 3x3/1x1": {"kernel_mode": "alternate", "layer_norm": "image"},
@@ -91,27 +91,27 @@ def sweep_variants(cfg, feats, rows: int, only: Sequence[str] = VARIANTS) -> dic
   lam = np.linspace(0.0, 1.0, rows).astype(np.float32)
   h_R = {"tail_weight": jnp.asarray(lam), "top_k_ratio": jnp.full((rows,), 0.02),
          "learning_rate": jnp.full((rows,), 1e-3)}
-  keys_R = flow_train.row_keys([0] * rows)
+  keys_R = train.row_keys([0] * rows)
   feats = jnp.asarray(feats)
   steps = int(cfg.train.num_steps)
   out = {}
 
   def rows_program(conv_impl, row_impl):
-    program = sweep.make_flow_program(cfg, feats.shape, conv_impl=conv_impl)
-    local = sweep.over_rows(lambda h, k: program.train(h, k, feats), row_impl)
+    program = train.make_flow_program(cfg, feats.shape, conv_impl=conv_impl)
+    local = train.over_rows(lambda h, k: program.train(h, k, feats), row_impl)
     return lambda h, k: local(h, k)
 
   for name in only:
     if name == "sequential host loop":
-      program = sweep.make_flow_program(cfg, feats.shape, conv_impl="xla")
-      step = train.make_train_step(flow_train.make_flow_loss(program.model))
+      program = train.make_flow_program(cfg, feats.shape, conv_impl="xla")
+      step = train.make_train_step(train.make_flow_loss(program.model))
       h0 = {k: v[0] for k, v in h_R.items()}
       st0 = jax.jit(program.init)(h0, keys_R[0])
-      batch0 = flow_train.sample_batch(feats, program.batch_size, keys_R[0], 0)
+      batch0 = train.sample_batch(feats, program.batch_size, keys_R[0], 0)
       t = time.perf_counter()
       step_c = jax.jit(step, donate_argnums=0).lower(st0, batch0, keys_R[0]).compile()
       init_c = jax.jit(program.init).lower(h0, keys_R[0]).compile()
-      batch_c = jax.jit(flow_train.sample_batch, static_argnums=1).lower(
+      batch_c = jax.jit(train.sample_batch, static_argnums=1).lower(
           feats, program.batch_size, keys_R[0], jnp.int32(0)).compile()
       compile_s = time.perf_counter() - t
       t = time.perf_counter()
@@ -128,7 +128,7 @@ def sweep_variants(cfg, feats, rows: int, only: Sequence[str] = VARIANTS) -> dic
       out[name] = {"seconds": time.perf_counter() - t, "compile_s": compile_s,
                    "final_loss": np.asarray(losses).tolist()}
     elif name.startswith("sequential scan"):
-      program = sweep.make_flow_program(
+      program = train.make_flow_program(
           cfg, feats.shape, conv_impl="xla" if name.endswith("lax.conv") else "matmul")
       h0 = {k: v[0] for k, v in h_R.items()}
       one, compile_s = _aot(program.train, h0, keys_R[0], feats)
@@ -162,10 +162,10 @@ def data_as_constant_vs_argument(n_images: int = 120, rows: int = 8, steps: int 
   """Lower + compile seconds and HLO text size: data closed over vs passed as an argument."""
   cfg = bench_config(FLOWS["PatchFlow 1x1"], steps, 8)
   feats = jnp.asarray(np.random.default_rng(1).normal(size=(n_images, 14, 14, 112)), jnp.float32)
-  train_fn = sweep.make_train(cfg, feats.shape, conv_impl="matmul")
+  train_fn = train.make_train(cfg, feats.shape, conv_impl="matmul")
   h_R = {"tail_weight": jnp.linspace(0.0, 1.0, rows), "top_k_ratio": jnp.full((rows,), 0.02),
          "learning_rate": jnp.full((rows,), 1e-3)}
-  keys_R = flow_train.row_keys(range(rows))
+  keys_R = train.row_keys(range(rows))
   res = {}
   for name, fn, args in [
       ("argument", jax.vmap(train_fn, (0, 0, None)), (h_R, keys_R, feats)),

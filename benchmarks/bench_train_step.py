@@ -8,7 +8,7 @@ tail-aware flow loss, λ = 0.7, r = 0.02, Adam) on 14×14×112 feature maps (the
 study's stride-16 grid), for the 4-step FastFlow (3×3 / 1×1 subnets, image
 LayerNorm) and the per-patch flow (1×1 only). Convolutions either as XLA
 convolutions (``lax.conv``, what ``flows.py`` emits) or as matmuls (im2col,
-``tailjax.sweep.conv_as_matmul``); steps either called one by one from Python
+``tailjax.train.conv_as_matmul``); steps either called one by one from Python
 ("step", as ``train.fit`` does) or run inside one ``lax.scan`` ("scan", as
 ``tailjax.sweep`` does, batches sampled in the graph). Time per step is the best
 of ``--repeats`` blocks of ``--steps`` steps, variants interleaved; throughput =
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_sweep import FLOWS, bench_config
-from tailjax import flow_train, io as tj_io, sweep, train
+from tailjax import io as tj_io, train
 
 
 HP = {"tail_weight": 0.7, "top_k_ratio": 0.02, "learning_rate": 1e-3}
@@ -39,12 +39,12 @@ def _runners(cfg, feats, impl: str, steps: int) -> dict:
   """{"step": one jitted step called ``steps`` times from Python, "scan": the jitted
   ``sweep`` program running ``steps`` steps in one lax.scan}; each returns a callable
   that runs ``steps`` steps and blocks."""
-  program = sweep.make_flow_program(cfg, feats.shape, conv_impl=impl)
-  step = train.make_train_step(flow_train.make_flow_loss(program.model))
+  program = train.make_flow_program(cfg, feats.shape, conv_impl=impl)
+  step = train.make_train_step(train.make_flow_loss(program.model))
 
   def one_step(state, batch, key):
     if impl == "matmul":
-      with nn.intercept_methods(sweep.conv_as_matmul):
+      with nn.intercept_methods(train.conv_as_matmul):
         return step(state, batch, key)
     return step(state, batch, key)
 

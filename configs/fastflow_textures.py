@@ -16,7 +16,9 @@ their hypothesis table to the report.
 Variants: `configs/fastflow_textures.py:smoke` shrinks the run (one category of
 a tiny benchmark, 2 seeds, 10 steps; about 20 s after the install). Any field
 can be overridden, e.g. `--config.num_seeds=5`, `--config.train.num_steps=400`,
-`--config.variants.tail_aware.tail_weight=1.0`.
+`--config.variants.tail_aware.tail_weight=1.0`. A field no stage reads is an error, and
+rerunning a workdir with different results-relevant fields is refused (`--restart`,
+`--branch`).
 """
 
 import ml_collections
@@ -25,7 +27,6 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
-  c.smoke = smoke
   c.seed = 0            # first seed; seeds are seed, seed+1, ...
   c.num_seeds = 2 if smoke else 3
 
@@ -54,12 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.flow.global_affine = False
   c.flow.layer_norm = "image"        # FastFlow's per-scale LayerNorm (parameter-free here)
 
-  c.loss = ml_collections.ConfigDict()
-  c.loss.tail_weight = 0.7
-  c.loss.top_k_ratio = 0.02
-
+  # Each variant is a row family: λ = tail_weight, r = top_k_ratio (k = max(1, round(r·N))),
+  # optionally its own learning_rate (default optim.learning_rate).
   c.variants = ml_collections.ConfigDict()
-  c.variants.mean_only = ml_collections.ConfigDict({"tail_weight": 0.0})
+  c.variants.mean_only = ml_collections.ConfigDict({"tail_weight": 0.0, "top_k_ratio": 0.02})
   c.variants.tail_aware = ml_collections.ConfigDict({"tail_weight": 0.7, "top_k_ratio": 0.02})
 
   c.optim = ml_collections.ConfigDict()
@@ -70,8 +69,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 10 if smoke else 300
   c.train.batch_size = 8 if smoke else 16
-  c.train.log_every = 5 if smoke else 50
-  c.train.rows = "auto"              # vmap rows on GPU/TPU, loop on CPU
+  # How rows execute (never changes a number or the checkpoint layout):
+  c.train.segment_steps = 5 if smoke else 100   # checkpoint / log / resume granularity
+  c.train.rows = "auto"          # vmap | map | auto (map on CPU, vmap on GPU/TPU)
+  c.train.conv_impl = "auto"     # xla | matmul | auto (matmul on CPU, xla on GPU/TPU)
+  c.train.batch_devices = 1      # devices splitting one row's batch; the rest split rows
 
   c.eval = ml_collections.ConfigDict()
   c.eval.score = "nll"               # nll | fastflow

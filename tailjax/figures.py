@@ -11,13 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tailjax import io  # noqa: E402
 
 
-def save(fig, path: str | Path, dpi: int = 110) -> None:
-  with io.atomic_path(path) as tmp:
-    fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-  plt.close(fig)
+from tailjax.reporting import save_figure as save  # noqa: E402  (the one figure writer)
 
 
 def pick_examples(labels_N, types_N: Sequence[str], n: int) -> list[int]:

@@ -1,41 +1,71 @@
-"""Training core: TrainState, pure train steps, optimisers, checkpointed loop, early stopping.
+"""The training core: one state, one optimiser factory, one pure step, one early
+stopping, and the pure flow program every flow run is made of.
 
 The contract every study builds on:
 
-* ``train_step(state, batch, key) -> (state, metrics)`` is pure and jitted with
-  the state donated; its randomness is ``fold_in(key, state.step)``, so a run
-  resumed from step s replays steps s, s+1, ... exactly.
+* ``train_step(state, batch, key) -> (state, metrics)`` is pure; its randomness is
+  ``fold_in(key, state.step)``, so a run resumed from step s replays steps s, s+1, ...
+  exactly.
 * Hyperparameters that sweeps vary live *in the state* as arrays: the learning
   rate in the optimiser state (``optax.inject_hyperparams``) and loss
   hyperparameters (λ, r, ...) in ``state.hparams``. A stacked state with a
-  leading sweep axis is therefore just ``jax.vmap(init)`` away, and
-  ``jax.vmap(train_step)`` trains every row at once.
-* ``fit`` runs the host loop: orbax checkpoints of the latest and the best state,
-  auto-resume from the workdir (restored into ``jax.eval_shape(init)``), a JSONL
-  metrics log, ``config.json``, a tqdm bar, NaN/Inf detection that names the
-  step and leaves the last good checkpoint intact, and early stopping.
+  leading row axis is ``jax.vmap(init)`` away, and ``jax.vmap(train_step)``
+  trains every row at once.
+* ``make_train(cfg, feats_shape)`` returns the pure ``train(hparams, key, feats)``
+  of a flow (purejaxrl's shape): ``jit(vmap(vmap(train)))`` sweeps
+  hyperparameters × seeds. ``FlowProgram`` holds the pieces the checkpointed
+  driver (``tailjax.engine.run_rows``) runs in segments: ``init``, ``run`` and
+  ``scores``.
+* MIL and the ArcFace embedder use the same ``TrainState``, ``make_optimizer``,
+  ``make_train_step`` and ``EarlyStopping`` inside their own in-graph loops.
+
+**Keys.** Everything random in a flow row comes from its row key
+(``row_keys``: ``fold_in(key(0), seed)``)::
+
+    params  = model.init(fold_in(row_key, 0), x)
+    batch_t = feats[randint(fold_in(fold_in(row_key, 1), t), B)]   (step t)
+    step key = fold_in(row_key, 2)  (folded with the step inside train_step)
+
+so rows that share a seed (λ = 0 and λ = 0.7, say) start from the same weights
+and see the same batches — a paired comparison — and row i of a stacked run
+equals the single run with row i's hyperparameters and seed.
+
+**How convolutions are lowered** (``train.conv_impl``): "xla" keeps
+``lax.conv_general_dilated``; "matmul" computes every stride-1 "SAME"
+``nn.Conv`` of the flow as one matmul over the k×k neighbourhood (im2col; for
+1×1 kernels a plain matmul) with the module's own parameters, through a Flax
+method interceptor, so parameters, names and maths are unchanged; "auto" =
+"matmul" on CPU and "xla" elsewhere (cuDNN). Why: on XLA:CPU a convolution
+inside a loop (the loop over steps) runs 3–12× slower than the same convolution
+in a standalone jitted step, and a vmapped convolution with per-row weights
+becomes a grouped convolution that is slower still; as matmuls both run at the
+standalone speed (``benchmarks/bench_train_step.py``).
+
+**How rows run on one device** (``train.rows``): "vmap" batches the rows into one
+set of larger ops (right for GPU/TPU, where one small-batch row leaves the
+device idle), "map" runs them one after the other inside the same program
+(``lax.map``), "auto" = "map" on CPU, "vmap" elsewhere. On CPU one row's step
+already keeps the cores busy, so batching rows cannot add parallelism. The row
+mode is an execution choice: it never changes the checkpoint layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import logging
-from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax.training import train_state
-from tqdm.auto import tqdm
 
-from tailjax import io
+from tailjax import flows, losses
 
 PyTree = Any
-log = logging.getLogger(__name__)
 
 
 class TrainState(train_state.TrainState):
@@ -60,6 +90,13 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   """
   get = lambda k, d: cfg.get(k, d) if hasattr(cfg, "get") else getattr(cfg, k, d)
   name = str(get("name", "adam")).lower()
+  # A field the chosen optimiser ignores would be recorded but change nothing: refuse it.
+  used = {"adam": {"b1", "b2"}, "adamw": {"b1", "b2", "weight_decay"}, "sgd": {"momentum"}}
+  keys = set(cfg.keys()) if hasattr(cfg, "keys") else set()
+  dead = sorted(keys - {"name", "learning_rate", "grad_clip_norm"} - used.get(name, set()))
+  if dead and name in used:
+    raise ValueError(f"optim.{dead[0]} is not used by optim.name={name!r}; remove it "
+                     f"(fields for {name}: {', '.join(sorted(used[name]))})")
   clip = get("grad_clip_norm", None)
   wd = float(get("weight_decay", 0.0))
   b1, b2 = float(get("b1", 0.9)), float(get("b2", 0.999))
@@ -177,218 +214,258 @@ def early_stopping_update(es: EarlyStopping, value, step, *, patience, mode: str
 
 
 # ----------------------------------------------------------------------------
-# The checkpointed host loop
+# Convolution lowering and row execution
 # ----------------------------------------------------------------------------
 
-
-@dataclasses.dataclass
-class FitResult:
-  state: TrainState
-  history: list[dict]
-  best_step: int | None
-  stopped_early: bool
-  resumed_from: int | None
+ROW_IMPLS = ("auto", "vmap", "map")
+CONV_IMPLS = ("auto", "xla", "matmul")
 
 
-def step_of(state: TrainState) -> int:
-  """The state's step; for a stacked (sweep) state every row is at the same step."""
-  return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+def _is_one(v) -> bool:
+  return v is None or all(int(x) == 1 for x in np.atleast_1d(v))
 
 
-def _scalarize(metrics: dict) -> dict:
-  """Host-side summary of (possibly sweep-stacked) metrics: scalars stay, arrays become lists."""
-  out = {}
-  for k, v in metrics.items():
-    a = np.asarray(v)
-    out[k] = a.item() if a.ndim == 0 else a.tolist()
-  return out
+def _matmul_lowerable(conv: nn.Conv) -> bool:
+  ks = tuple(conv.kernel_size) if not isinstance(conv.kernel_size, int) else (conv.kernel_size,) * 2
+  return (len(ks) == 2 and all(k % 2 == 1 for k in ks)
+          and isinstance(conv.padding, str) and conv.padding.upper() == "SAME"
+          and _is_one(conv.strides) and _is_one(conv.input_dilation)
+          and _is_one(conv.kernel_dilation) and conv.feature_group_count == 1
+          and conv.mask is None)
 
 
-def write_config(workdir: Path, config) -> None:
-  if hasattr(config, "to_json_best_effort"):
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
-  else:
-    text = io.to_json(config, indent=2, sort_keys=True)
-  io.atomic_write_text(workdir / "config.json", text + "\n")
+def conv_as_matmul(next_fun, args, kwargs, context):
+  """Flax method interceptor: a stride-1, "SAME", odd-kernel ``nn.Conv`` on [B, H, W, C]
+  computed as ``im2col(x) @ kernel.reshape(k·k·C, O) + bias``.
 
-
-def fit(
-    *,
-    workdir: str | Path,
-    init_fn: Callable[[jax.Array], TrainState],
-    train_step: Callable,
-    get_batch: Callable[[int], PyTree],
-    key: jax.Array,
-    num_steps: int,
-    config=None,
-    log_every: int = 50,
-    checkpoint_every: int | None = None,
-    eval_fn: Callable[[TrainState], dict] | None = None,
-    eval_every: int | None = None,
-    monitor: str | None = None,
-    monitor_mode: str = "min",
-    patience: int | None = None,
-    restore_best: bool = True,
-    progress: bool = True,
-    desc: str = "train",
-) -> FitResult:
-  """Runs ``train_step`` from the latest checkpoint in ``workdir`` (or from init) to ``num_steps``.
-
-  Args:
-    workdir: run directory; holds ``config.json``, ``metrics.jsonl`` and
-      ``checkpoints/{latest,best}``. An existing latest checkpoint is resumed.
-    init_fn: ``init_fn(key) -> TrainState`` (also used, under ``jax.eval_shape``,
-      as the restore target).
-    train_step: jitted ``(state, batch, key) -> (state, metrics)``; metrics must
-      contain "loss" (any shape: a sweep-stacked loss is checked elementwise).
-    get_batch: ``get_batch(step) -> batch``, a deterministic function of the step
-      so that a resumed run sees the same data.
-    key: the run's base key (``init_fn`` gets ``fold_in(key, 0)``'s parent: key itself).
-    num_steps: total number of steps.
-    log_every: steps between JSONL records and NaN checks.
-    checkpoint_every: steps between latest-checkpoint saves (default: log_every).
-    eval_fn: ``eval_fn(state) -> dict`` of host floats, run every ``eval_every``.
-    monitor: key of ``eval_fn``'s output used for the best checkpoint and patience.
-    monitor_mode: "min" or "max".
-    patience: evaluations without improvement before stopping (None: never stop).
-    restore_best: at the end, return the best checkpoint's state (if any).
-  Raises:
-    NonFiniteLossError: the first step whose loss is NaN/Inf (the latest
-      checkpoint then still holds the last good state).
+  Same parameters (read from the module), same result up to float rounding
+  (cross-correlation, zero padding (k−1)/2 on each side, kernel index (i, j, c)
+  ↔ input offset (i − (k−1)/2, j − (k−1)/2)). Any other call, and the first call
+  that creates the parameters (``init``), goes to the original method.
   """
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  if config is not None:
-    write_config(workdir, config)
-  checkpoint_every = checkpoint_every or log_every
-  if eval_fn is not None and (monitor is None or eval_every is None):
-    raise ValueError("fit: eval_fn needs both `monitor` and `eval_every`")
-
-  ckpt_dir = (workdir / "checkpoints").absolute()
-  latest = ocp.CheckpointManager(
-      ckpt_dir / "latest",
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                           enable_async_checkpointing=False))
-  best = None
-  if eval_fn is not None:
-    best = ocp.CheckpointManager(
-        ckpt_dir / "best",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: float(m[monitor]),
-            best_mode=monitor_mode, enable_async_checkpointing=False))
-  metrics_log = io.JsonlWriter(workdir / "metrics.jsonl")
-  abstract_state = jax.eval_shape(init_fn, key)
-  es = early_stopping_init()
-  history: list[dict] = []
-  resumed_from = latest.latest_step()
-
-  if resumed_from is not None:
-    restored = latest.restore(resumed_from, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        loop=ocp.args.JsonRestore()))
-    state = restored["state"]
-    loop = restored["loop"] or {}
-    if "early_stopping" in loop:
-      es = EarlyStopping(*(jnp.asarray(v) for v in loop["early_stopping"]))
-    metrics_log.truncate_after(resumed_from)
-    log.info("resumed %s from step %d", workdir, resumed_from)
-  else:
-    state = init_fn(key)
-    metrics_log.truncate_after(-1)
-
-  def loop_state():
-    return {"early_stopping": [np.asarray(x).item() for x in es]}
-
-  def save_latest(st):
-    step = step_of(st)
-    if latest.latest_step() == step:
-      return
-    latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(st), loop=ocp.args.JsonSave(loop_state())))
-    latest.wait_until_finished()
-
-  pending: list[tuple[int, dict]] = []
-
-  def flush():
-    """Moves buffered step metrics to the host; raises at the first non-finite loss."""
-    if not pending:
-      return
-    host = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, host):
-      if not np.all(np.isfinite(np.asarray(m["loss"]))):
-        pending.clear()
-        raise NonFiniteLossError(
-            f"non-finite loss at step {s} (loss={np.asarray(m['loss']).tolist()}); training "
-            f"stopped. The last good checkpoint is step {latest.latest_step()} in "
-            f"{ckpt_dir / 'latest'}.")
-    s, m = pending[-1][0], host[-1]
-    rec = {"step": s + 1, "split": "train", **_scalarize(m)}
-    metrics_log.write(rec)
-    history.append(rec)
-    pending.clear()
-
-  start = step_of(state)
-  stopped = bool(es.stop)
-  try:
-    bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=desc,
-               disable=not progress, leave=False)
-    for step in bar:
-      if stopped:
-        break
-      state, metrics = train_step(state, get_batch(step), key)
-      pending.append((step, metrics))
-      done = step + 1
-      if done % log_every == 0 or done == num_steps:
-        flush()
-        if progress and history:
-          bar.set_postfix(loss=history[-1]["loss"] if np.ndim(history[-1]["loss"]) == 0 else "…")
-      if eval_fn is not None and (done % eval_every == 0 or done == num_steps):
-        flush()
-        ev = {k: float(v) for k, v in eval_fn(state).items()}
-        if not np.isfinite(ev[monitor]):
-          raise NonFiniteLossError(f"non-finite {monitor}={ev[monitor]} at step {done}; "
-                                   f"last good checkpoint: step {latest.latest_step()}")
-        es, improved = early_stopping_update(es, ev[monitor], done,
-                                             patience=patience if patience is not None else 2**30,
-                                             mode=monitor_mode)
-        rec = {"step": done, "split": "eval", **ev}
-        metrics_log.write(rec)
-        history.append(rec)
-        if bool(improved):
-          best.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                  loop=ocp.args.JsonSave(loop_state())),
-                    metrics=ev)
-          best.wait_until_finished()
-        stopped = bool(es.stop)
-      if done % checkpoint_every == 0 or done == num_steps or stopped:
-        flush()
-        save_latest(state)
-    flush()
-    save_latest(state)
-    best_step = None
-    if best is not None and best.best_step() is not None:
-      best_step = int(best.best_step())
-      if restore_best:
-        state = best.restore(best_step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
-    return FitResult(state=state, history=history, best_step=best_step,
-                     stopped_early=stopped, resumed_from=resumed_from)
-  finally:
-    latest.close()
-    if best is not None:
-      best.close()
+  conv = context.module
+  if (context.method_name != "__call__" or not isinstance(conv, nn.Conv) or kwargs
+      or len(args) != 1 or getattr(args[0], "ndim", 0) != 4
+      or not conv.has_variable("params", "kernel") or not _matmul_lowerable(conv)):
+    return next_fun(*args, **kwargs)
+  x_BxHxWxC = args[0]
+  kernel = conv.get_variable("params", "kernel")
+  kh, kw = kernel.shape[:2]
+  if kh > 1 or kw > 1:
+    h, w = x_BxHxWxC.shape[1:3]
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    xp = jnp.pad(x_BxHxWxC, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    x_BxHxWxC = jnp.concatenate(
+        [xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
+  y_BxHxWxO = jnp.einsum("bhwk,ko->bhwo", x_BxHxWxC, kernel.reshape(-1, kernel.shape[-1]))
+  if conv.use_bias:
+    y_BxHxWxO = y_BxHxWxO + conv.get_variable("params", "bias")[None, None, None, :]
+  return y_BxHxWxO
 
 
-def restore_checkpoint(workdir: str | Path, init_fn: Callable[[jax.Array], TrainState],
-                       key: jax.Array, which: str = "latest", step: int | None = None) -> TrainState:
-  """Restores ``workdir/checkpoints/<which>`` into ``jax.eval_shape(init_fn, key)``."""
-  path = (Path(workdir) / "checkpoints" / which).absolute()
-  if not path.exists():
-    raise FileNotFoundError(f"no checkpoints at {path}")
-  with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint steps under {path}")
-    abstract = jax.eval_shape(init_fn, key)
-    return mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
+def lowering(conv_impl: str):
+  """Context in which flow modules run with ``conv_impl`` ("xla" or "matmul")."""
+  return nn.intercept_methods(conv_as_matmul) if conv_impl == "matmul" else contextlib.nullcontext()
+
+
+def over_rows(fn: Callable, row_impl: str) -> Callable:
+  """``fn(*row_args)`` for one row → the same over a leading row axis, by vmap or lax.map."""
+  if row_impl == "vmap":
+    return jax.vmap(fn)
+  return lambda *xs: jax.lax.map(lambda a: fn(*a), xs)
+
+
+# ----------------------------------------------------------------------------
+# The flow program
+# ----------------------------------------------------------------------------
+
+HPARAM_NAMES = ("tail_weight", "top_k_ratio", "learning_rate")
+
+
+def make_flow_loss(model: flows.FastFlow2d):
+  """``loss_fn(params, batch, hparams, key)`` for ``make_train_step``: the tail-aware
+  loss with λ = hparams["tail_weight"], r = hparams["top_k_ratio"]."""
+
+  def loss_fn(params, feats_BxHxWxC, hparams, key):
+    del key  # the flow is deterministic
+    nll_BxN = flows.flat_nll(model, params, feats_BxHxWxC)
+    loss = losses.tail_aware_loss(nll_BxN, hparams["tail_weight"], hparams["top_k_ratio"])
+    return loss, {"mean_nll": jnp.mean(nll_BxN)}
+
+  return loss_fn
+
+
+def init_row(model, tx, example_1xHxWxC, hparams: Mapping, row_key) -> TrainState:
+  """A fresh TrainState for one row (traceable in ``hparams`` and ``row_key``)."""
+  params = model.init(jax.random.fold_in(row_key, 0), example_1xHxWxC)
+  state = create_state(model.apply, params, tx, {
+      "tail_weight": hparams["tail_weight"], "top_k_ratio": hparams["top_k_ratio"]})
+  return set_learning_rate(state, hparams["learning_rate"])
+
+
+def sample_batch(feats_NxHxWxC, batch_size: int, row_key, step):
+  """The row's mini-batch at ``step`` (uniform with replacement)."""
+  k = jax.random.fold_in(jax.random.fold_in(row_key, 1), step)
+  return feats_NxHxWxC[jax.random.randint(k, (batch_size,), 0, feats_NxHxWxC.shape[0])]
+
+
+def row_keys(seeds: Sequence[int]) -> jax.Array:
+  """One key per row: ``fold_in(key(0), seed)``."""
+  base = jax.random.key(0)
+  return jnp.stack([jax.random.fold_in(base, int(s)) for s in seeds])
+
+
+def model_for(cfg, channels: int) -> flows.FastFlow2d:
+  flow_cfg = dict(cfg.flow)
+  flow_cfg["channels"] = int(channels)
+  return flows.build_flow(flow_cfg)
+
+
+def resolve_conv_impl(impl: str, where: str = "config.train.conv_impl") -> str:
+  if impl == "auto":
+    return "matmul" if jax.default_backend() == "cpu" else "xla"
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"{where} must be one of {CONV_IMPLS}, got {impl!r}")
+  return impl
+
+
+def resolve_row_impl(impl: str, where: str = "config.train.rows") -> str:
+  if impl == "auto":
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+  if impl not in ROW_IMPLS:
+    raise ValueError(f"{where} must be one of {ROW_IMPLS}, got {impl!r}")
+  return impl
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowProgram:
+  """Static structure of a flow run; its methods are pure and traceable.
+
+  ``init(hparams, key) -> TrainState``; ``run(state, key, feats, num_steps) ->
+  (state, metrics_T)`` continues from ``state.step``; ``train(hparams, key,
+  feats) = run(init(hparams, key), key, feats, total_steps)``; ``segment(state,
+  key, feats, n)`` runs a *traced* number n ≤ ``segment_len`` of steps (one
+  compiled program for every segment length: the driver cuts runs at evaluation
+  steps and checkpoints without recompiling). ``key`` is the row key
+  (``row_keys``), a typed PRNG key.
+  """
+
+  model: flows.FastFlow2d
+  tx: optax.GradientTransformation
+  feats_shape: tuple[int, ...]
+  batch_size: int
+  total_steps: int
+  conv_impl: str = "xla"
+  batch_axis: str | None = None
+  batch_shards: int = 1
+
+  def _loss_fn(self):
+    base = make_flow_loss(self.model)
+    if self.batch_axis is None:
+      return base
+    axis, shards = self.batch_axis, self.batch_shards
+
+    def loss_fn(params, batch_BxHxWxC, hparams, key):
+      # Every device of the row drew the same batch (same key); each takes its slice,
+      # and pmean makes the loss (and, by transposition, the gradients) the full-batch ones.
+      n = batch_BxHxWxC.shape[0] // shards
+      local = jax.lax.dynamic_slice_in_dim(batch_BxHxWxC, jax.lax.axis_index(axis) * n, n, axis=0)
+      loss, aux = base(params, local, hparams, key)
+      return jax.lax.pmean(loss, axis), jax.tree.map(lambda a: jax.lax.pmean(a, axis), aux)
+
+    return loss_fn
+
+  def _check(self, feats):
+    if tuple(feats.shape[1:]) != tuple(self.feats_shape[1:]):
+      raise ValueError(f"features must be [N, {', '.join(map(str, self.feats_shape[1:]))}] "
+                       f"like the program's, got {tuple(feats.shape)}")
+
+  def init(self, hparams: Mapping, key) -> TrainState:
+    # Flax init depends on shapes only, so a zero example gives the same params.
+    example_1xHxWxC = jnp.zeros((1, *self.feats_shape[1:]), jnp.float32)
+    with lowering(self.conv_impl):
+      return init_row(self.model, self.tx, example_1xHxWxC, hparams, key)
+
+  def _body(self, key, feats_NxHxWxC):
+    train_step = make_train_step(self._loss_fn())
+    step_key = jax.random.fold_in(key, 2)
+
+    def body(st):
+      batch = sample_batch(feats_NxHxWxC, self.batch_size, key, st.step)
+      return train_step(st, batch, step_key)
+
+    return body
+
+  def run(self, state: TrainState, key, feats_NxHxWxC, num_steps: int):
+    self._check(feats_NxHxWxC)
+    body = self._body(key, feats_NxHxWxC)
+    with lowering(self.conv_impl):
+      return jax.lax.scan(lambda st, _: body(st), state, None, length=int(num_steps))
+
+  def segment(self, state: TrainState, key, feats_NxHxWxC, n, segment_len: int):
+    """Runs ``n`` (traced, ≤ ``segment_len``) steps; metrics are [segment_len] buffers
+    holding the steps' values in their first n entries and NaN after."""
+    self._check(feats_NxHxWxC)
+    body = self._body(key, feats_NxHxWxC)
+    # Derived from the state so that, inside shard_map, the buffers vary over the same
+    # mesh axes as the losses written into them.
+    nan = jnp.full((segment_len,), jnp.nan, jnp.float32) + (state.step * 0).astype(jnp.float32)
+
+    def loop(t, carry):
+      st, loss_T, nll_T = carry
+      st, m = body(st)
+      return st, loss_T.at[t].set(m["loss"]), nll_T.at[t].set(m["mean_nll"])
+
+    with lowering(self.conv_impl):
+      state, loss_T, nll_T = jax.lax.fori_loop(0, n, loop, (state, nan, nan))
+    return state, {"loss": loss_T, "mean_nll": nll_T}
+
+  def train(self, hparams: Mapping, key, feats_NxHxWxC):
+    return self.run(self.init(hparams, key), key, feats_NxHxWxC, self.total_steps)
+
+  def apply(self, params, feats_BxHxWxC):
+    """(z, logdet_BxHxW) with this program's convolution lowering."""
+    with lowering(self.conv_impl):
+      return self.model.apply(params, feats_BxHxWxC)
+
+
+def make_flow_program(cfg, feats_shape: Sequence[int], *, num_steps: int | None = None,
+                      conv_impl: str | None = None, batch_axis: str | None = None,
+                      batch_shards: int = 1) -> FlowProgram:
+  """The flow program for ``cfg`` (fields flow.*, optim.*, train.batch_size,
+  train.num_steps, train.conv_impl) on features of shape ``feats_shape`` [N, H, W, C]."""
+  feats_shape = tuple(int(s) for s in feats_shape)
+  if len(feats_shape) != 4:
+    raise ValueError(f"feats_shape must be [N, H, W, C], got {feats_shape}")
+  bs = int(cfg.train.batch_size)
+  if bs < 1:
+    raise ValueError(f"config.train.batch_size must be ≥ 1, got {bs}")
+  if batch_axis is not None and bs % int(batch_shards):
+    raise ValueError(f"config.train.batch_size ({bs}) must be divisible by "
+                     f"config.train.batch_devices ({batch_shards})")
+  steps = int(cfg.train.num_steps if num_steps is None else num_steps)
+  if steps < 1:
+    raise ValueError(f"config.train.num_steps must be ≥ 1, got {steps}")
+  if conv_impl is None:
+    conv_impl = cfg.train.get("conv_impl", "auto") if hasattr(cfg.train, "get") else "auto"
+  return FlowProgram(
+      model=model_for(cfg, feats_shape[-1]), tx=make_optimizer(cfg.optim),
+      feats_shape=feats_shape, batch_size=bs, total_steps=steps,
+      conv_impl=resolve_conv_impl(conv_impl), batch_axis=batch_axis,
+      batch_shards=int(batch_shards))
+
+
+def make_train(cfg, feats_shape: Sequence[int], **kwargs) -> Callable:
+  """``train(hparams, key, feats) -> (TrainState, metrics_T)``: a whole flow run, pure.
+
+  ``hparams`` = {"tail_weight": λ, "top_k_ratio": r, "learning_rate": lr}, scalars
+  or traced arrays; ``key`` a row key (``row_keys``). Vmap it over hyperparameters
+  and seeds (``sweep_hxs``); ``kwargs`` go to ``make_flow_program``.
+  """
+  return make_flow_program(cfg, feats_shape, **kwargs).train
+
+
+def sweep_hxs(train_fn: Callable) -> Callable:
+  """``jit(vmap(vmap(train, seeds), hparams))``: ``(hparams_H, keys_S, feats) ->
+  (state_HxS, metrics_HxSxT)``; every leaf gets leading [H, S] axes."""
+  return jax.jit(jax.vmap(jax.vmap(train_fn, (None, 0, None)), (0, None, None)))

@@ -3,19 +3,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tailjax import sharding, sweep
+from tailjax import sharding, train
 
 FEATS = np.random.default_rng(1).normal(size=(16, 4, 4, 6)).astype(np.float32)
 
 
-def _cfg(**grid):
+def _cfg():
   c = ml_collections.ConfigDict()
   c.flow = {"num_steps": 1, "kernel_mode": "3x3", "hidden_ratio": 1.0, "layer_norm": "image"}
   c.optim = {"name": "adam", "learning_rate": 1e-2, "grad_clip_norm": 10.0}
   c.train = {"num_steps": 4, "batch_size": 4}
-  c.sweep = {"tail_weight": (0.0, 0.5, 1.0), "top_k_ratio": (0.25,), "learning_rate": (1e-2,),
-             "seeds": (0,), "segment_steps": 2, "rows": "auto", "conv_impl": "auto"}
-  c.sweep.update(grid)
   return c
 
 
@@ -55,32 +52,7 @@ def test_put_rows_shards_the_leading_axis():
     sharding.make_mesh(3)
 
 
-def test_sharded_sweep_equals_unsharded_with_padding_and_resume(tmp_path):
-  """3 rows on 1 device; on 4 devices (padded to 4 rows, the copy dropped); on a 2 × 2
-  mesh (rows over 2 devices, each row's batch split over 2) with vmapped rows instead of
-  lax.map; and cut on 4 devices, resumed on 1: all the same training."""
-  cfg = _cfg()
-  grid = sweep.grid_from_config(cfg.sweep)
-  one_dev = sharding.make_mesh(devices=jax.devices()[:1])
-  run = lambda name, mesh, c=cfg, **kw: sweep.run_sweep(c, tmp_path / name, FEATS, grid,
-                                                         mesh=mesh, progress=False, **kw)
-  one = run("one", one_dev)
-  four = run("four", sharding.make_mesh())
-  vmap_cfg = _cfg(rows="vmap")
-  both = run("both", sharding.make_mesh(batch_devices=2), vmap_cfg)
-  cut = run("cut", sharding.make_mesh(), max_segments=1)
-  assert (cut.step, cut.finished) == (2, False)
-  resumed = run("cut", one_dev)
-  assert (resumed.resumed_from, resumed.finished) == (2, True)
-  for other in (four, both, resumed):
-    for a, b in zip(jax.tree.leaves(one.params_R), jax.tree.leaves(other.params_R)):
-      assert a.shape[0] == 3                      # padding dropped
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  rows = jax.tree.leaves(one.params_R)[1]
-  assert not np.allclose(rows[0], rows[2])        # λ = 0 and λ = 1 trained differently
-  assert one.history[-1]["loss"] == pytest.approx(four.history[-1]["loss"], rel=1e-5)
-
-
 def test_batch_sharding_needs_divisible_batch():
+  # (the sharded training itself: tests/test_engine.py)
   with pytest.raises(ValueError, match="config.train.batch_size"):
-    sweep.make_flow_program(_cfg(), FEATS.shape, batch_axis="batch", batch_shards=3)
+    train.make_flow_program(_cfg(), FEATS.shape, batch_axis="batch", batch_shards=3)

@@ -1,17 +1,16 @@
+"""Study A end to end on a tiny MVTec-layout folder, through the one engine and run record."""
+
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from configs import fastflow_mvtec
-from tailjax import io, study_a
-from tailjax.data import textures
+from tailjax import engine, evaluation, runrecord
+from tailjax.data import pipeline, textures
+from tailjax.studies import study_a
 
-REPO = Path(__file__).resolve().parents[1]
+from config_reads import track_reads, unread
 
 
 @pytest.fixture(scope="module")
@@ -23,22 +22,36 @@ def mini_mvtec(tmp_path_factory):
   return root
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
 def _smoke_cfg(root, cache):
   cfg = fastflow_mvtec.get_config("smoke")
   cfg.data.root = str(root)
   cfg.data.categories = "brick,gravel"
   cfg.data.cache_dir = str(cache)
   cfg.eval.size = 64
+  cfg.flow.num_steps = 2
   cfg.train.num_steps = 4
-  cfg.train.log_every = 2
+  cfg.train.segment_steps = 2
   cfg.report.n_examples = 2
   return cfg
 
 
-def test_train_and_evaluate_end_to_end(mini_mvtec, tmp_path):
-  cfg = _smoke_cfg(mini_mvtec, tmp_path / "cache")
-  out = study_a.train_and_evaluate(cfg, tmp_path / "run", progress=False)
-  run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(mini_mvtec, cache, tmp_path_factory):
+  """One finished run, with the config fields it read."""
+  cfg = _smoke_cfg(mini_mvtec, cache)
+  run = tmp_path_factory.mktemp("study") / "run"
+  with track_reads(cfg) as reads:
+    out = study_a.main(cfg, run, progress=False)
+  return cfg, run, out, set(reads)
+
+
+def test_end_to_end_report_and_layout(trained):
+  cfg, run, out, _ = trained
   report = (run / "report.md").read_text()
   assert "| brick | mean_only |" in report and "| **mean** | tail_aware − mean_only |" in report
   assert "PaDiM" in report and "Verdict" in report
@@ -48,54 +61,105 @@ def test_train_and_evaluate_end_to_end(mini_mvtec, tmp_path):
     assert [r["variant"] for r in rows] == ["mean_only"] * 2 + ["tail_aware"] * 2
     assert [r["tail_weight"] for r in rows] == pytest.approx([0.0, 0.0, 0.7, 0.7])
     for r in rows:
-      for k in study_a.METRIC_KEYS:
+      for k in evaluation.METRIC_KEYS:
         assert 0.0 <= r["metrics"][k] <= 1.0
     assert (run / cat / "examples.png").stat().st_size > 0
-    assert (run / cat / "flows" / "row_0" / "checkpoints" / "latest").is_dir()
-  # resuming does no new training and reproduces the numbers exactly
-  again = study_a.train_and_evaluate(cfg, run, progress=False)
+    assert sorted(p.name for p in (run / cat / "checkpoints").iterdir() if p.name.isdigit()) \
+        == ["2", "4"]
+  m = runrecord.read_manifest(run)
+  assert m["kind"] == "study_a" and m["invocations"][-1]["row_mode"] == "map"
+
+
+def test_every_config_field_is_read(trained):
+  cfg, _, _, reads = trained
+  # analysis.* is read only when the analysis is enabled (tests/test_analysis.py runs it).
+  assert [p for p in unread(cfg, reads) if not p.startswith("analysis.")] == []
+
+
+def test_rerun_with_another_row_mode_restores_and_reproduces(trained, monkeypatch):
+  cfg, run, out, _ = trained
+
+  real = engine._row_fns
+
+  def no_training(*a, **k):
+    program, _, _ = real(*a, **k)
+
+    def fail(*args):
+      raise AssertionError("a finished run was initialised or trained again")
+    return program, fail, fail
+  monkeypatch.setattr(engine, "_row_fns", no_training)
+  cfg2 = cfg.copy_and_resolve_references()
+  cfg2.train.rows = "vmap"                 # an execution choice: not part of the record
+  again = study_a.main(cfg2, run, progress=False)
   for cat in ("brick", "gravel"):
     assert ([r["metrics"] for r in again["results"][cat]["rows"]] ==
             [r["metrics"] for r in out["results"][cat]["rows"]])
+  loaded = study_a.load_trained(run, "gravel")["gravel"]
+  assert [r["variant"] for r in loaded.rows] == ["mean_only"] * 2 + ["tail_aware"] * 2
+  import jax
+  for i, row in enumerate(out["results"]["gravel"]["rows"]):
+    params = jax.tree.map(lambda a: a[i], loaded.params_R)
+    scores = evaluation.patch_scores(loaded.model, params, loaded.data.test_feats, "nll")
+    m, _ = evaluation.evaluate_scores(dict(cfg.eval), scores, loaded.data.test_masks,
+                                      loaded.data.test_labels)
+    for k in evaluation.METRIC_KEYS:     # the xla lowering vs the run's matmul: float rounding
+      assert m[k] == pytest.approx(row["metrics"][k], abs=2e-3)
 
 
-def test_train_flow_script_smoke(mini_mvtec, tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "scripts/train_flow.py", "--config=configs/fastflow_mvtec.py:smoke",
-         f"--config.data.root={mini_mvtec}", "--config.data.categories=gravel",
-         f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.eval.size=64",
-         "--config.train.num_steps=2", "--config.train.log_every=1", "--config.num_seeds=1",
-         "--config.report.n_examples=0", f"--workdir={tmp_path / 'run'}"]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "[gravel] mean_only pixel AP" in proc.stdout
-  assert (tmp_path / "run" / "report.md").exists()
-  assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["num_steps"] == 2
+@pytest.mark.parametrize("field,value,shown", [
+    ("optim.learning_rate", 1e-2, "optim.learning_rate: ran with 0.001, now 0.01"),
+    ("train.num_steps", 8, "train.num_steps: ran with 4, now 8"),
+    ("flow.num_steps", 3, "flow.num_steps: ran with 2, now 3")])
+def test_rerun_with_changed_config_is_refused(trained, field, value, shown):
+  cfg, run, _, _ = trained
+  before = (run / "config.json").read_text(), (run / "report.md").read_text()
+  cfg2 = cfg.copy_and_resolve_references()
+  block, name = field.split(".")
+  cfg2[block][name] = value
+  with pytest.raises(runrecord.ConfigMismatchError, match=shown):
+    study_a.main(cfg2, run, progress=False)
+  assert ((run / "config.json").read_text(), (run / "report.md").read_text()) == before
 
 
-def test_bad_data_config_is_named(tmp_path):
-  cfg = _smoke_cfg(tmp_path / "nowhere", tmp_path / "cache")
+def test_dead_or_unknown_field_is_an_error(mini_mvtec, cache, tmp_path):
+  cfg = _smoke_cfg(mini_mvtec, cache)
+  import ml_collections
+  cfg.loss = ml_collections.ConfigDict({"tail_weight": 1.5})   # the old, never-read block
+  with pytest.raises(runrecord.ConfigFieldError, match=r"config\.loss\.tail_weight"):
+    study_a.main(cfg, tmp_path / "run", progress=False)
+  assert not (tmp_path / "run").exists()
+
+
+def test_bad_variant_is_named(mini_mvtec, cache, tmp_path):
+  cfg = _smoke_cfg(mini_mvtec, cache)
+  cfg.variants.tail_aware.top_k_ratio = 0.0
+  with pytest.raises(ValueError, match=r"config\.variants\.tail_aware\.top_k_ratio"):
+    study_a.main(cfg, tmp_path / "run", progress=False)
+
+
+def test_bad_data_config_is_named(cache, tmp_path):
+  cfg = _smoke_cfg(tmp_path / "nowhere", cache)
   with pytest.raises(FileNotFoundError, match="config.data.root"):
-    study_a.train_and_evaluate(cfg, tmp_path / "run", progress=False)
+    study_a.main(cfg, tmp_path / "run", progress=False)
   cfg.data.root = ""
   with pytest.raises(ValueError, match="config.data.root"):
-    study_a.train_and_evaluate(cfg, tmp_path / "run", progress=False)
+    study_a.main(cfg, tmp_path / "run2", progress=False)
 
 
-def test_unknown_category_is_named(mini_mvtec, tmp_path):
-  cfg = _smoke_cfg(mini_mvtec, tmp_path / "cache")
+def test_unknown_category_is_named(mini_mvtec, cache):
+  cfg = _smoke_cfg(mini_mvtec, cache)
   cfg.data.categories = "brick,carpet"
   with pytest.raises(ValueError, match=r"config.data.categories: \['carpet'\]"):
-    study_a.category_splits(cfg, mini_mvtec)
+    pipeline.category_splits(cfg, mini_mvtec)
 
 
 def test_summary_pairs_differences_by_seed():
   def rows(base, delta):
-    return [{"variant": "mean_only", "seed": s, "metrics": {k: base[s] for k in study_a.METRIC_KEYS}}
-            for s in range(3)] + [
-        {"variant": "tail_aware", "seed": s, "metrics": {k: base[s] + delta[s] for k in study_a.METRIC_KEYS}}
-        for s in range(3)]
-  padim = {k: 0.5 for k in study_a.METRIC_KEYS}
+    return [{"variant": "mean_only", "seed": s,
+             "metrics": {k: base[s] for k in evaluation.METRIC_KEYS}} for s in range(3)] + [
+        {"variant": "tail_aware", "seed": s,
+         "metrics": {k: base[s] + delta[s] for k in evaluation.METRIC_KEYS}} for s in range(3)]
+  padim = {k: 0.5 for k in evaluation.METRIC_KEYS}
   results = {"a": {"rows": rows([0.2, 0.5, 0.8], [0.1, 0.1, 0.1]), "padim": padim},
              "b": {"rows": rows([0.3, 0.3, 0.3], [0.0, 0.2, 0.1]), "padim": padim}}
   s = study_a.summarize(results, "mean_only", "tail_aware")
@@ -105,19 +169,4 @@ def test_summary_pairs_differences_by_seed():
   assert s["categories"]["a"]["mean_only"]["pixel_ap"]["std"] == pytest.approx(0.3)
   assert s["mean"]["difference"]["pixel_ap"]["values"] == pytest.approx([0.05, 0.15, 0.1])
   assert study_a.verdict(d).startswith("tail-aware better")
-
-
-def test_load_trained_restores_rows_without_training(mini_mvtec, tmp_path):
-  cfg = _smoke_cfg(mini_mvtec, tmp_path / "cache")
-  cfg.data.categories = "gravel"
-  cfg.num_seeds = 1
-  out = study_a.train_and_evaluate(cfg, tmp_path / "run", progress=False)
-  loaded = study_a.load_trained(tmp_path / "run")
-  cat = loaded["gravel"]
-  assert [r["variant"] for r in cat.rows] == ["mean_only", "tail_aware"]
-  import jax
-  for i, row in enumerate(out["results"]["gravel"]["rows"]):
-    params = jax.tree.map(lambda a: a[i], cat.params_R)
-    scores = study_a.patch_scores(cat.model, params, cat.data.test_feats, cfg.eval.score)
-    m, _ = study_a.evaluate_scores(cat.cfg, scores, cat.data)
-    assert m == row["metrics"]
+  assert study_a.verdict({"mean": 0.1, "lo": np.nan, "hi": np.nan}).startswith("undetermined")

@@ -1,114 +1,87 @@
-import contextlib
-import json
+"""The training core: pure steps, optimiser factory, early stopping, the pure flow program."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from tailjax import flow_train, flows, io, toy, train
+from tailjax import flows, toy, train
+
+FEATS = toy.two_moons_maps(64, 2, 2, 4, seed=0)
+SWEEP_FEATS = np.random.default_rng(0).normal(size=(16, 4, 4, 6)).astype(np.float32)
 
 
-def _cfg(num_steps=40, log_every=10, **loss):
+def _cfg(num_steps=6):
   c = ml_collections.ConfigDict()
-  c.seed = 3
-  c.flow = {"num_steps": 2, "kernel_mode": "1x1", "hidden_ratio": 2.0, "global_affine": True}
-  c.loss = {"tail_weight": loss.get("tail_weight", 0.5), "top_k_ratio": loss.get("top_k_ratio", 0.25)}
-  c.optim = {"name": "adam", "learning_rate": 1e-2}
-  c.train = {"num_steps": num_steps, "batch_size": 8, "log_every": log_every, "eval_every": log_every,
-             "patience": None}
+  c.flow = {"num_steps": 2, "kernel_mode": "alternate", "hidden_ratio": 1.0, "layer_norm": "image"}
+  c.optim = {"name": "adam", "learning_rate": 1e-2, "grad_clip_norm": 10.0}
+  c.train = {"num_steps": num_steps, "batch_size": 4}
   return c
 
 
-FEATS = toy.two_moons_maps(64, 2, 2, 4, seed=0)
-VAL = toy.two_moons_maps(32, 2, 2, 4, seed=1)
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-@contextlib.contextmanager
-def _wrapped_batches(wrapper):
-  """Runs with ``fit``'s ``get_batch`` wrapped (to crash or poison a chosen step)."""
-  real_fit = train.fit
-  train.fit = lambda **kw: real_fit(**{**kw, "get_batch": wrapper(kw["get_batch"])})
-  try:
-    yield
-  finally:
-    train.fit = real_fit
+def _close(a, b, atol=2e-6):
+  la, lb = _leaves(a), _leaves(b)
+  return len(la) == len(lb) and all(x.shape == y.shape and np.allclose(x, y, rtol=1e-5, atol=atol)
+                                    for x, y in zip(la, lb))
 
 
-def _params_equal_bitwise(a, b):
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+def test_vmapped_sweep_rows_equal_single_runs():
+  """Row (h, s) of jit(vmap(vmap(train))) is the single run with λ_h, lr_h and seed s."""
+  cfg = _cfg()
+  hp_H = {"tail_weight": jnp.asarray([0.0, 0.7]), "top_k_ratio": jnp.asarray([0.25, 0.125]),
+          "learning_rate": jnp.asarray([1e-2, 3e-3])}
+  seeds = [0, 5]
+  train_fn = train.make_train(cfg, SWEEP_FEATS.shape, conv_impl="xla")
+  state_HxS, metrics_HxSxT = train.sweep_hxs(train_fn)(hp_H, train.row_keys(seeds),
+                                                    jnp.asarray(SWEEP_FEATS))
+  assert metrics_HxSxT["loss"].shape == (2, 2, cfg.train.num_steps)
+  single = jax.jit(train_fn)
+  for h in range(2):
+    for s in range(2):
+      hp = {k: v[h] for k, v in hp_H.items()}
+      state, metrics = single(hp, train.row_keys([seeds[s]])[0], jnp.asarray(SWEEP_FEATS))
+      row = jax.tree.map(lambda a: a[h, s], state_HxS.params)
+      assert _close(row, state.params), (h, s)
+      np.testing.assert_allclose(metrics_HxSxT["loss"][h, s], metrics["loss"], rtol=1e-5)
+  # Different hyperparameters (same seed) and different seeds train differently.
+  assert not _close(jax.tree.map(lambda a: a[0, 0], state_HxS.params),
+                    jax.tree.map(lambda a: a[1, 0], state_HxS.params))
+  assert not _close(jax.tree.map(lambda a: a[0, 0], state_HxS.params),
+                    jax.tree.map(lambda a: a[0, 1], state_HxS.params))
 
 
-def test_flow_learns_toy_density(tmp_path):
-  cfg = _cfg(num_steps=300, log_every=100, tail_weight=0.0)
-  cfg.flow.num_steps = 4
-  cfg.flow.hidden_ratio = 8.0
-  cfg.optim.learning_rate = 3e-3
-  model, res = flow_train.train_flow_on_features(cfg, tmp_path / "run", FEATS, VAL, progress=False)
-  init = model.init(jax.random.key(0), jnp.asarray(FEATS[:1]))
-  nll = lambda p: float(jnp.mean(model.apply(p, jnp.asarray(VAL), method="nll")))
-  before, after = nll(init), nll(res.state.params)
-  assert after < before - 1.0, (before, after)  # nats per patch, C = 4
-  logged = io.read_jsonl(tmp_path / "run" / "metrics.jsonl")
-  assert [r["step"] for r in logged if r["split"] == "train"] == [100, 200, 300]
-  assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 3
+def test_conv_as_matmul_equals_lax_conv():
+  model = flows.build_flow({"channels": 6, "num_steps": 2, "kernel_mode": "alternate"})
+  x = jnp.asarray(SWEEP_FEATS[:3])
+  params = model.init(jax.random.key(1), x)
+  # Non-zero last layers, so the 3×3 and 1×1 convolutions all matter.
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree.unflatten(treedef, [l + 0.3 * jax.random.normal(k, l.shape)
+                                        for l, k in zip(leaves, keys)])
+  z_ref, ld_ref = jax.jit(model.apply)(params, x)
 
+  @jax.jit
+  def lowered(p, x):
+    with nn.intercept_methods(train.conv_as_matmul):
+      return model.apply(p, x)
 
-def test_resume_is_bit_identical(tmp_path):
-  cfg = _cfg(num_steps=40, log_every=10)
-  _, full = flow_train.train_flow_on_features(cfg, tmp_path / "full", FEATS, progress=False)
+  z, ld = lowered(params, x)
+  assert np.abs(np.asarray(z_ref) - np.asarray(x)).max() > 0.1   # the flow is not the identity
+  np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ld, ld_ref, rtol=1e-5, atol=1e-5)
+  # A convolution it cannot express (stride 2) falls back to lax.conv.
+  conv = nn.Conv(4, (3, 3), strides=2, padding="SAME")
+  p = conv.init(jax.random.key(0), x)
+  with nn.intercept_methods(train.conv_as_matmul):
+    np.testing.assert_array_equal(conv.apply(p, x), nn.Conv(4, (3, 3), strides=2).apply(p, x))
 
-  # Interrupt at step 25 (after the checkpoint at 20), then resume from the workdir.
-  def crash_at_25(get):
-    def f(step):
-      if step == 25:
-        raise KeyboardInterrupt("simulated kill")
-      return get(step)
-    return f
-
-  with _wrapped_batches(crash_at_25), pytest.raises(KeyboardInterrupt):
-    flow_train.train_flow_on_features(cfg, tmp_path / "resumed", FEATS, progress=False)
-  _, resumed = flow_train.train_flow_on_features(cfg, tmp_path / "resumed", FEATS, progress=False)
-  assert resumed.resumed_from == 20
-  assert int(resumed.state.step) == 40
-  assert _params_equal_bitwise(full.state.params, resumed.state.params)
-  assert _params_equal_bitwise(full.state.opt_state, resumed.state.opt_state)
-  steps = [r["step"] for r in io.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
-  assert steps == [10, 20, 30, 40]  # the log holds each step once
-
-
-def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
-  cfg = _cfg(num_steps=40, log_every=10)
-  poison_17 = lambda get: (lambda step: get(step) * (jnp.nan if step == 17 else 1.0))
-  with _wrapped_batches(poison_17), pytest.raises(train.NonFiniteLossError, match=r"step 17\b") as err:
-    flow_train.train_flow_on_features(cfg, tmp_path / "run", FEATS, progress=False)
-  assert "last good checkpoint is step 10" in str(err.value)
-  model = flows.build_flow({**cfg.flow, "channels": 4})
-  init_fn = lambda k: train.create_state(model.apply, model.init(k, jnp.asarray(FEATS[:1])),
-                                         train.make_optimizer(cfg.optim),
-                                         {"tail_weight": 0.0, "top_k_ratio": 0.1})
-  state = train.restore_checkpoint(tmp_path / "run", init_fn, jax.random.key(0))
-  assert int(state.step) == 10
-  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
-
-
-def test_early_stopping_restores_best(tmp_path):
-  # A scripted monitored metric: best at the 2nd evaluation, then worse; patience 2.
-  values = iter([5.0, 1.0, 3.0, 4.0, 0.5, 0.1])
-  tx = train.make_optimizer({"name": "sgd", "learning_rate": 0.1, "momentum": 0.0})
-
-  def init_fn(key):
-    return train.create_state(None, {"w": jnp.zeros(())}, tx)
-
-  step = jax.jit(train.make_train_step(lambda p, b, h, k: ((p["w"] - b) ** 2, {})))
-  res = train.fit(workdir=tmp_path, init_fn=init_fn, train_step=step, get_batch=lambda s: 10.0,
-                  key=jax.random.key(0), num_steps=100, log_every=1, eval_fn=lambda st: {"v": next(values)},
-                  eval_every=1, monitor="v", monitor_mode="min", patience=2, progress=False)
-  assert res.stopped_early and res.best_step == 2
-  assert int(res.state.step) == 2  # the best state, not the last (step 4)
-  np.testing.assert_allclose(res.state.params["w"], 10 - 10 * 0.8 ** 2, rtol=1e-6)
 
 
 def test_early_stopping_is_pure_and_vmappable():
@@ -137,7 +110,7 @@ def test_vmapped_train_step_rows_equal_single_runs():
   tx = train.make_optimizer({"learning_rate": 1e-2})
   x = jnp.asarray(FEATS[:8])
   params = model.init(jax.random.key(0), x)
-  step = train.make_train_step(flow_train.make_flow_loss(model))
+  step = train.make_train_step(train.make_flow_loss(model))
   lams, rs, lrs = jnp.array([0.0, 0.7, 1.0]), jnp.array([0.25, 0.5, 0.25]), jnp.array([1e-2, 1e-3, 3e-2])
 
   def init(lam, r, lr):
@@ -166,34 +139,32 @@ def test_optimizer_config_errors():
     train.make_optimizer({"learning_rate": 0.0})
 
 
-def test_config_validation_names_field(tmp_path):
-  with pytest.raises(ValueError, match="config.loss.tail_weight"):
-    flow_train.train_flow_on_features(_cfg(tail_weight=1.5), tmp_path, FEATS, progress=False)
-  with pytest.raises(ValueError, match="config.loss.top_k_ratio"):
-    flow_train.train_flow_on_features(_cfg(top_k_ratio=0.0), tmp_path, FEATS, progress=False)
 
 
-def test_stacked_rows_equal_single_runs(tmp_path):
-  cfg = _cfg(num_steps=12, log_every=6)
-  hp = {"tail_weight": [0.0, 0.7, 1.0], "top_k_ratio": [0.25, 0.25, 0.5],
-        "learning_rate": [1e-2, 1e-2, 3e-3]}
-  seeds = [0, 0, 5]
-  _, stacked = flow_train.train_flow_rows(cfg, tmp_path / "rows", FEATS, hp, seeds, progress=False)
-  _, looped = flow_train.train_flow_rows(cfg, tmp_path / "loop", FEATS, hp, seeds, progress=False,
-                                         mode="loop")
-  for i in (0, 2):
-    c = _cfg(num_steps=12, log_every=6, tail_weight=hp["tail_weight"][i], top_k_ratio=hp["top_k_ratio"][i])
-    c.optim.learning_rate = hp["learning_rate"][i]
-    c.seed = seeds[i]
-    _, single = flow_train.train_flow_on_features(c, tmp_path / f"single{i}", FEATS, progress=False)
-    for rows in (stacked, looped):
-      row = jax.tree.map(lambda a: a[i], rows.params)
-      for a, b in zip(jax.tree.leaves(row), jax.tree.leaves(single.state.params)):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
-  # rows 0 and 1 share a seed: same initial weights and batches, different λ → different results
-  p0 = jax.tree.leaves(jax.tree.map(lambda a: a[0], stacked.params))
-  p1 = jax.tree.leaves(jax.tree.map(lambda a: a[1], stacked.params))
-  assert any(not np.allclose(a, b) for a, b in zip(p0, p1))
-  with pytest.raises(ValueError, match="sweep.tail_weight"):
-    flow_train.train_flow_rows(cfg, tmp_path / "bad", FEATS, {**hp, "tail_weight": [0, 2, 0]}, seeds,
-                               progress=False)
+def test_optimizer_refuses_fields_it_would_ignore():
+  with pytest.raises(ValueError, match="optim.weight_decay is not used by optim.name='adam'"):
+    train.make_optimizer({"name": "adam", "learning_rate": 1e-3, "weight_decay": 0.1})
+  with pytest.raises(ValueError, match="optim.momentum"):
+    train.make_optimizer({"name": "adamw", "learning_rate": 1e-3, "momentum": 0.9})
+  train.make_optimizer({"name": "adamw", "learning_rate": 1e-3, "weight_decay": 0.1})
+
+
+def test_segment_with_traced_length_equals_scan():
+  """One compiled segment program runs any n ≤ its buffer length, bit-identical to the scan."""
+  program = train.make_flow_program(_cfg(), SWEEP_FEATS.shape, conv_impl="xla")
+  h = {"tail_weight": 0.7, "top_k_ratio": 0.25, "learning_rate": 1e-2}
+  key = train.row_keys([3])[0]
+  feats = jnp.asarray(SWEEP_FEATS)
+  seg = jax.jit(lambda st, n: program.segment(st, key, feats, n, 5))
+  st, m = seg(program.init(h, key), 3)
+  st, m2 = seg(st, 2)
+  whole, m5 = seg(program.init(h, key), 5)
+  assert int(st.step) == 5
+  # Cut 3 + 2 or run 5 at once: the same program, bit-identical.
+  assert all(np.array_equal(a, b) for a, b in zip(_leaves(st.params), _leaves(whole.params)))
+  np.testing.assert_array_equal(np.concatenate([m["loss"][:3], m2["loss"][:2]]), m5["loss"])
+  assert np.all(np.isnan(np.asarray(m["loss"][3:])))
+  # ... and the same maths as lax.scan (a different program: equal to float rounding).
+  ref, m_ref = jax.jit(lambda: program.run(program.init(h, key), key, feats, 5))()
+  assert _close(st.params, ref.params, atol=1e-5)
+  np.testing.assert_allclose(m5["loss"], m_ref["loss"], rtol=1e-5)

@@ -342,9 +342,9 @@ def sweep_summary(rows: Sequence[dict], categories: Sequence[str] | None = None,
 
   For each (λ, r, seed) the metric is averaged over the requested categories
   (only seeds that have every requested category count); then mean, std and
-  the 95 % t-interval over seeds (``study_a.mean_ci``).
+  the 95 % t-interval over seeds (``mean_ci``).
   """
-  from tailjax import study_a
+  from tailjax.stats import mean_ci
   cats = set(categories) if categories else None
   groups: dict[tuple, dict[int, dict[str, float]]] = {}
   for r in rows:
@@ -360,7 +360,7 @@ def sweep_summary(rows: Sequence[dict], categories: Sequence[str] | None = None,
     vals = [np.mean(list(v.values())) for s, v in sorted(by_seed.items()) if set(v) >= want]
     if vals:
       out.append({"tail_weight": lam, "top_k_ratio": ratio, "metric": metric,
-                  "values": [float(v) for v in vals], **study_a.mean_ci(vals)})
+                  "values": [float(v) for v in vals], **mean_ci(vals)})
   return out
 
 

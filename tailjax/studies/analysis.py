@@ -20,7 +20,6 @@ pass over a batch of N images (``benchmarks/bench_gradients.py``).
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -29,7 +28,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from tailjax import io, study_a
+from tailjax import evaluation, io, runrecord
+from tailjax.data import pipeline
+from tailjax.stats import mean_ci
+from tailjax.studies import study_a
 from tailjax.analysis import gradients
 from tailjax.analysis import hypotheses as hyp
 
@@ -78,15 +80,9 @@ def _pick_rows(cfg, rows: list[dict]) -> tuple[int, int | None]:
   return ti, (bi if rows[bi]["variant"] != rows[ti]["variant"] else None)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _latent_fn(model, params, x):
-  return model.apply(params, x)[0]
-
-
-def _latents(model, params, feats, chunk: int = 32) -> np.ndarray:
+def _latents(tc, params, feats) -> np.ndarray:
   """z of every patch of ``feats`` (normalised as in training), pooled: [M·h·w, C]."""
-  zs = [np.asarray(_latent_fn(model, params, feats[s:s + chunk])) for s in range(0, len(feats), chunk)]
-  z = np.concatenate(zs)
+  z = evaluation.latents(tc.model, params, feats, conv_impl=tc.program.conv_impl)
   return z.reshape(-1, z.shape[-1])
 
 
@@ -94,7 +90,7 @@ def _calibration_by_row(tc, normal_feats) -> list[dict]:
   """``latent_calibration`` of every row; each entry keeps its pooled z under "_z"."""
   cals = []
   for i, row in enumerate(tc.rows):
-    z = _latents(tc.model, _row_params(tc.params_R, i), normal_feats)
+    z = _latents(tc, _row_params(tc.params_R, i), normal_feats)
     cals.append({"variant": row["variant"], "seed": row["seed"], "tail_weight": row["tail_weight"],
                  **hyp.latent_calibration(z), "_z": z})
   return cals
@@ -172,7 +168,7 @@ def analyze_category(tc: study_a.TrainedCategory, images_train: np.ndarray | Non
   by_variant = {}
   for name in dict.fromkeys(c["variant"] for c in cals):
     vs = [c for c in cals if c["variant"] == name]
-    by_variant[name] = {k: study_a.mean_ci([c[k] for c in vs])
+    by_variant[name] = {k: mean_ci([c[k] for c in vs])
                         for k in ("mean", "std", "qq_corr", "tail_error", "ks_p_mean", "shapiro_p_mean")}
     by_variant[name]["tail_weight"] = vs[0]["tail_weight"]
   h7 = {"analysed": cals[ti], "analysed_variant": treat_name, "baseline_variant": base_name,
@@ -229,20 +225,35 @@ def _ablation_series(analysis: dict, sweep_rows: Sequence[dict], cats: list[str]
 def analyze_run(workdir: str | Path, categories=None, num_images: int = 32,
                 sweeps: Sequence[str | Path] | str | None = None, *, num_param_images: int | None = None,
                 method: str = "jacrev", patch_chunk: int = 28, image_chunk: int = 1,
-                seed: int = 0, write: bool = True, verbose: bool = True) -> dict:
+                seed: int = 0, write: bool = True, verbose: bool = True,
+                run: runrecord.Run | None = None) -> dict:
   """Every mechanism analysis of a finished run; writes ``<workdir>/analysis/``.
 
   Args:
-    workdir: a finished ``scripts/train_flow.py`` workdir.
+    workdir: a finished ``tailjax train`` workdir (study A).
     categories: comma string or list; None = every trained category.
     num_images: training images for H3 (input space).
     sweeps: directories (or a comma string) holding a sweep's ``results.json``.
     num_param_images: of those, images with exact per-patch parameter gradients (None: all;
       ≈ 0.5 s per image for the 4-step flow on 14×14×112 features on a 2-core CPU).
     method, patch_chunk, image_chunk: see ``gradients.per_patch_param_grads``.
+    run: the workdir's open run when the caller holds it (``study_a.main``); otherwise the
+      workdir is opened (locked, its manifest checked) here when writing.
   Returns:
     the analysis dict also written to ``analysis/analysis.json``.
   """
+  kwargs = dict(categories=categories, num_images=num_images, sweeps=sweeps,
+                num_param_images=num_param_images, method=method, patch_chunk=patch_chunk,
+                image_chunk=image_chunk, seed=seed, write=write, verbose=verbose)
+  if run is not None or not write:
+    return _analyze_run(workdir, **kwargs)
+  cfg = study_a.load_config(workdir)
+  with runrecord.open_run(workdir, cfg, kind=study_a.KIND):
+    return _analyze_run(workdir, **kwargs)
+
+
+def _analyze_run(workdir, *, categories, num_images, sweeps, num_param_images, method,
+                 patch_chunk, image_chunk, seed, write, verbose) -> dict:
   t0 = time.time()
   workdir = Path(workdir)
   if isinstance(sweeps, str):
@@ -250,7 +261,7 @@ def analyze_run(workdir: str | Path, categories=None, num_images: int = 32,
   sweep_rows = hyp.load_sweep_rows(sweeps) if sweeps else []
   trained = study_a.load_trained(workdir, categories)
   cfg = next(iter(trained.values())).cfg
-  splits = study_a.category_splits(cfg, study_a.dataset_root(cfg))
+  splits = pipeline.category_splits(cfg, pipeline.dataset_root(cfg))
   t_load = time.time() - t0
   out: dict[str, Any] = {
       "workdir": str(workdir),

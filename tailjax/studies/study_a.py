@@ -1,0 +1,341 @@
+"""Study A end to end: features → flows (variants × seeds) → maps → metrics → report.
+
+Data flows one way and every stage leaves its files in the workdir::
+
+  <workdir>/manifest.json, config.json   the run record (``tailjax.runrecord``)
+  <workdir>/<category>/checkpoints/<s>   every (variant, seed) row, stacked (``tailjax.engine``)
+  <workdir>/<category>/rows.json         the rows and a hash of the training features
+  <workdir>/units/<category>/eval/<s>.json   every row's metrics at step s
+  <workdir>/<category>/metrics.json      PaDiM + every row's metrics
+  <workdir>/<category>/examples.png      anomaly-map overlays
+  <workdir>/metrics.json                 all categories, summary statistics
+  <workdir>/report.md                    the comparison table, differences with CIs
+
+Rows: ``len(variants) × num_seeds``, all of a category trained as one grid on
+the engine; variant v with seed s starts from the same weights and sees the
+same batches as every other variant with seed s, so "tail − mean" differences
+are paired by seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from tailjax import anomaly, engine, evaluation, flows, io, losses, reporting, runrecord
+from tailjax import train as train_lib
+from tailjax.data import pipeline
+from tailjax.evaluation import METRIC_KEYS, METRIC_NAMES
+from tailjax.stats import mean_ci
+
+KIND = "study_a"
+
+# Every field study A reads (``runrecord.check_fields``): anything else is an error.
+# data.* fields depend on data.kind (``pipeline.data_fields``).
+FIELDS = (
+    "seed", "num_seeds",
+    "backbone.name", "backbone.normalization", "backbone.resolution", "backbone.layer",
+    "backbone.batch_size",
+    "flow.num_steps", "flow.kernel_mode", "flow.hidden_ratio", "flow.clamp",
+    "flow.global_affine", "flow.layer_norm",
+    "variants.*.tail_weight", "variants.*.top_k_ratio", "variants.*.learning_rate",
+    "optim.*",
+    "train.num_steps", "train.batch_size", "train.segment_steps", "train.rows",
+    "train.conv_impl", "train.batch_devices",
+    "eval.score", "eval.size", "eval.smoothing_sigma", "eval.image_score", "eval.image_topk",
+    "eval.fpr_limit",
+    "padim.eps", "padim.n_channels",
+    "analysis.enabled", "analysis.num_images", "analysis.num_param_images", "analysis.sweeps",
+    "report.baseline", "report.treatment", "report.n_examples",
+)
+
+
+# ----------------------------------------------------------------------------
+# Rows and evaluation
+# ----------------------------------------------------------------------------
+
+
+def variant_rows(cfg) -> engine.Rows:
+  """Row table: variant-major, seeds ``seed, seed+1, ...`` per variant."""
+  out = []
+  for name, v in cfg.variants.items():
+    losses.validate_tail_params(float(v.tail_weight), float(v.top_k_ratio),
+                                where=f"config.variants.{name}")
+    for s in range(int(cfg.num_seeds)):
+      out.append({"variant": name, "tail_weight": float(v.tail_weight),
+                  "top_k_ratio": float(v.top_k_ratio),
+                  "learning_rate": float(v.get("learning_rate", cfg.optim.learning_rate)),
+                  "seed": int(cfg.seed) + s})
+  return engine.Rows.from_dicts(out, where="config.variants")
+
+
+def _eval_cfg(cfg) -> dict:
+  return dict(cfg.eval)
+
+
+def _row_params(params_R, i: int):
+  return jax.tree.map(lambda a: a[i], params_R)
+
+
+def evaluate_rows(cfg, program: train_lib.FlowProgram, params_R, data: pipeline.CategoryData
+                  ) -> list[dict]:
+  """Metrics of every row on the test split (one compiled scorer for all rows)."""
+  n = jax.tree.leaves(params_R)[0].shape[0]
+  out = []
+  for i in range(n):
+    scores = evaluation.patch_scores(program.model, _row_params(params_R, i), data.test_feats,
+                                     cfg.eval.score, conv_impl=program.conv_impl)
+    m, _ = evaluation.evaluate_scores(_eval_cfg(cfg), scores, data.test_masks, data.test_labels)
+    out.append(m)
+  return out
+
+
+def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData,
+                 progress: bool = True) -> dict:
+  """Trains every row on one category (resuming) and evaluates it; writes ``<cat>/metrics.json``."""
+  out_dir = run.path(data.name)
+  t0 = time.time()
+  result: dict[str, Any] = {"category": data.name, "n_train": len(data.train_feats),
+                            "n_test": len(data.test_feats),
+                            "n_defective": int(np.sum(data.test_labels)),
+                            "grid": list(data.train_feats.shape[1:3])}
+  padim = anomaly.padim_fit(data.train_feats, eps=cfg.padim.eps, n_channels=cfg.padim.n_channels)
+  padim_scores = np.asarray(anomaly.padim_score(padim, data.test_feats))
+  result["padim"], padim_maps = evaluation.evaluate_scores(_eval_cfg(cfg), padim_scores,
+                                                           data.test_masks, data.test_labels)
+  rows = variant_rows(cfg)
+  total = int(cfg.train.num_steps)
+  program = train_lib.make_flow_program(cfg, data.train_feats.shape)   # the engine's model
+  evaluate = lambda step, params_R: evaluate_rows(cfg, program, params_R, data)
+  res = engine.run_rows(cfg, run, data.name, data.train_feats, rows, eval_steps=(total,),
+                        evaluate=evaluate, progress=progress, desc=data.name)
+  metrics_R = res.evals[total]
+  result["rows"] = [{**rows.row(i), "metrics": metrics_R[i]} for i in range(rows.num_rows)]
+  result["seconds"] = time.time() - t0
+  io.atomic_write_json(out_dir / "metrics.json", result)
+  if cfg.report.n_examples > 0:
+    from tailjax import figures
+    names = [r["variant"] for r in result["rows"]]
+    first = {n: names.index(n) for n in dict.fromkeys(names)}
+    maps = {}
+    for n, i in first.items():
+      scores = evaluation.patch_scores(res.program.model, _row_params(res.params_R, i),
+                                       data.test_feats, cfg.eval.score,
+                                       conv_impl=res.program.conv_impl)
+      maps[f"{n} (seed {rows.seeds_R[i]})"] = evaluation.evaluate_scores(
+          _eval_cfg(cfg), scores, data.test_masks, data.test_labels)[1]
+    figures.anomaly_examples(out_dir / "examples.png", data.test_images, data.test_masks,
+                             data.test_types, {**maps, "PaDiM": padim_maps},
+                             n_examples=cfg.report.n_examples, title=data.name)
+  return result
+
+
+# ----------------------------------------------------------------------------
+# Reloading a finished run (analyses)
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainedCategory:
+  """A finished study-A category, reloaded from its workdir (for analyses)."""
+  cfg: Any
+  data: pipeline.CategoryData
+  model: flows.FastFlow2d
+  program: train_lib.FlowProgram
+  params_R: Any                 # every leaf has a leading row axis (host arrays)
+  rows: list[dict]              # per row: variant, seed, tail_weight, top_k_ratio, learning_rate
+
+
+def load_config(workdir: str | Path):
+  """The config a workdir ran, from its manifest."""
+  import ml_collections
+  manifest = runrecord.read_manifest(workdir)
+  if manifest.get("kind") != KIND:
+    raise ValueError(f"{workdir} holds a {manifest.get('kind')!r} run, not a study-A run")
+  return ml_collections.ConfigDict(manifest["config"])
+
+
+def load_trained(workdir: str | Path, categories=None) -> dict[str, TrainedCategory]:
+  """Reloads features, masks and the trained rows of every (or the given) category.
+
+  Nothing is trained: the rows are restored from their final checkpoints (whatever row
+  mode or backend trained them); an unfinished category is an error.
+  """
+  workdir = Path(workdir)
+  cfg = load_config(workdir)
+  splits = pipeline.category_splits(cfg, pipeline.dataset_root(cfg))
+  wanted = pipeline.parse_categories(categories) or list(splits)
+  extractor, extractor_id = pipeline.make_extractor(cfg)
+  rows = variant_rows(cfg)
+  out = {}
+  for name in wanted:
+    if name not in splits:
+      raise ValueError(f"category {name!r} is not in {workdir}'s data ({', '.join(splits)})")
+    data = pipeline.load_category(cfg, name, *splits[name], extractor, extractor_id)
+    program, params_R, step = engine.load_rows(cfg, workdir, name, data.train_feats.shape, rows)
+    if step != int(cfg.train.num_steps):
+      raise ValueError(f"category {name!r} in {workdir} stopped at step {step} of "
+                       f"{cfg.train.num_steps}: rerun the training command to finish it")
+    out[name] = TrainedCategory(cfg, data, program.model, program, params_R, rows.to_json())
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Statistics and report
+# ----------------------------------------------------------------------------
+
+
+def summarize(results: dict[str, dict], baseline: str, treatment: str) -> dict:
+  """Per category and over categories: mean ± std per variant, paired treatment − baseline CI."""
+  cats = list(results)
+  variants = list(dict.fromkeys(r["variant"] for r in results[cats[0]]["rows"]))
+  per_seed: dict[str, dict[str, dict[int, dict]]] = {}
+  for c in cats:
+    for r in results[c]["rows"]:
+      per_seed.setdefault(r["variant"], {}).setdefault(c, {})[r["seed"]] = r["metrics"]
+  out: dict[str, Any] = {"variants": variants, "categories": {}, "mean": {}}
+  seeds = sorted(per_seed[variants[0]][cats[0]])
+  for scope in cats + ["mean"]:
+    table = {}
+    for v in variants:
+      table[v] = {}
+      for k in METRIC_KEYS:
+        vals = ([per_seed[v][scope][s][k] for s in seeds] if scope != "mean" else
+                [np.mean([per_seed[v][c][s][k] for c in cats]) for s in seeds])
+        table[v][k] = mean_ci(vals) | {"values": [float(x) for x in vals]}
+    if baseline in table and treatment in table:
+      diffs = {k: np.subtract(table[treatment][k]["values"], table[baseline][k]["values"])
+               for k in METRIC_KEYS}
+      table["difference"] = {k: mean_ci(d) | {"values": d.tolist()} for k, d in diffs.items()}
+    table["padim"] = ({k: float(results[scope]["padim"][k]) for k in METRIC_KEYS} if scope != "mean"
+                      else {k: float(np.mean([results[c]["padim"][k] for c in cats]))
+                            for k in METRIC_KEYS})
+    if scope == "mean":
+      out["mean"] = table
+    else:
+      out["categories"][scope] = table
+  out["seeds"] = seeds
+  return out
+
+
+def verdict(diff: dict) -> str:
+  """Plain words for a paired difference (percentage points) and its 95 % CI."""
+  return reporting.difference_verdict(diff, "tail-aware better", "tail-aware worse")
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.2f}"
+
+
+def write_report(cfg, workdir: Path, results: dict[str, dict], summary: dict, seconds: float) -> str:
+  base, treat = cfg.report.baseline, cfg.report.treatment
+  h, w = next(iter(results.values()))["grid"]
+  lines = [f"# Study A: tail-aware vs mean-only flow training ({cfg.data.kind})", ""]
+  lines += [f"Generated by `tailjax train` in {seconds / 60:.1f} min. "
+            f"Backbone EfficientNet-Lite0 stride {cfg.backbone.layer} ({h}×{w} patches), flow: "
+            f"{cfg.flow.num_steps} coupling steps, kernels {cfg.flow.kernel_mode}, LayerNorm "
+            f"{cfg.flow.layer_norm}; {cfg.train.num_steps} steps of batch {cfg.train.batch_size}, "
+            f"{cfg.optim.name} lr {cfg.optim.learning_rate}; seeds {summary['seeds']}. Variants: "
+            + ", ".join(f"**{n}** (λ = {vv.tail_weight}, r = {vv.top_k_ratio})"
+                        for n, vv in cfg.variants.items())
+            + f". Anomaly score: per-patch {cfg.eval.score}, bilinear upsampling to "
+            f"{cfg.eval.size} px, Gaussian σ = {cfg.eval.smoothing_sigma} px, image score = "
+            f"{cfg.eval.image_score} of the map. PaDiM (no training) is the reference row.", ""]
+  lines += ["All numbers in %, mean ± std over seeds. The difference row is "
+            f"{treat} − {base} per seed (same initial weights and batches), with its 95 % "
+            "t-interval over seeds.", ""]
+  body = []
+  scopes = list(summary["categories"].items()) + [("**mean**", summary["mean"])]
+  for name, table in scopes:
+    for var in summary["variants"]:
+      body.append([name, var] + [reporting.mean_std(table[var][k]["values"]) for k in METRIC_KEYS])
+    if "difference" in table:
+      body.append([name, f"{treat} − {base}"] + [
+          reporting.interval(table["difference"][k], scale=100, digits=2, signed=True)
+          for k in METRIC_KEYS])
+    body.append([name, "PaDiM"] + [_pct(table["padim"][k]) for k in METRIC_KEYS])
+  lines += reporting.table(["category", "method"] + [METRIC_NAMES[k] for k in METRIC_KEYS], body)
+  lines += [""]
+  if "difference" in summary["mean"]:
+    d = summary["mean"]["difference"]["pixel_ap"]
+    sd_b = summary["mean"][base]["pixel_ap"]["std"]
+    sd_t = summary["mean"][treat]["pixel_ap"]["std"]
+    lines += ["## Answer", "",
+              f"Pixel AP (the study's headline), mean over categories: {base} "
+              f"{_pct(summary['mean'][base]['pixel_ap']['mean'])} %, {treat} "
+              f"{_pct(summary['mean'][treat]['pixel_ap']['mean'])} %; difference "
+              f"{reporting.interval(d, scale=100, digits=2, signed=True)} pp (95 % CI) over "
+              f"{d['n']} seeds; seed-to-seed std {100 * sd_b:.2f} pp ({base}) and "
+              f"{100 * sd_t:.2f} pp ({treat}). Verdict: **{verdict(d)}**.", "",
+              "Per category (pixel AP difference, 95 % CI): " + "; ".join(
+                  f"{c}: {reporting.interval(t['difference']['pixel_ap'], 100, 2, True)}"
+                  for c, t in summary["categories"].items()) + ".", "",
+              "The study reported +9.94 pp pixel AP (45.86 → 55.80 %) and image AUROC "
+              "96.62 → 98.05 % on its own data, from single runs.", ""]
+  lines += ["## Anomaly-map examples", ""]
+  for c in results:
+    if (workdir / c / "examples.png").exists():
+      lines += [f"![{c}]({c}/examples.png)", ""]
+  return reporting.write_markdown(workdir / "report.md", lines)
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+
+
+def train_and_evaluate(cfg, run: runrecord.Run, progress: bool = True) -> dict:
+  """Every category of ``cfg`` in the open run ``run``; resumable."""
+  t0 = time.time()
+  root = pipeline.dataset_root(cfg)
+  splits = pipeline.category_splits(cfg, root)
+  extractor, extractor_id = pipeline.make_extractor(cfg)
+  results = {}
+  for name, (tr, te) in splits.items():
+    data = pipeline.load_category(cfg, name, tr, te, extractor, extractor_id)
+    results[name] = run_category(cfg, run, data, progress=progress)
+    print(f"[{name}] " + ", ".join(
+        f"{v} pixel AP {100 * np.mean([r['metrics']['pixel_ap'] for r in results[name]['rows'] if r['variant'] == v]):.2f}"
+        for v in cfg.variants)
+        + f", PaDiM {100 * results[name]['padim']['pixel_ap']:.2f} ({results[name]['seconds']:.0f} s)")
+  summary = summarize(results, cfg.report.baseline, cfg.report.treatment)
+  seconds = time.time() - t0
+  io.atomic_write_json(run.path("metrics.json"), {"categories": results, "summary": summary,
+                                                  "seconds": seconds})
+  text = write_report(cfg, run.workdir, results, summary, seconds)
+  print(text)
+  return {"results": results, "summary": summary, "seconds": seconds, "workdir": run.workdir}
+
+
+def validate_config(cfg) -> None:
+  runrecord.check_fields(cfg, FIELDS + pipeline.data_fields(cfg))
+  if int(cfg.num_seeds) < 1:
+    raise ValueError(f"config.num_seeds must be ≥ 1, got {cfg.num_seeds}")
+  if cfg.report.baseline not in cfg.variants or cfg.report.treatment not in cfg.variants:
+    raise ValueError(f"config.report.baseline / treatment must name variants "
+                     f"({', '.join(cfg.variants)}); got {cfg.report.baseline!r}, "
+                     f"{cfg.report.treatment!r}")
+  variant_rows(cfg)   # validates λ, r, lr
+
+
+def main(cfg, workdir: str | Path, *, on_change: str = "error", progress: bool = True) -> dict:
+  """The whole study for ``cfg`` in ``workdir``: train + evaluate every category, write the
+  report, then (``analysis.enabled``) the mechanism analyses. Resumable; a changed
+  results-relevant config is refused (``on_change``: see ``runrecord.open_run``)."""
+  validate_config(cfg)
+  with runrecord.open_run(workdir, cfg, kind=KIND, on_change=on_change) as run:
+    out = train_and_evaluate(cfg, run, progress=progress)
+    if cfg.analysis.enabled:
+      from tailjax.studies import analysis
+      res = analysis.analyze_run(run.workdir, num_images=cfg.analysis.num_images,
+                                 num_param_images=cfg.analysis.num_param_images,
+                                 sweeps=cfg.analysis.sweeps or None, run=run)
+      analysis.append_to_report(run.workdir, res)
+      print("\n".join(analysis.summary_table(res)))
+      out["analysis"] = res
+  return out

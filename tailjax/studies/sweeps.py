@@ -1,0 +1,187 @@
+"""Sweeps: every (λ, r, learning rate) × seed row of a category as one grid on the engine.
+
+  tailjax sweep --config=configs/sweep_tail_weight.py --workdir=runs/sweep_lambda
+
+Per category the rows train as one compiled, sharded program
+(``tailjax.engine.run_rows``; vmap or ``lax.map`` per device, rows split over
+the mesh), are checkpointed in segments, and are evaluated once at the last
+step through the engine's evaluation hook (a saved unit, never recomputed on
+resume). ``results.json`` (one row per grid point and seed) and ``results.md``
+(mean ± std over seeds) are written at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from tailjax import engine, io, losses, reporting, runrecord
+from tailjax import train as train_lib
+from tailjax.data import pipeline
+from tailjax.evaluation import METRIC_KEYS, METRIC_NAMES
+from tailjax.studies import study_a
+
+KIND = "sweep"
+HPARAM_NAMES = engine.HPARAM_NAMES
+RESULT_KEYS = ("category", "tail_weight", "top_k_ratio", "learning_rate", "seed", "metrics")
+
+FIELDS = tuple(f for f in study_a.FIELDS
+               if not f.startswith(("variants.", "report.", "padim.", "analysis."))
+               and f not in ("seed", "num_seeds")) + (
+    "sweep.tail_weight", "sweep.top_k_ratio", "sweep.learning_rate", "sweep.seeds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """Grid points (λ, r, lr) × seeds. Rows are point-major: row = point · S + seed index."""
+
+  points: tuple[tuple[float, float, float], ...]
+  seeds: tuple[int, ...]
+
+  @property
+  def num_rows(self) -> int:
+    return len(self.points) * len(self.seeds)
+
+  def rows(self) -> list[dict]:
+    return [dict(zip(HPARAM_NAMES, p), seed=s) for p in self.points for s in self.seeds]
+
+  def hparams_R(self) -> dict[str, np.ndarray]:
+    rows = self.rows()
+    return {k: np.asarray([r[k] for r in rows], np.float32) for k in HPARAM_NAMES}
+
+  def seeds_R(self) -> list[int]:
+    return [r["seed"] for r in self.rows()]
+
+  def to_json(self) -> dict:
+    return {"axes": {k: sorted({p[i] for p in self.points}) for i, k in enumerate(HPARAM_NAMES)},
+            "seeds": list(self.seeds), "rows": self.rows()}
+
+
+def _as_list(value, field: str) -> list:
+  if isinstance(value, (str, bytes)):
+    try:
+      value = json.loads(value.replace("(", "[").replace(")", "]"))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{field} must be a list of numbers, got {value!r}") from e
+  values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+  if not values:
+    raise ValueError(f"{field} must not be empty")
+  try:
+    out = [float(v) for v in values]
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{field} must be a list of numbers, got {values!r}") from e
+  if len(set(out)) != len(out):
+    raise ValueError(f"{field} has duplicate values: {out}")
+  return out
+
+
+def grid_from_config(sweep_cfg, where: str = "config.sweep") -> Grid:
+  """Validated grid from lists in the config: tail_weight (λ ∈ [0, 1]),
+  top_k_ratio (r ∈ (0, 1]), learning_rate (> 0), seeds (distinct integers).
+  Errors name the field, e.g. ``config.sweep.top_k_ratio``."""
+  get = lambda k: sweep_cfg[k] if k in sweep_cfg else None
+  vals = {}
+  for k in (*HPARAM_NAMES, "seeds"):
+    if get(k) is None:
+      raise ValueError(f"{where}.{k} is missing (a list of values)")
+    vals[k] = _as_list(get(k), f"{where}.{k}")
+  losses.validate_tail_params(np.asarray(vals["tail_weight"]), np.asarray(vals["top_k_ratio"]),
+                              where=where)
+  lr = np.asarray(vals["learning_rate"])
+  if not np.all(np.isfinite(lr)) or np.any(lr <= 0):
+    raise ValueError(f"{where}.learning_rate must be > 0 (and finite); got {lr.tolist()}")
+  seeds = vals["seeds"]
+  if any(s != int(s) or s < 0 for s in seeds):
+    raise ValueError(f"{where}.seeds must be non-negative integers, got {seeds}")
+  points = tuple(itertools.product(vals["tail_weight"], vals["top_k_ratio"], vals["learning_rate"]))
+  return Grid(points=points, seeds=tuple(int(s) for s in seeds))
+
+
+def results_markdown(cfg, rows: list[dict], grid: Grid, n_patches: int) -> str:
+  """Per category (and the mean over categories): one line per grid point, mean ± std
+  over seeds, in %; the best pixel AP per table in bold."""
+  keys = METRIC_KEYS
+  cats = list(dict.fromkeys(r["category"] for r in rows))
+  by = {_row_id(r): r["metrics"] for r in rows}
+  lines = [f"# Sweep over tail weight λ, top-k ratio r and learning rate ({cfg.data.kind})", "",
+           f"{cfg.train.num_steps} steps of batch {cfg.train.batch_size}, flow "
+           f"{cfg.flow.num_steps} steps ({cfg.flow.kernel_mode}), {len(grid.seeds)} seeds "
+           f"{list(grid.seeds)} per grid point; k = max(1, round(r · {n_patches})). "
+           "Metrics in %, mean ± std over seeds; **bold** = best pixel AP in the table.", ""]
+  scopes = cats + (["mean over categories"] if len(cats) > 1 else [])
+  for scope in scopes:
+    table = []
+    for p in grid.points:
+      per_seed = []
+      for s in grid.seeds:
+        ms = [by.get((c, *(round(float(x), 12) for x in p), s)) for c in
+              (cats if scope not in cats else [scope])]
+        if any(m is None for m in ms):
+          continue
+        per_seed.append({k: float(np.mean([m[k] for m in ms])) for k in keys})
+      if per_seed:
+        table.append((p, per_seed))
+    best = max(range(len(table)), key=lambda i: np.mean([m["pixel_ap"] for m in table[i][1]]),
+               default=None)
+    body = []
+    for i, (p, per_seed) in enumerate(table):
+      k = int(losses.top_k_count(p[1], n_patches))
+      cells = [reporting.mean_std([m[key] for m in per_seed]) for key in keys]
+      if i == best:
+        cells[keys.index("pixel_ap")] = f"**{cells[keys.index('pixel_ap')]}**"
+      body.append([f"{p[0]:g}", f"{p[1]:g}", k, f"{p[2]:g}", *cells])
+    lines += [f"## {scope}", ""]
+    lines += reporting.table(["λ", "r", "k", "lr", *(METRIC_NAMES[k] for k in keys)], body)
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _row_id(row) -> tuple:
+  return (row["category"], *(round(float(row[k]), 12) for k in HPARAM_NAMES), int(row["seed"]))
+
+
+def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData, grid: Grid,
+                 progress: bool = True) -> list[dict]:
+  """Trains every grid row of one category (resuming) and evaluates it at the last step."""
+  rows = engine.Rows.from_dicts([{"category": data.name, **r} for r in grid.rows()],
+                                where="config.sweep")
+  total = int(cfg.train.num_steps)
+  program = train_lib.make_flow_program(cfg, data.train_feats.shape)   # the engine's model
+  evaluate = lambda step, params_R: study_a.evaluate_rows(cfg, program, params_R, data)
+  res = engine.run_rows(cfg, run, data.name, data.train_feats, rows, eval_steps=(total,),
+                        evaluate=evaluate, progress=progress, desc=data.name)
+  return [{**rows.row(i), "metrics": res.evals[total][i]} for i in range(rows.num_rows)]
+
+
+def run_and_evaluate(cfg, workdir: str | Path, *, on_change: str = "error",
+                     progress: bool = True) -> dict:
+  """The whole sweep: every category's grid trained (resumable) and evaluated; writes
+  ``results.json`` (``{"rows": [...]}``) and ``results.md`` in the workdir."""
+  runrecord.check_fields(cfg, FIELDS + pipeline.data_fields(cfg))
+  grid = grid_from_config(cfg.sweep)
+  with runrecord.open_run(workdir, cfg, kind=KIND, on_change=on_change) as run:
+    t0 = time.time()
+    root = pipeline.dataset_root(cfg)
+    splits = pipeline.category_splits(cfg, root)
+    extractor, extractor_id = pipeline.make_extractor(cfg)
+    all_rows: list[dict] = []
+    n_patches = None
+    for cat, (tr, te) in splits.items():
+      t_cat = time.time()
+      data = pipeline.load_category(cfg, cat, tr, te, extractor, extractor_id)
+      n_patches = int(np.prod(data.train_feats.shape[1:3]))
+      all_rows += run_category(cfg, run, data, grid, progress=progress)
+      print(f"[{cat}] {grid.num_rows} rows trained and evaluated ({time.time() - t_cat:.0f} s)")
+    rows = [{k: r[k] for k in RESULT_KEYS} for r in all_rows]
+    text = results_markdown(cfg, rows, grid, n_patches)
+    if jax.process_index() == 0:
+      io.atomic_write_json(run.path("results.json"), {"rows": rows})
+      io.atomic_write_text(run.path("results.md"), text + "\n")
+    print(text)
+    return {"rows": rows, "markdown": text, "seconds": time.time() - t0, "workdir": run.workdir}

@@ -1,0 +1,111 @@
+"""End to end: a tiny trained study-A run → analyze_run → analysis.json, figures, report.md."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import fastflow_mvtec
+from tailjax.analysis import hypotheses as H
+from tailjax.data import pipeline, textures
+from tailjax.studies import analysis as report
+from tailjax.studies import study_a
+
+_PROJ = np.random.default_rng(0).normal(size=(6, 8)) / 2
+
+
+def _fake_extractor(cfg):
+  """Stands in for EfficientNet-Lite0 (whose compilation would dominate the test): per 28×28
+  cell of the 224-px image, the channel means and stds, randomly projected to 8 channels —
+  a deterministic function of the pixels on an 8×8 grid."""
+  def extract(images_Bx224x224x3):
+    x = np.asarray(images_Bx224x224x3, np.float32).reshape(-1, 8, 28, 8, 28, 3) / 255.0
+    stats_ = np.concatenate([x.mean((2, 4)), x.std((2, 4))], axis=-1)   # [B, 8, 8, 6]
+    return {16: np.tanh(stats_ @ _PROJ)}
+  return extract, "fake-cellstats-v1"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  mp = pytest.MonkeyPatch()
+  mp.setattr(pipeline, "make_extractor", _fake_extractor)
+  tmp = tmp_path_factory.mktemp("analysis")
+  root = tmp / "tree"
+  textures.build_texture_benchmark(root, seed=3, image_size=64, n_train=8, n_test=8,
+                                   categories=("gravel",))
+  cfg = fastflow_mvtec.get_config("smoke")
+  cfg.data.root = str(root)
+  cfg.data.categories = "gravel"
+  cfg.data.cache_dir = str(tmp / "cache")
+  cfg.eval.size = 64
+  cfg.flow.num_steps = 2
+  cfg.train.num_steps = 4
+  cfg.train.segment_steps = 2
+  cfg.report.n_examples = 2
+  run = tmp / "run"
+  study_a.main(cfg, run, progress=False)
+  sweep = tmp / "sweep"
+  sweep.mkdir()
+  rows = [{"category": "gravel", "tail_weight": lam, "top_k_ratio": r, "learning_rate": 1e-3,
+           "seed": s, "metrics": {"pixel_ap": 0.5 - r + 0.01 * s + 0.05 * lam, "image_auroc": 0.8}}
+          for s in range(3) for lam, r in [(0.7, 0.02), (0.7, 0.1), (0.7, 0.5), (0.0, 0.02), (1.0, 0.02)]]
+  (sweep / "results.json").write_text(json.dumps({"rows": rows}))
+  yield run, sweep
+  mp.undo()
+
+
+def test_analyze_run_writes_json_figures_and_report(tiny_run):
+  run, sweep = tiny_run
+  out = report.analyze_run(run, num_images=4, sweeps=str(sweep), num_param_images=2,
+                           patch_chunk=16, verbose=False)
+  res = out["categories"]["gravel"]
+  assert res["analysed_row"]["variant"] == "tail_aware" and res["grid"] == [8, 8]
+  h3 = res["h3"]
+  assert h3["k"] == 1 and h3["n_images_input"] == 4 and h3["n_images_param"] == 2
+  assert [c["tail_weight"] for c in h3["conditions"]] == pytest.approx([0.0, 0.7, 1.0])
+  assert np.asarray(h3["conditions"][0]["param_norm_BxN"]).shape == (2, 64)
+  assert res["h1"]["distance_test"]["n"] == 8          # all 8 training images, k = 1
+  assert len(res["h7"]["rows"]) == 4 and res["h7"]["paired_seeds"] == [0, 1]
+  assert [e["top_k_ratio"] for e in res["h4"]["sweep_r_axis"]] == [0.02, 0.1, 0.5]
+  assert res["h4"]["performance"]["holds"]             # the synthetic sweep favours r = 0.02
+  for h in ("h1", "h3", "h4", "h7"):
+    assert res[h]["verdict"] in (H.SUPPORTED, H.PARTIAL, H.NOT_SUPPORTED, H.NOT_TESTED)
+  saved = json.loads((run / "analysis" / "analysis.json").read_text())
+  assert saved["overall"] == out["overall"] and saved["settings"]["num_param_images"] == 2
+  assert "param_norm_BxN" not in saved["categories"]["gravel"]["h3"]["conditions"][1]
+  per_patch = np.load(run / "analysis" / "gravel_per_patch.npz")
+  np.testing.assert_allclose(per_patch["param_norm_BxN_lambda=0.7"], h3["conditions"][1]["param_norm_BxN"],
+                             rtol=1e-6)
+  assert per_patch["tail_BxN"].shape == (4, 64) and per_patch["tail_BxN"].sum() == 4
+  for name in ("gradient_concentration", "latent_calibration", "topk_dilution", "tail_location",
+               "tail_weight_ablation"):
+    png = run / "analysis" / f"{name}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+  assert "sweep results at r = 0.02" in saved["ablation"]["source"]
+  text = (run / "analysis" / "report.md").read_text()
+  for needle in ("| hypothesis | claim | verdict (ours) | key evidence | study's verdict |",
+                 "## H1", "## H3", "## H4", "## H7", "| *study* | mean-only (λ=0)", "49.99×",
+                 "| 1 % |", "Verdict rules", "../gravel/examples.png"):
+    assert needle in text, needle
+
+
+def test_without_sweeps_h4_is_not_tested_and_report_section_is_idempotent(tiny_run):
+  run, _ = tiny_run
+  out = report.analyze_run(run, "gravel", num_images=4, num_param_images=2, verbose=False)
+  assert out["categories"]["gravel"]["h4"]["verdict"] == H.NOT_TESTED
+  text = (run / "analysis" / "report.md").read_text()
+  assert "No sweep results were given" in text
+  assert "the run's variants" in out["ablation"]["source"]
+  before = (run / "report.md").read_text()
+  report.append_to_report(run)
+  once = (run / "report.md").read_text()
+  report.append_to_report(run, out)
+  assert (run / "report.md").read_text() == once
+  assert once.startswith(before.rstrip()) and once.count("## Mechanism analyses") == 1
+  assert f"**{out['overall']['H4']}**" in once
+
+
+def test_bad_sweep_path_is_named(tiny_run, tmp_path):
+  run, _ = tiny_run
+  with pytest.raises(FileNotFoundError, match="results.json"):
+    report.analyze_run(run, sweeps=[tmp_path / "nothing"], verbose=False)

@@ -1,0 +1,127 @@
+"""The run record: manifest, config check before anything is written, lock, field checks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import ml_collections
+import pytest
+
+from tailjax import runrecord
+
+
+def _cfg(lr=1e-3, steps=10, rows="auto"):
+  c = ml_collections.ConfigDict()
+  c.optim = {"name": "adam", "learning_rate": lr}
+  c.train = {"num_steps": steps, "rows": rows}
+  c.flow = {"num_steps": 4}
+  return c
+
+
+def test_manifest_records_config_code_environment(tmp_path):
+  with runrecord.open_run(tmp_path / "w", _cfg(), kind="t") as run:
+    assert run.fresh
+    run.record(row_mode="map")
+  m = runrecord.read_manifest(tmp_path / "w")
+  assert m["kind"] == "t" and m["results_fields"]["optim.learning_rate"] == 1e-3
+  assert "train.rows" not in m["results_fields"]         # execution, not results
+  inv = m["invocations"][-1]
+  assert inv["row_mode"] == "map" and inv["backend"] == "cpu"
+  assert inv["packages"]["jax"] and inv["code"]["source_sha256"]
+  assert json.loads((tmp_path / "w" / "config.json").read_text())["train"]["num_steps"] == 10
+
+
+def test_changed_config_is_refused_naming_fields_and_touching_nothing(tmp_path):
+  w = tmp_path / "w"
+  with runrecord.open_run(w, _cfg(), kind="t") as run:
+    run.save_unit("cat/eval/10", {"x": 1})
+  before = {p: p.read_bytes() for p in w.rglob("*") if p.is_file() and p.name != ".lock"}
+  with pytest.raises(runrecord.ConfigMismatchError) as err:
+    with runrecord.open_run(w, _cfg(lr=1e-2, steps=20), kind="t"):
+      pass
+  msg = str(err.value)
+  assert "optim.learning_rate: ran with 0.001, now 0.01" in msg
+  assert "train.num_steps: ran with 10, now 20" in msg
+  after = {p: p.read_bytes() for p in w.rglob("*") if p.is_file() and p.name != ".lock"}
+  assert after == before                                  # config.json not overwritten
+  # Execution-only fields may change; the run resumes and records another invocation.
+  with runrecord.open_run(w, _cfg(rows="vmap"), kind="t") as run:
+    assert not run.fresh and run.load_unit("cat/eval/10") == {"x": 1}
+  assert len(runrecord.read_manifest(w)["invocations"]) == 2
+
+
+def test_restart_and_branch(tmp_path):
+  w = tmp_path / "w"
+  with runrecord.open_run(w, _cfg(), kind="t") as run:
+    run.save_unit("u", {"x": 1})
+  with runrecord.open_run(w, _cfg(lr=5e-3), kind="t", on_change="branch") as run:
+    assert run.workdir != w and run.workdir.name.startswith("w-") and run.fresh
+  assert runrecord.read_manifest(w)["results_fields"]["optim.learning_rate"] == 1e-3
+  with runrecord.open_run(w, _cfg(lr=5e-3), kind="t", on_change="restart") as run:
+    assert run.fresh and run.load_unit("u") is None
+  assert runrecord.read_manifest(w)["results_fields"]["optim.learning_rate"] == 5e-3
+
+
+def test_foreign_files_without_manifest_are_refused(tmp_path):
+  (tmp_path / "w").mkdir()
+  (tmp_path / "w" / "metrics.jsonl").write_text("{}\n")
+  with pytest.raises(runrecord.ConfigMismatchError, match="no manifest.json"):
+    with runrecord.open_run(tmp_path / "w", _cfg(), kind="t"):
+      pass
+
+
+def test_other_kind_is_refused(tmp_path):
+  with runrecord.open_run(tmp_path / "w", _cfg(), kind="study_a"):
+    pass
+  with pytest.raises(runrecord.ConfigMismatchError, match="kind: ran 'study_a', now 'sweep'"):
+    with runrecord.open_run(tmp_path / "w", _cfg(), kind="sweep"):
+      pass
+
+
+_HOLD = """
+import sys, time, ml_collections
+from tailjax import runrecord
+c = ml_collections.ConfigDict({"a": 1})
+with runrecord.open_run(sys.argv[1], c, kind="t"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_second_process_fails_fast_and_stale_lock_is_taken_over(tmp_path):
+  w = tmp_path / "w"
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(w)], stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    t0 = time.time()
+    with pytest.raises(runrecord.WorkdirLockedError,
+                       match=rf"in use by process {holder.pid} on .*one process per workdir"):
+      with runrecord.open_run(w, ml_collections.ConfigDict({"a": 1}), kind="t"):
+        pass
+    assert time.time() - t0 < 2.0
+  finally:
+    holder.send_signal(signal.SIGKILL)      # a killed run leaves its lock file behind...
+    holder.wait()
+  assert (w / ".lock").exists()
+  with runrecord.open_run(w, ml_collections.ConfigDict({"a": 1}), kind="t") as run:
+    assert not run.fresh                     # ...and the next process takes it over
+  assert json.loads((w / ".lock").read_text() or "{}") == {}
+
+
+def test_check_fields_names_unknown_fields():
+  c = ml_collections.ConfigDict({"a": 1, "loss": {"tail_weight": 1.5, "top_k_ratio": 0.1},
+                                 "variants": {"x": {"tail_weight": 0.0}}})
+  runrecord.check_fields(c, ("a", "loss.*", "variants.*.tail_weight"))
+  with pytest.raises(runrecord.ConfigFieldError, match=r"config\.loss\.tail_weight, "
+                                                       r"config\.loss\.top_k_ratio: no stage"):
+    runrecord.check_fields(c, ("a", "variants.*.tail_weight"))
+
+
+def test_unit_names_stay_inside_the_workdir(tmp_path):
+  with runrecord.open_run(tmp_path / "w", _cfg(), kind="t") as run:
+    with pytest.raises(ValueError, match="'..'"):
+      run.save_unit("../escape", {})
