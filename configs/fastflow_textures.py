@@ -39,6 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.n_train = 24 if smoke else 120
   c.data.n_test = 16 if smoke else 80
   c.data.cache_dir = ""           # "" = ~/.cache/tailjax/features (or $TAILJAX_CACHE)
+  c.data.val_fraction = 0.2       # normal training images held out (model selection, thresholds)
+  c.data.split_seed = 0           # which ones (never test images)
 
   c.backbone = ml_collections.ConfigDict()
   c.backbone.name = "efficientnet_lite0"

@@ -64,7 +64,7 @@ def test_analyze_run_writes_json_figures_and_report(tiny_run):
   assert h3["k"] == 1 and h3["n_images_input"] == 4 and h3["n_images_param"] == 2
   assert [c["tail_weight"] for c in h3["conditions"]] == pytest.approx([0.0, 0.7, 1.0])
   assert np.asarray(h3["conditions"][0]["param_norm_BxN"]).shape == (2, 64)
-  assert res["h1"]["distance_test"]["n"] == 8          # all 8 training images, k = 1
+  assert res["h1"]["distance_test"]["n"] == 6   # all training images (8 minus 2 held out), k = 1
   assert len(res["h7"]["rows"]) == 4 and res["h7"]["paired_seeds"] == [0, 1]
   assert [e["top_k_ratio"] for e in res["h4"]["sweep_r_axis"]] == [0.02, 0.1, 0.5]
   assert res["h4"]["performance"]["holds"]             # the synthetic sweep favours r = 0.02

@@ -20,9 +20,12 @@ from tailjax.data import mvtec
 # change nothing, so it is refused: ``runrecord.check_fields``).
 DATA_FIELDS = {
     "textures": ("data.kind", "data.root", "data.categories", "data.cache_dir",
+                 "data.val_fraction", "data.split_seed",
                  "data.benchmark_seed", "data.image_size", "data.n_train", "data.n_test"),
-    "mvtec": ("data.kind", "data.root", "data.categories", "data.cache_dir"),
-    "visa": ("data.kind", "data.root", "data.categories", "data.cache_dir"),
+    "mvtec": ("data.kind", "data.root", "data.categories", "data.cache_dir",
+              "data.val_fraction", "data.split_seed"),
+    "visa": ("data.kind", "data.root", "data.categories", "data.cache_dir",
+             "data.val_fraction", "data.split_seed"),
 }
 
 
@@ -95,13 +98,72 @@ def make_extractor(cfg):
 
 @dataclasses.dataclass
 class CategoryData:
+  """One category as every stage after feature extraction sees it."""
   name: str
-  train_feats: np.ndarray        # [N, h, w, C]
+  train_feats: np.ndarray        # [N, h, w, C]  normal images the flows train on
+  val_feats: np.ndarray          # [V, h, w, C]  held-out normal training images (V may be 0)
   test_feats: np.ndarray         # [M, h, w, C]
   test_masks: np.ndarray         # [M, S, S] uint8 {0, 1}
   test_labels: np.ndarray        # [M]
-  test_images: np.ndarray        # [M, S, S, 3] uint8 (for figures)
+  test_images: np.ndarray | None  # [M, S, S, 3] uint8 (for figures), None if not available
   test_types: tuple[str, ...]
+  train_index: np.ndarray        # indices of train_feats rows among the split's normal images
+  val_index: np.ndarray          # indices of val_feats rows (disjoint from train_index)
+
+
+def split_train_val(n: int, val_fraction: float, seed: int, where: str = "config.data"
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(train indices, val indices) of n normal training images: a seeded random
+  ``round(val_fraction · n)`` are held out for validation / thresholds, never trained on.
+  Only training images are ever split; test images never enter."""
+  if not 0.0 <= float(val_fraction) < 1.0:
+    raise ValueError(f"{where}.val_fraction must lie in [0, 1), got {val_fraction}")
+  n_val = int(round(float(val_fraction) * n))
+  if val_fraction > 0 and (n_val < 1 or n - n_val < 2):
+    raise ValueError(f"{where}.val_fraction={val_fraction} leaves {n - n_val} training and "
+                     f"{n_val} validation images of {n}; need ≥ 2 and ≥ 1")
+  perm = np.random.default_rng(int(seed)).permutation(n)
+  return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class Dataset:
+  """The categories of ``cfg.data`` and, per category, its ``CategoryData``.
+
+  ``categories`` lists what will run; ``load(name)`` extracts (or reads from the
+  cache) the features; ``train_images(name, size)`` returns the training images in
+  ``train_feats`` order (for image-space analyses; None when the source has none).
+  """
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.root = dataset_root(cfg)
+    self._splits = category_splits(cfg, self.root)
+    self._extractor = None
+
+  @property
+  def categories(self) -> list[str]:
+    return list(self._splits)
+
+  def _check(self, name):
+    if name not in self._splits:
+      raise ValueError(f"category {name!r} is not in the data ({', '.join(self._splits)})")
+
+  def load(self, name: str) -> CategoryData:
+    self._check(name)
+    if self._extractor is None:
+      self._extractor = make_extractor(self.cfg)
+    return load_category(self.cfg, name, *self._splits[name], *self._extractor)
+
+  def train_images(self, name: str, size: int) -> np.ndarray | None:
+    self._check(name)
+    images = self._splits[name][0].load_images(size)
+    tr, _ = _val_split(self.cfg, len(images))
+    return images[tr]
+
+
+def _val_split(cfg, n: int):
+  d = cfg.data
+  return split_train_val(n, d.get("val_fraction", 0.0), d.get("split_seed", 0))
 
 
 def load_category(cfg, name: str, train_split, test_split, extractor, extractor_id) -> CategoryData:
@@ -113,10 +175,12 @@ def load_category(cfg, name: str, train_split, test_split, extractor, extractor_
         list(split.image_paths), extractor, extractor_id, resolution=b.resolution,
         layers=(int(b.layer),), cache_dir=cache_dir, batch_size=b.batch_size,
         progress=True)[int(b.layer)]
+  tr, va = _val_split(cfg, len(feats["train"]))
   size = cfg.eval.size
   images, masks = test_split.load(size)
-  return CategoryData(name, feats["train"], feats["test"], masks, np.asarray(test_split.labels),
-                      images, tuple(test_split.defect_types))
+  return CategoryData(name, feats["train"][tr], feats["train"][va], feats["test"], masks,
+                      np.asarray(test_split.labels), images, tuple(test_split.defect_types),
+                      tr, va)
 
 
 def default_cache_dir() -> Path:

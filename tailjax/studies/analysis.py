@@ -261,7 +261,6 @@ def _analyze_run(workdir, *, categories, num_images, sweeps, num_param_images, m
   sweep_rows = hyp.load_sweep_rows(sweeps) if sweeps else []
   trained = study_a.load_trained(workdir, categories)
   cfg = next(iter(trained.values())).cfg
-  splits = pipeline.category_splits(cfg, pipeline.dataset_root(cfg))
   t_load = time.time() - t0
   out: dict[str, Any] = {
       "workdir": str(workdir),
@@ -273,8 +272,8 @@ def _analyze_run(workdir, *, categories, num_images, sweeps, num_param_images, m
                    "backend": jax.default_backend()},
       "rules": hyp.RULES, "categories": {}}
   for cat, tc in trained.items():
-    images = splits[cat][0].load_images(cfg.backbone.resolution)
-    if len(images) != len(tc.data.train_feats):
+    images = tc.dataset.train_images(cat, cfg.backbone.resolution)
+    if images is not None and len(images) != len(tc.data.train_feats):
       raise ValueError(f"category {cat!r}: {len(images)} training images but "
                        f"{len(tc.data.train_feats)} feature rows")
     res = analyze_category(tc, images, num_images=num_images, num_param_images=num_param_images,

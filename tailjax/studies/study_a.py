@@ -149,6 +149,7 @@ class TrainedCategory:
   program: train_lib.FlowProgram
   params_R: Any                 # every leaf has a leading row axis (host arrays)
   rows: list[dict]              # per row: variant, seed, tail_weight, top_k_ratio, learning_rate
+  dataset: pipeline.Dataset     # for image-space analyses (``dataset.train_images``)
 
 
 def load_config(workdir: str | Path):
@@ -168,20 +169,18 @@ def load_trained(workdir: str | Path, categories=None) -> dict[str, TrainedCateg
   """
   workdir = Path(workdir)
   cfg = load_config(workdir)
-  splits = pipeline.category_splits(cfg, pipeline.dataset_root(cfg))
-  wanted = pipeline.parse_categories(categories) or list(splits)
-  extractor, extractor_id = pipeline.make_extractor(cfg)
+  dataset = pipeline.Dataset(cfg)
+  wanted = pipeline.parse_categories(categories) or dataset.categories
   rows = variant_rows(cfg)
   out = {}
   for name in wanted:
-    if name not in splits:
-      raise ValueError(f"category {name!r} is not in {workdir}'s data ({', '.join(splits)})")
-    data = pipeline.load_category(cfg, name, *splits[name], extractor, extractor_id)
+    data = dataset.load(name)
     program, params_R, step = engine.load_rows(cfg, workdir, name, data.train_feats.shape, rows)
     if step != int(cfg.train.num_steps):
       raise ValueError(f"category {name!r} in {workdir} stopped at step {step} of "
                        f"{cfg.train.num_steps}: rerun the training command to finish it")
-    out[name] = TrainedCategory(cfg, data, program.model, program, params_R, rows.to_json())
+    out[name] = TrainedCategory(cfg, data, program.model, program, params_R, rows.to_json(),
+                                dataset)
   return out
 
 
@@ -292,12 +291,10 @@ def write_report(cfg, workdir: Path, results: dict[str, dict], summary: dict, se
 def train_and_evaluate(cfg, run: runrecord.Run, progress: bool = True) -> dict:
   """Every category of ``cfg`` in the open run ``run``; resumable."""
   t0 = time.time()
-  root = pipeline.dataset_root(cfg)
-  splits = pipeline.category_splits(cfg, root)
-  extractor, extractor_id = pipeline.make_extractor(cfg)
+  dataset = pipeline.Dataset(cfg)
   results = {}
-  for name, (tr, te) in splits.items():
-    data = pipeline.load_category(cfg, name, tr, te, extractor, extractor_id)
+  for name in dataset.categories:
+    data = dataset.load(name)
     results[name] = run_category(cfg, run, data, progress=progress)
     print(f"[{name}] " + ", ".join(
         f"{v} pixel AP {100 * np.mean([r['metrics']['pixel_ap'] for r in results[name]['rows'] if r['variant'] == v]):.2f}"

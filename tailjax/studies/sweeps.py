@@ -167,14 +167,12 @@ def run_and_evaluate(cfg, workdir: str | Path, *, on_change: str = "error",
   grid = grid_from_config(cfg.sweep)
   with runrecord.open_run(workdir, cfg, kind=KIND, on_change=on_change) as run:
     t0 = time.time()
-    root = pipeline.dataset_root(cfg)
-    splits = pipeline.category_splits(cfg, root)
-    extractor, extractor_id = pipeline.make_extractor(cfg)
+    dataset = pipeline.Dataset(cfg)
     all_rows: list[dict] = []
     n_patches = None
-    for cat, (tr, te) in splits.items():
+    for cat in dataset.categories:
       t_cat = time.time()
-      data = pipeline.load_category(cfg, cat, tr, te, extractor, extractor_id)
+      data = dataset.load(cat)
       n_patches = int(np.prod(data.train_feats.shape[1:3]))
       all_rows += run_category(cfg, run, data, grid, progress=progress)
       print(f"[{cat}] {grid.num_rows} rows trained and evaluated ({time.time() - t_cat:.0f} s)")
