@@ -41,6 +41,7 @@ def tiny_run(tmp_path_factory):
   cfg.flow.num_steps = 2
   cfg.train.num_steps = 4
   cfg.train.segment_steps = 2
+  cfg.eval.budgets = (0, 2, 4)
   cfg.report.n_examples = 2
   run = tmp / "run"
   study_a.main(cfg, run, progress=False)

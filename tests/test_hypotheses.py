@@ -199,8 +199,10 @@ def test_sweep_errors_name_the_file(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def _h1(ratio, p):
-  return {"sobel": {"ratio": ratio, "p": p}}
+def _h1(ratio, p, diff=None):
+  d = (ratio - 1) if diff is None else diff
+  return {"image_level": {"sobel": {"median_ratio": ratio, "wilcoxon_p": p, "n_images": 30,
+                                    "n_positive": 20, "diff": {"mean": d}}}}
 
 
 def test_verdict_h1_rules():
@@ -210,14 +212,20 @@ def test_verdict_h1_rules():
   assert H.verdict_h1(_h1(1.01, 0.052))[0] == H.NOT_SUPPORTED   # the study's numbers
   assert H.verdict_h1(_h1(0.8, 1e-9))[0] == H.NOT_SUPPORTED     # tail patches are smoother
   assert H.verdict_h1({})[0] == H.NOT_TESTED
+  assert "Wilcoxon" in H.verdict_h1(_h1(1.2, 1e-3))[1]
 
 
-def test_verdict_h3_rules():
-  assert H.verdict_h3(0.05, 0.6, 0.7)[0] == H.SUPPORTED
-  assert H.verdict_h3(0.15, 0.6, 0.7)[0] == H.PARTIAL          # mean-only not diluted enough
-  assert H.verdict_h3(0.05, 0.3, 0.7)[0] == H.PARTIAL          # rises by 0.25 but below half
-  assert H.verdict_h3(0.05, 0.2, 0.7)[0] == H.NOT_SUPPORTED
-  assert H.verdict_h3(float("nan"), 0.6, 0.7)[0] == H.NOT_TESTED
+def _l1(share, null, lo, hi):
+  return {"share": share, "null": null, "n_images": 32, "beyond": lo > 0,
+          "excess": {"mean": share - null, "lo": lo, "hi": hi}}
+
+
+def test_verdict_h3_rules_separate_construction_from_data():
+  assert H.verdict_h3(_l1(0.87, 0.706, 0.12, 0.2), 0.7)[0] == H.SUPPORTED
+  v, ev = H.verdict_h3(_l1(0.71, 0.706, -0.01, 0.02), 0.7)
+  assert v == H.PARTIAL and "by construction" in ev           # the formula's concentration
+  assert H.verdict_h3(_l1(0.3, 0.706, -0.5, -0.3), 0.7)[0] == H.NOT_SUPPORTED
+  assert H.verdict_h3(_l1(float("nan"), 0.706, np.nan, np.nan), 0.7)[0] == H.NOT_TESTED
 
 
 def _dilution(eff_run, eff_large):

@@ -36,6 +36,7 @@ def _smoke_cfg(root, cache):
   cfg.flow.num_steps = 2
   cfg.train.num_steps = 4
   cfg.train.segment_steps = 2
+  cfg.eval.budgets = (0, 2, 4)
   cfg.report.n_examples = 2
   return cfg
 
@@ -54,7 +55,15 @@ def test_end_to_end_report_and_layout(trained):
   cfg, run, out, _ = trained
   report = (run / "report.md").read_text()
   assert "| brick | mean_only |" in report and "| **mean** | tail_aware − mean_only |" in report
-  assert "PaDiM" in report and "Verdict" in report
+  assert "PaDiM" in report and "Reading: **" in report
+  for section in ("## Answer", "## Budget curve", "## Model selection without the test set",
+                  "## The causal chain", "Does the answer depend on the training budget?"):
+    assert section in report, section
+  assert report.index("## Answer") < report.index("## Results at the last step")
+  assert (run / "budget_curve.png").read_bytes()[:4] == b"\x89PNG"
+  con = json.loads((run / "conclusions.json").read_text())
+  assert con["primary"] == "val" and con["budgets"] == [0, 2, 4]
+  assert set(con["links"]) >= {"L2", "L3", "L4"}
   saved = json.loads((run / "metrics.json").read_text())
   for cat in ("brick", "gravel"):
     rows = saved["categories"][cat]["rows"]

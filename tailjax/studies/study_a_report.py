@@ -1,0 +1,387 @@
+"""Study A's conclusions: budget curve, model selection without the test set, the causal
+chain, per-category verdicts with multiplicity correction, and the report.
+
+Rules, fixed before any run (they are printed in the report):
+
+* **Primary evaluation point.** Each row is read at the step its *validation* NLL
+  selects (lowest mean patch NLL of the held-out normal training images over the
+  budget ladder); without a validation split, at the last step. The test set is
+  never used to choose anything.
+* **Plateau rule** (reported beside it): the earliest budget s whose validation NLL
+  is within ``eval.plateau_tol`` (relative) of the best value at any later budget.
+* **Per-category verdicts**: paired t-tests over seeds of tail − mean, Holm-corrected
+  over the categories; pooled reading "better"/"worse" when every significant
+  category agrees in sign, "mixed" when significant effects of both signs exist.
+  Heterogeneity: Cochran's Q / I² on the per-category differences.
+* **Budget dependence**: the sign "depends on the budget" when the pooled mean
+  difference has different signs at two trained budgets (s > 0); the budgets where
+  its 95 % CI excludes 0 are listed.
+* **Causal links** (``tailjax.analysis.causal``): L1 beyond construction iff the
+  tail-aware model's excess share CI (over images) lies above 0 in every category;
+  L2 supported iff the pooled paired difference of the normal tail gap
+  (p99.5 − p50 of held-out normal patch NLL) lies below 0; L3 supported iff the
+  pooled paired difference of border-band pixel AP lies above 0 *and* exceeds the
+  interior's; L4 = the pooled pixel-AP reading. The link p-values are
+  Holm-corrected together; everything else in the report is descriptive.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tailjax import reporting
+from tailjax.analysis import causal
+from tailjax.evaluation import METRIC_KEYS, METRIC_NAMES
+from tailjax.stats import mean_ci
+
+STUDY_COUPLING_STEPS = 8
+
+
+# ----------------------------------------------------------------------------
+# Reading the per-budget records
+# ----------------------------------------------------------------------------
+
+
+def budgets(results: dict) -> list[int]:
+  first = next(iter(results.values()))
+  return sorted(int(s) for s in first["budgets"])
+
+
+def _record(results, cat, step: int, i: int) -> dict:
+  return results[cat]["budgets"][str(step)][i]
+
+
+def selected_steps(results: dict, cat: str, rule: str, tol: float) -> list[int] | None:
+  """Per row of ``cat``: the step chosen by ``rule`` ("val" or "plateau") from the
+  validation NLL alone; None without a validation split."""
+  steps = budgets(results)
+  rows = results[cat]["rows"]
+  if "val" not in _record(results, cat, steps[-1], 0):
+    return None
+  out = []
+  for i in range(len(rows)):
+    v = np.array([_record(results, cat, s, i)["val"]["mean"] for s in steps])
+    if rule == "val":
+      out.append(steps[int(np.nanargmin(v))])
+    elif rule == "plateau":
+      later_best = np.minimum.accumulate(v[::-1])[::-1]
+      ok = np.where(v - later_best <= tol * np.abs(v))[0]
+      out.append(steps[int(ok[0])])
+    else:
+      raise ValueError(f"unknown selection rule {rule!r}")
+  return out
+
+
+def view(results: dict, steps_by_cat: dict[str, list[int]]) -> dict:
+  """A results dict whose rows carry the records at the given per-row steps."""
+  out = {}
+  for c, res in results.items():
+    rows = []
+    for i, r in enumerate(res["rows"]):
+      rec = _record(results, c, steps_by_cat[c][i], i)
+      rows.append({**r, "metrics": rec["metrics"], "record": rec, "step": steps_by_cat[c][i]})
+    out[c] = {**res, "rows": rows}
+  return out
+
+
+def at_step(results: dict, step: int) -> dict:
+  return view(results, {c: [step] * len(r["rows"]) for c, r in results.items()})
+
+
+def paired(results_view: dict, base: str, treat: str, value) -> dict[str, np.ndarray]:
+  """Per category: treat − base per seed of ``value(row)`` (seed-paired)."""
+  out = {}
+  for c, res in results_view.items():
+    by = {(r["variant"], r["seed"]): value(r) for r in res["rows"]}
+    seeds = sorted(s for v, s in by if v == base)
+    out[c] = np.array([by[(treat, s)] - by[(base, s)] for s in seeds], np.float64)
+  return out
+
+
+def pooled(per_cat: dict[str, np.ndarray]) -> np.ndarray:
+  """Per seed, the mean over categories (categories where a value is undefined drop out)."""
+  stacked = np.stack(list(per_cat.values()))
+  ok = np.isfinite(stacked)
+  total = np.where(ok, stacked, 0.0).sum(0)
+  count = ok.sum(0)
+  return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+# ----------------------------------------------------------------------------
+# Conclusions
+# ----------------------------------------------------------------------------
+
+
+def conclusions(cfg, results: dict, analysis: dict | None = None) -> dict:
+  """Everything the report states, as numbers (also saved in metrics.json)."""
+  base, treat = cfg.report.baseline, cfg.report.treatment
+  tol = float(cfg.eval.plateau_tol)
+  steps = budgets(results)
+  cats = list(results)
+  sel = {rule: {c: selected_steps(results, c, rule, tol) for c in cats}
+         for rule in ("val", "plateau")}
+  has_val = all(v is not None for v in sel["val"].values())
+  primary_steps = sel["val"] if has_val else {c: [steps[-1]] * len(results[c]["rows"])
+                                              for c in cats}
+  primary = view(results, primary_steps)
+  ap = lambda r: r["metrics"]["pixel_ap"]
+  out: dict[str, Any] = {"primary": "val" if has_val else "final", "budgets": steps,
+                         "selected": {r: v for r, v in sel.items() if has_val}}
+
+  # Per-category verdicts at the primary point (pixel AP and image AUROC).
+  out["verdicts"] = {k: causal.category_verdicts(paired(primary, base, treat,
+                                                        lambda r, k=k: r["metrics"][k]))
+                     for k in ("pixel_ap", "image_auroc")}
+  out["pooled_diff"] = {k: causal.paired_test(pooled(paired(primary, base, treat,
+                                                            lambda r, k=k: r["metrics"][k])))
+                        for k in METRIC_KEYS}
+
+  # The budget curve.
+  curve = {}
+  for s in steps:
+    v = at_step(results, s)
+    curve[s] = {"pooled": causal.paired_test(pooled(paired(v, base, treat, ap))),
+                "categories": {c: causal.paired_test(d)
+                               for c, d in paired(v, base, treat, ap).items()}}
+  out["curve"] = curve
+  trained = [s for s in steps if s > 0]
+  signs = {s: np.sign(curve[s]["pooled"]["mean"]) for s in trained}
+  out["budget_sign"] = {
+      "depends": len({x for x in signs.values() if x != 0}) > 1,
+      "significant": {s: reporting.side_of_zero(curve[s]["pooled"]) for s in trained
+                      if reporting.side_of_zero(curve[s]["pooled"]) != 0},
+      "signs": {s: int(x) for s, x in signs.items()}}
+
+  # The causal chain (L2, L3 from the evaluation records; L1 from the analysis).
+  links = {}
+  if has_val:
+    gap = paired(primary, base, treat, lambda r: r["record"]["val"]["gap"])
+    p995 = paired(primary, base, treat, lambda r: r["record"]["val"]["p99.5"])
+    links["L2"] = {"gap": causal.paired_test(pooled(gap)),
+                   "p99.5": causal.paired_test(pooled(p995)),
+                   "fpr": causal.paired_test(pooled(paired(
+                       primary, base, treat, lambda r: r["record"]["boundary"]["all"]["fpr_at_tpr"]))),
+                   "categories": {c: causal.paired_test(d) for c, d in gap.items()}}
+    links["L2"]["verdict"] = ("SUPPORTED" if reporting.side_of_zero(links["L2"]["gap"]) < 0
+                              else "NOT SUPPORTED")
+  band = pooled(paired(primary, base, treat, lambda r: r["record"]["boundary"]["band"]["ap"]))
+  inner = pooled(paired(primary, base, treat, lambda r: r["record"]["boundary"]["interior"]["ap"]))
+  l3 = {"band": causal.paired_test(band), "interior": causal.paired_test(inner),
+        "band_minus_interior": causal.paired_test(band - inner)}
+  up = reporting.side_of_zero(l3["band"]) > 0
+  l3["verdict"] = ("SUPPORTED" if up and l3["band"]["mean"] > l3["interior"]["mean"] else
+                   "PARTIAL" if up else "NOT SUPPORTED")
+  links["L3"] = l3
+  if analysis is not None:
+    l1 = {c: a["l1"] for c, a in analysis["categories"].items() if "l1" in a}
+    if l1:
+      beyond = all(v["treatment"]["beyond"] for v in l1.values())
+      links["L1"] = {"categories": l1,
+                     "verdict": "BEYOND CONSTRUCTION" if beyond else "BY CONSTRUCTION"}
+  vp = out["verdicts"]["pixel_ap"]
+  links["L4"] = {"pooled": out["pooled_diff"]["pixel_ap"], "reading": vp["pooled"],
+                 "verdict": {"better": "SUPPORTED", "worse": "CONTRADICTED",
+                             "mixed": "MIXED"}.get(vp["pooled"], "NOT SUPPORTED")}
+  # Holm over the links' pooled tests.
+  names, ps = [], []
+  for name, key in (("L2", "gap"), ("L3", "band"), ("L4", "pooled")):
+    if name in links:
+      names.append(name)
+      ps.append(links[name][key]["p"])
+  if "L1" in links:
+    for c, v in links["L1"]["categories"].items():
+      names.append(f"L1 {c}")
+      ps.append(v["treatment"]["excess"]["p"])
+  out["link_holm"] = dict(zip(names, (float(x) for x in causal.holm(ps))))
+  out["links"] = links
+  out["n_seeds"] = len({r["seed"] for r in next(iter(results.values()))["rows"]})
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------
+
+
+def _pp(ci, digits=2) -> str:
+  return reporting.interval(ci, scale=100, digits=digits, signed=True)
+
+
+def _reading(v: dict) -> str:
+  return {"better": "tail-aware better", "worse": "tail-aware worse", "mixed": "mixed",
+          }.get(v["pooled"], "no significant difference")
+
+
+def answer_lines(cfg, results: dict, con: dict) -> list[str]:
+  base, treat = cfg.report.baseline, cfg.report.treatment
+  vp = con["verdicts"]["pixel_ap"]
+  at = ("at the step each row's validation NLL selects (held-out normal training images)"
+        if con["primary"] == "val" else "at the last step (no validation split)")
+  per_cat = "; ".join(
+      f"{c} {_pp(v)} pp (Holm p = {reporting.pvalue(v['p_holm'])}"
+      f"{', ' + ('better' if v['sign'] > 0 else 'worse') if v['sign'] else ''})"
+      for c, v in vp["categories"].items())
+  het = vp["heterogeneity"]
+  bs = con["budget_sign"]
+  curve = con["curve"]
+  trained = [s for s in con["budgets"] if s > 0]
+  sig = ", ".join(f"{s} ({'+' if v > 0 else '−'})" for s, v in bs["significant"].items()) or "none"
+  lines = [
+      f"**Pixel AP, {treat} − {base}, {at}:** pooled over categories "
+      f"{_pp(con['pooled_diff']['pixel_ap'])} pp (95 % CI over {con['n_seeds']} seeds). "
+      f"Per category (paired t-test, Holm-corrected over {len(vp['categories'])} categories): "
+      f"{per_cat}. Reading: **{_reading(vp)}**"
+      + (f"; categories differ (Cochran's Q = {het['q']:.1f}, p = {reporting.pvalue(het['p'])}, "
+         f"I² = {100 * het['i2']:.0f} %)" if np.isfinite(het["p"]) and het["p"] < 0.05 else "")
+      + ".",
+      "**Does the answer depend on the training budget?** "
+      + ("**Yes**: the pooled difference changes sign across budgets " if bs["depends"] else
+         "**No**: the pooled difference keeps one sign at every trained budget ")
+      + "(" + ", ".join(f"{s}: {_pp(curve[s]['pooled'])}" for s in trained) + "); "
+      f"budgets where its CI excludes 0: {sig}. Figure: `budget_curve.png`.",
+  ]
+  vi = con["verdicts"]["image_auroc"]
+  lines.append(f"Image AUROC at the same point: pooled {_pp(con['pooled_diff']['image_auroc'])} "
+               f"pp, reading **{_reading(vi)}**.")
+  if con["n_seeds"] < 3:
+    lines.append(f"⚠ Only {con['n_seeds']} seed(s): a t-interval with {con['n_seeds'] - 1} "
+                 "degree(s) of freedom is nearly meaningless; use ≥ 3 seeds for conclusions.")
+  if int(cfg.flow.num_steps) != STUDY_COUPLING_STEPS:
+    lines.append(f"This run uses {cfg.flow.num_steps} coupling steps; the study used "
+                 f"{STUDY_COUPLING_STEPS} (`make study` runs that architecture).")
+  lines.append("The study reported +9.94 pp pixel AP (45.86 → 55.80 %) and image AUROC "
+               "96.62 → 98.05 % on its own data, from single runs.")
+  return lines
+
+
+def budget_table(cfg, results: dict, con: dict) -> list[str]:
+  base, treat = cfg.report.baseline, cfg.report.treatment
+  cats = list(results)
+  lines = []
+  for scope in cats + (["pooled"] if len(cats) > 1 else []):
+    body = []
+    for s in con["budgets"]:
+      v = at_step(results, s)
+      vals = {}
+      for var in (base, treat):
+        for k in ("pixel_ap", "image_auroc"):
+          per_seed = [np.mean([r["metrics"][k] for c in (cats if scope == "pooled" else [scope])
+                               for r in v[c]["rows"] if r["variant"] == var and r["seed"] == sd])
+                      for sd in sorted({r["seed"] for r in v[cats[0]]["rows"]})]
+          vals[(var, k)] = per_seed
+      d = con["curve"][s]["pooled" if scope == "pooled" else "categories"]
+      d = d if scope == "pooled" else d[scope]
+      di = causal.paired_test(np.subtract(vals[(treat, "image_auroc")], vals[(base, "image_auroc")]))
+      body.append([s, reporting.mean_std(vals[(base, "pixel_ap")]),
+                   reporting.mean_std(vals[(treat, "pixel_ap")]), _pp(d),
+                   reporting.mean_std(vals[(base, "image_auroc")]),
+                   reporting.mean_std(vals[(treat, "image_auroc")]), _pp(di)])
+    lines += [f"**{scope}**", ""]
+    lines += reporting.table(["step", f"{base} pixel AP", f"{treat} pixel AP", "difference [95 % CI]",
+                              f"{base} image AUROC", f"{treat} image AUROC", "difference"], body)
+    lines.append("")
+  return lines
+
+
+def selection_table(cfg, results: dict, con: dict) -> list[str]:
+  if not con["selected"]:
+    return ["No validation split (`data.val_fraction` = 0): no model selection; every number "
+            "is at the last step.", ""]
+  base, treat = cfg.report.baseline, cfg.report.treatment
+  body = []
+  for rule, name in (("val", "lowest validation NLL"), ("plateau", "validation plateau")):
+    v = view(results, con["selected"][rule])
+    for c in list(results) + ["pooled"]:
+      scope = list(results) if c == "pooled" else [c]
+      steps = {var: [r["step"] for s in scope for r in v[s]["rows"] if r["variant"] == var]
+               for var in (base, treat)}
+      d = {k: paired(v, base, treat, lambda r, k=k: r["metrics"][k]) for k in METRIC_KEYS}
+      cells = [_pp(causal.paired_test(pooled({s: d[k][s] for s in scope}))) for k in METRIC_KEYS]
+      body.append([name, c, ", ".join(map(str, steps[base])), ", ".join(map(str, steps[treat])),
+                   *cells])
+  return reporting.table(["rule", "scope", f"{base} steps", f"{treat} steps",
+                          *(f"Δ {METRIC_NAMES[k]}" for k in METRIC_KEYS)], body) + [""]
+
+
+def causal_table(cfg, con: dict) -> list[str]:
+  L = con["links"]
+  lam = cfg.variants[cfg.report.treatment].tail_weight
+  rows = []
+  if "L1" in L:
+    ev = "; ".join(f"{c}: share {v['treatment']['share']:.3f} vs null {v['treatment']['null']:.3f}, "
+                   f"excess {reporting.interval(v['treatment']['excess'], signed=True)} "
+                   f"(mean-only model: {v['baseline']['share']:.3f} vs {v['baseline']['null']:.3f})"
+                   for c, v in L["L1"]["categories"].items())
+    rows.append(["L1 concentration", f"tail share of the update (λ = {lam}) − λ + (1−λ)k/N, CI over "
+                 "images above 0 in every category", ev, f"**{L['L1']['verdict']}**"])
+  else:
+    rows.append(["L1 concentration", "needs the analysis (`analysis.enabled`)", "—", "NOT TESTED"])
+  if "L2" in L:
+    l2 = L["L2"]
+    rows.append(["L2 boundary learning", "normal tail gap p99.5 − p50 of held-out normal patch NLL, "
+                 "pooled paired Δ below 0",
+                 f"Δ gap {reporting.interval(l2['gap'], signed=True)} nats; Δ p99.5 "
+                 f"{reporting.interval(l2['p99.5'], signed=True)}; Δ pixel FPR@TPR "
+                 f"{cfg.eval.fixed_tpr} {_pp(l2['fpr'])} pp", f"**{l2['verdict']}**"])
+  l3 = L["L3"]
+  rows.append(["L3 scoring at boundaries", f"pixel AP on the {cfg.eval.boundary_px}-px border band: "
+               "pooled paired Δ above 0 and above the interior's",
+               f"Δ band AP {_pp(l3['band'])} pp, Δ interior AP {_pp(l3['interior'])} pp",
+               f"**{l3['verdict']}**"])
+  l4 = L["L4"]
+  rows.append(["L4 outcome", "pixel AP, per-category Holm verdicts", f"pooled Δ {_pp(l4['pooled'])} pp, "
+               f"reading {l4['reading']}", f"**{l4['verdict']}**"])
+  holm = ", ".join(f"{k}: {reporting.pvalue(v)}" for k, v in con["link_holm"].items())
+  return reporting.table(["link", "rule (fixed before the run)", "measurement", "verdict"], rows) + [
+      "", f"Holm-corrected p-values of the links' tests: {holm}. The budget curve, the hypothesis "
+      "table's H3/H7 statistics and the gradient norms are descriptive.", ""]
+
+
+def budget_figure(path: Path, cfg, results: dict, con: dict) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  base, treat = cfg.report.baseline, cfg.report.treatment
+  cats = list(results)
+  scopes = cats + (["pooled"] if len(cats) > 1 else [])
+  steps = con["budgets"]
+  x = [max(s, 1) for s in steps]                      # log axis: the untrained flow at 1
+  fig, axes = plt.subplots(2, len(scopes), figsize=(3.6 * len(scopes), 6.2), squeeze=False)
+  for j, scope in enumerate(scopes):
+    ax, dx = axes[0, j], axes[1, j]
+    for var, color in ((base, "tab:blue"), (treat, "tab:red")):
+      cis = []
+      for s in steps:
+        v = at_step(results, s)
+        per_seed = [np.mean([r["metrics"]["pixel_ap"] for c in (cats if scope == "pooled" else [scope])
+                             for r in v[c]["rows"] if r["variant"] == var and r["seed"] == sd])
+                    for sd in sorted({r["seed"] for r in v[cats[0]]["rows"]})]
+        cis.append(mean_ci(per_seed))
+      m = np.array([100 * c["mean"] for c in cis])
+      lo = np.array([100 * c["lo"] if np.isfinite(c["lo"]) else 100 * c["mean"] for c in cis])
+      hi = np.array([100 * c["hi"] if np.isfinite(c["hi"]) else 100 * c["mean"] for c in cis])
+      ax.plot(x, m, "o-", color=color, label=var)
+      ax.fill_between(x, lo, hi, color=color, alpha=0.2)
+    d = [con["curve"][s]["pooled"] if scope == "pooled" else con["curve"][s]["categories"][scope]
+         for s in steps]
+    dm = np.array([100 * c["mean"] for c in d])
+    dlo = np.array([100 * c["lo"] if np.isfinite(c["lo"]) else 100 * c["mean"] for c in d])
+    dhi = np.array([100 * c["hi"] if np.isfinite(c["hi"]) else 100 * c["mean"] for c in d])
+    dx.plot(x, dm, "ko-")
+    dx.fill_between(x, dlo, dhi, color="k", alpha=0.15)
+    dx.axhline(0, color="grey", lw=0.8)
+    for a in (ax, dx):
+      a.set_xscale("log")
+      a.grid(alpha=0.3)
+    ax.set_title(scope)
+    ax.set_ylabel("pixel AP (%)")
+    dx.set_ylabel(f"{treat} − {base} (pp)")
+    dx.set_xlabel("training steps (0 plotted at 1)")
+    if j == 0:
+      ax.legend(fontsize=8)
+  fig.suptitle("Pixel AP across the training budget (mean, 95 % CI over seeds)")
+  fig.tight_layout()
+  reporting.save_figure(fig, path)
