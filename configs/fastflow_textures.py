@@ -25,6 +25,8 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, "", "smoke"):
+    raise ValueError(f"configs/fastflow_textures.py: unknown variant {arg!r} (known: 'smoke')")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0            # first seed; seeds are seed, seed+1, ...

@@ -179,3 +179,17 @@ def test_summary_pairs_differences_by_seed():
   assert s["mean"]["difference"]["pixel_ap"]["values"] == pytest.approx([0.05, 0.15, 0.1])
   assert study_a.verdict(d).startswith("tail-aware better")
   assert study_a.verdict({"mean": 0.1, "lo": np.nan, "hi": np.nan}).startswith("undetermined")
+
+
+def test_validation_split_comes_from_training_images_only(trained):
+  cfg, run, _, _ = trained
+  data = pipeline.Dataset(study_a.load_config(run)).load("gravel")
+  n = len(data.train_index) + len(data.val_index)
+  assert len(data.val_index) == round(cfg.data.val_fraction * n) > 0
+  assert set(data.train_index).isdisjoint(data.val_index)
+  assert sorted([*data.train_index, *data.val_index]) == list(range(n))
+  flat = lambda a: {a[i].tobytes() for i in range(len(a))}
+  assert flat(data.val_feats).isdisjoint(flat(data.test_feats))
+  assert flat(data.val_feats).isdisjoint(flat(data.train_feats))
+  with pytest.raises(ValueError, match=r"config.data.val_fraction must lie in \[0, 1\)"):
+    pipeline.split_train_val(10, 1.0, 0)

@@ -130,6 +130,10 @@ def conclusions(cfg, results: dict, analysis: dict | None = None) -> dict:
   ap = lambda r: r["metrics"]["pixel_ap"]
   out: dict[str, Any] = {"primary": "val" if has_val else "final", "budgets": steps,
                          "selected": {r: v for r, v in sel.items() if has_val}}
+  if has_val:
+    plateau = [s for c in cats for s in sel["plateau"][c]]
+    out["plateau_rows"] = {"before_last": int(sum(s < steps[-1] for s in plateau)),
+                           "rows": len(plateau)}
 
   # Per-category verdicts at the primary point (pixel AP and image AUROC).
   out["verdicts"] = {k: causal.category_verdicts(paired(primary, base, treat,
@@ -302,8 +306,14 @@ def selection_table(cfg, results: dict, con: dict) -> list[str]:
       cells = [_pp(causal.paired_test(pooled({s: d[k][s] for s in scope}))) for k in METRIC_KEYS]
       body.append([name, c, ", ".join(map(str, steps[base])), ", ".join(map(str, steps[treat])),
                    *cells])
+  pr = con["plateau_rows"]
+  note = (f"The validation NLL reached a plateau (rule: within {cfg.eval.plateau_tol:g} relative "
+          f"of every later budget's best) before the last budget in {pr['before_last']} of "
+          f"{pr['rows']} rows" + ("." if pr["before_last"] == pr["rows"] else
+                                  "; the others were still improving at the last budget, so a "
+                                  "longer ladder could change their selected step."))
   return reporting.table(["rule", "scope", f"{base} steps", f"{treat} steps",
-                          *(f"Δ {METRIC_NAMES[k]}" for k in METRIC_KEYS)], body) + [""]
+                          *(f"Δ {METRIC_NAMES[k]}" for k in METRIC_KEYS)], body) + ["", note, ""]
 
 
 def causal_table(cfg, con: dict) -> list[str]:
