@@ -11,8 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-
 from tailjax.reporting import save_figure as save  # noqa: E402  (the one figure writer)
 
 
@@ -33,7 +31,10 @@ def anomaly_examples(path, images_NxHxWx3, masks_NxHxW, types_N: Sequence[str],
                      maps_by_method: Mapping[str, np.ndarray], n_examples: int = 4,
                      title: str = "") -> None:
   """Grid: one row per test image — the image with its ground-truth outline, then each
-  method's anomaly map (own colour scale per method, shared across its rows)."""
+  method's anomaly map (own colour scale per method, shared across its rows).
+
+  ``images_NxHxWx3`` may be None (data without images, e.g. pre-extracted features):
+  the first column then shows the ground-truth mask instead of the image."""
   labels = np.asarray(masks_NxHxW).reshape(len(masks_NxHxW), -1).any(1)
   rows = pick_examples(labels, types_N, n_examples)
   methods = list(maps_by_method)
@@ -45,10 +46,14 @@ def anomaly_examples(path, images_NxHxWx3, masks_NxHxW, types_N: Sequence[str],
             for m in methods}
   for r, i in enumerate(rows):
     ax = axes[r, 0]
-    ax.imshow(images_NxHxWx3[i])
-    if labels[i]:
-      ax.contour(masks_NxHxW[i], levels=[0.5], colors="lime", linewidths=0.8)
-    ax.set_title(types_N[i], fontsize=8)
+    if images_NxHxWx3 is None:
+      ax.imshow(masks_NxHxW[i], cmap="gray", vmin=0, vmax=1)
+      ax.set_title(f"{types_N[i]} (mask)", fontsize=8)
+    else:
+      ax.imshow(images_NxHxWx3[i])
+      if labels[i]:
+        ax.contour(masks_NxHxW[i], levels=[0.5], colors="lime", linewidths=0.8)
+      ax.set_title(types_N[i], fontsize=8)
     for j, m in enumerate(methods):
       ax = axes[r, 1 + j]
       ax.imshow(maps_by_method[m][i], cmap="inferno", vmin=ranges[m][0], vmax=ranges[m][1])

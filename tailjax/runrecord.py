@@ -55,6 +55,9 @@ NOT_RESULTS = (
     "train.rows", "train.log_every", "sweep.rows", "sweep.conv_impl", "sweep.batch_devices",
     "sweep.segment_steps", "train.segment_steps", "train.conv_impl",
     "data.cache_dir", "backbone.batch_size", "report.*", "analysis.*", "smoke", "progress",
+    # A moved weight file is the same run; a different one changes the features, which
+    # the engine's rows.json (features hash) refuses.
+    "backbone.weights",
     "train.fast_compile", "train.hparam_axis",
 )
 

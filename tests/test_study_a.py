@@ -76,7 +76,8 @@ def test_end_to_end_report_and_layout(trained):
     assert sorted(p.name for p in (run / cat / "checkpoints").iterdir() if p.name.isdigit()) \
         == ["2", "4"]
   m = runrecord.read_manifest(run)
-  assert m["kind"] == "study_a" and m["invocations"][-1]["row_mode"] == "map"
+  inv = m["invocations"][-1]
+  assert m["kind"] == "study_a" and (inv["row_mode"], inv["conv_impl"]) == ("map", "matmul")
 
 
 def test_every_config_field_is_read(trained):

@@ -1,4 +1,4 @@
-"""Feature cache for frozen backbones, and the reader for user-supplied feature files.
+"""Feature cache for frozen backbones, and the readers for user-supplied feature files.
 
 Extracting backbone features is the slowest step of study A and its result
 depends only on the image bytes, the backbone, the input resolution and the
@@ -17,6 +17,13 @@ Image order is part of the key because row i of the result belongs to image i.
 Entries are ``<cache_dir>/<key>.npz`` holding one float32 array per layer plus
 a JSON metadata record, written atomically; an unreadable or mismatching entry
 is recomputed and replaced.
+
+Features extracted elsewhere come in as ``.npz`` files: ``load_feature_category``
+reads one category for ``data.kind=features`` (``train_features``,
+``test_features``, ``test_labels``, ``test_masks``; see ``tailjax.data.pipeline``),
+``load_feature_npz`` one labelled split (``features``, ``labels``, optional
+``masks``). Both validate shapes, values and masks, raising ``DatasetError`` that
+names the file and the array.
 """
 
 from __future__ import annotations
@@ -160,6 +167,73 @@ class FeatureSet:
   path: Path
 
 
+def _read(path: str | os.PathLike, required: Sequence[str],
+          what: str = "feature file") -> tuple[Path, dict[str, np.ndarray]]:
+  path = Path(path)
+  if not path.is_file():
+    raise MissingDataError(f"{what} {path} does not exist")
+  arrays = read_npz(path, error=DatasetError)
+  missing = [k for k in required if k not in arrays]
+  if missing:
+    raise DatasetError(f"{what} {path} lacks the array{'s' if len(missing) > 1 else ''} "
+                       f"{', '.join(repr(k) for k in missing)} (found {sorted(arrays)})")
+  return path, arrays
+
+
+def _check_features(path: Path, name: str, feats: np.ndarray) -> np.ndarray:
+  """A finite real ``[n, H, W, C]`` array as float32, or ``DatasetError`` naming file and field."""
+  if feats.ndim != 4:
+    raise DatasetError(f"{path}: {name!r} must be [n, H, W, C], got shape {feats.shape}")
+  if not (np.issubdtype(feats.dtype, np.floating) or np.issubdtype(feats.dtype, np.integer)):
+    raise DatasetError(f"{path}: {name!r} must be real numbers, got dtype {feats.dtype}")
+  if 0 in feats.shape:
+    raise DatasetError(f"{path}: {name!r} is empty (shape {feats.shape})")
+  feats = feats.astype(np.float32, copy=False)
+  finite_N = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
+  if not finite_N.all():
+    bad = int((~np.isfinite(feats)).sum())
+    raise DatasetError(f"{path}: {name!r} holds {bad} NaN/Inf values "
+                       f"(first in sample {int(np.argmax(~finite_N))})")
+  return feats
+
+
+def _check_labels(path: Path, name: str, labels: np.ndarray, n: int, against: str) -> np.ndarray:
+  if labels.shape != (n,):
+    raise DatasetError(f"{path}: {name!r} must have shape ({n},) to match {against!r}, "
+                       f"got {labels.shape}")
+  if not np.isin(labels, (0, 1)).all():
+    raise DatasetError(f"{path}: {name!r} must be 0 (good) or 1 (defective), "
+                       f"got values {np.unique(labels)[:8].tolist()}")
+  return labels.astype(np.int32)
+
+
+def _check_masks(path: Path, name: str, masks: np.ndarray, labels: np.ndarray,
+                 labels_name: str, require_defect_pixels: bool) -> np.ndarray:
+  n = len(labels)
+  if masks.ndim != 3 or masks.shape[0] != n:
+    raise DatasetError(f"{path}: {name!r} must be [{n}, h, w] (one mask per {labels_name!r} "
+                       f"entry), got shape {masks.shape}")
+  if 0 in masks.shape[1:]:
+    raise DatasetError(f"{path}: {name!r} has empty masks (shape {masks.shape})")
+  values = set(np.unique(masks).tolist())
+  if not (values <= {0, 1} or values <= {0, 255}):
+    raise DatasetError(f"{path}: {name!r} is not binary, values {sorted(values)[:8]} "
+                       "(expected 0/1 or 0/255)")
+  masks = (masks > 0).astype(np.uint8)
+  any_N = masks.reshape(n, -1).any(axis=1)
+  good_marked = np.flatnonzero(any_N & (labels == 0))
+  if good_marked.size:
+    raise DatasetError(f"{path}: {name!r} marks defect pixels in sample {int(good_marked[0])}, "
+                       f"which {labels_name!r} labels good")
+  if require_defect_pixels:
+    unmarked = np.flatnonzero(~any_N & (labels == 1))
+    if unmarked.size:
+      raise DatasetError(f"{path}: {labels_name!r} labels sample {int(unmarked[0])} defective "
+                         f"but its mask in {name!r} is empty ({unmarked.size} such samples); "
+                         "every defective sample needs its pixel mask")
+  return masks
+
+
 def load_feature_npz(path: str | os.PathLike) -> FeatureSet:
   """Reads and validates a ``.npz`` with ``features``, ``labels`` and optional ``masks``.
 
@@ -168,41 +242,64 @@ def load_feature_npz(path: str | os.PathLike) -> FeatureSet:
   shape [N, h, w] with values in {0, 1} or {0, 255}. Every failure raises
   ``DatasetError`` naming the file and the field.
   """
-  path = Path(path)
-  if not path.is_file():
-    raise MissingDataError(f"feature file {path} does not exist")
-  arrays = read_npz(path, error=DatasetError)
-  for name in ("features", "labels"):
-    if name not in arrays:
-      raise DatasetError(f"feature file {path} lacks the array {name!r} "
-                         f"(found {sorted(arrays)})")
-  feats = arrays["features"]
-  if feats.ndim != 4:
-    raise DatasetError(f"{path}: 'features' must be [n, H, W, C], got shape {feats.shape}")
-  if not (np.issubdtype(feats.dtype, np.floating) or np.issubdtype(feats.dtype, np.integer)):
-    raise DatasetError(f"{path}: 'features' must be real numbers, got dtype {feats.dtype}")
-  feats = feats.astype(np.float32)
-  finite = np.isfinite(feats)
-  if not finite.all():
-    first = int(np.argmax(~finite.reshape(len(feats), -1).all(axis=1)))
-    raise DatasetError(f"{path}: 'features' holds {int((~finite).sum())} NaN/Inf values "
-                       f"(first in sample {first})")
-  n = feats.shape[0]
-  labels = arrays["labels"]
-  if labels.shape != (n,):
-    raise DatasetError(f"{path}: 'labels' must have shape ({n},) to match 'features', "
-                       f"got {labels.shape}")
-  if not np.isin(labels, (0, 1)).all():
-    raise DatasetError(f"{path}: 'labels' must be 0 (good) or 1 (defective), "
-                       f"got values {np.unique(labels)[:8].tolist()}")
+  path, arrays = _read(path, ("features", "labels"))
+  feats = _check_features(path, "features", arrays["features"])
+  labels = _check_labels(path, "labels", arrays["labels"], len(feats), "features")
   masks = arrays.get("masks")
   if masks is not None:
-    if masks.ndim != 3 or masks.shape[0] != n:
-      raise DatasetError(f"{path}: 'masks' must be [{n}, h, w], got shape {masks.shape}")
-    values = set(np.unique(masks).tolist())
-    if not (values <= {0, 1} or values <= {0, 255}):
-      raise DatasetError(f"{path}: 'masks' is not binary, values {sorted(values)[:8]}")
-    masks = (masks > 0).astype(np.uint8)
-    if masks[labels == 0].any():
-      raise DatasetError(f"{path}: 'masks' marks defect pixels in images labelled good")
-  return FeatureSet(feats, labels.astype(np.int32), masks, path)
+    masks = _check_masks(path, "masks", masks, labels, "labels", require_defect_pixels=False)
+  return FeatureSet(feats, labels, masks, path)
+
+
+FEATURE_CATEGORY_KEYS = ("train_features", "test_features", "test_labels", "test_masks")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureCategory:
+  """One category of pre-extracted features (a ``data.kind=features`` file).
+
+  Attributes:
+    train_features: float32 [N, H, W, C], defect-free training samples.
+    test_features: float32 [M, H, W, C], same grid and channels.
+    test_labels: int32 [M], 0 good / 1 defective.
+    test_masks: uint8 [M, S_h, S_w] in {0, 1}; all-zero exactly for the good samples.
+    path: the file.
+  """
+  train_features: np.ndarray
+  test_features: np.ndarray
+  test_labels: np.ndarray
+  test_masks: np.ndarray
+  path: Path
+
+
+def load_feature_category(path: str | os.PathLike) -> FeatureCategory:
+  """Reads and validates one category's ``.npz``: exactly the arrays of ``FEATURE_CATEGORY_KEYS``.
+
+  ``train_features [N, H, W, C]`` and ``test_features [M, H, W, C]`` (any grid H×W,
+  any channel count C, the same in both; real, finite; N ≥ 2), ``test_labels [M]``
+  in {0, 1} with at least one good and one defective sample (the metrics need both),
+  ``test_masks [M, S_h, S_w]`` with values {0, 1} or {0, 255} (any mask size): empty
+  for every good sample, non-empty for every defective one. Any failure, and any
+  other array in the file, raises ``DatasetError`` naming the file and the array.
+  """
+  path, arrays = _read(path, FEATURE_CATEGORY_KEYS, what="features file")
+  extra = sorted(set(arrays) - set(FEATURE_CATEGORY_KEYS))
+  if extra:
+    raise DatasetError(f"{path}: unknown arrays {extra}; a features file holds exactly "
+                       f"{', '.join(FEATURE_CATEGORY_KEYS)}")
+  train = _check_features(path, "train_features", arrays["train_features"])
+  test = _check_features(path, "test_features", arrays["test_features"])
+  if len(train) < 2:
+    raise DatasetError(f"{path}: 'train_features' needs at least 2 samples, got {len(train)}")
+  if train.shape[1:] != test.shape[1:]:
+    (h, w, c), (th, tw, tc) = train.shape[1:], test.shape[1:]
+    raise DatasetError(f"{path}: 'test_features' is a {th}×{tw} grid of {tc} channels but "
+                       f"'train_features' a {h}×{w} grid of {c}; they must match")
+  labels = _check_labels(path, "test_labels", arrays["test_labels"], len(test), "test_features")
+  if labels.min() == labels.max():
+    kind = "defective" if labels[0] == 0 else "good"
+    raise DatasetError(f"{path}: 'test_labels' has no {kind} sample; the metrics need both "
+                       "good and defective test samples")
+  masks = _check_masks(path, "test_masks", arrays["test_masks"], labels, "test_labels",
+                       require_defect_pixels=True)
+  return FeatureCategory(train, test, labels, masks, path)

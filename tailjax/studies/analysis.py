@@ -301,7 +301,7 @@ def _analyze_run(workdir, *, categories, num_images, sweeps, num_param_images, m
                    "backend": jax.default_backend()},
       "rules": hyp.RULES, "categories": {}}
   for cat, tc in trained.items():
-    images = tc.dataset.train_images(cat, cfg.backbone.resolution)
+    images = tc.dataset.train_images(cat)
     if images is not None and len(images) != len(tc.data.train_feats):
       raise ValueError(f"category {cat!r}: {len(images)} training images but "
                        f"{len(tc.data.train_feats)} feature rows")

@@ -163,7 +163,7 @@ def run_and_evaluate(cfg, workdir: str | Path, *, on_change: str = "error",
                      progress: bool = True) -> dict:
   """The whole sweep: every category's grid trained (resumable) and evaluated; writes
   ``results.json`` (``{"rows": [...]}``) and ``results.md`` in the workdir."""
-  runrecord.check_fields(cfg, FIELDS + pipeline.data_fields(cfg))
+  runrecord.check_fields(cfg, FIELDS + pipeline.input_fields(cfg))
   grid = grid_from_config(cfg.sweep)
   with runrecord.open_run(workdir, cfg, kind=KIND, on_change=on_change) as run:
     t0 = time.time()
