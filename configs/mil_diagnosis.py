@@ -1,6 +1,8 @@
-"""Study B diagnosis: is the flat attention-MIL AUC the loss, the optimiser or the features?
+"""Study B diagnosis: is the flat attention-MIL AUC the loss, the optimiser or the features,
+and does attention find the contaminants?
 
-Run (full: 5 ratios × 11 recipes × 5 seeds, about 5–10 min on a 2-core CPU):
+Run (full: 5 ratios × 14 recipes × 5 seeds, plus label-permutation runs; measured
+time in the README):
 
   python scripts/diagnose_mil.py --config=configs/mil_diagnosis.py --workdir=runs/mil
 
@@ -10,10 +12,17 @@ Quick check (2 ratios, 2 seeds, tiny bags, well under a minute):
 
 It prints the answers section of ``<workdir>/report.md``: the dispersion
 baseline against the study's 0.70 rule, whether the "before" AUC is flat,
-whether WeightedBCE(fp_weight=2) caused it (paired CI of BCE − WeightedBCE at
-each ratio), the mean gain of each one-change ablation, and whether the
-relation-aware model beats the baseline at 5 %. ``results.json`` holds every
-number; ``auc_vs_ratio.png`` the figure.
+whether WeightedBCE(fp_weight=2) caused it, whether the plain attention-MIL is
+the bottleneck, the gain of each one-change ablation, whether the
+relation-aware model beats the baseline at 5 %, whether attention finds the
+contaminants (instance AUROC of the attention weights against the
+foreign-instance labels), whether learned pooling beats the instance-level
+no-learning score, and whether below-chance cells are noise. Every verdict is
+given with intervals over seeds and with intervals that add the test-set
+sampling error (bootstrap over test bags). ``results.json`` holds every
+number; ``auc_vs_ratio.png`` and ``attention_bags.png`` the figures. A rerun
+in the same workdir reuses finished ratios; a changed config is refused
+(``--restart`` / ``--branch``).
 
 Data: ArcFace (margin 0.4, scale 30) embeddings of sklearn digits, embedder
 trained on digits 0–5, bags from the unseen digits 6–9; bags of 20 so that
@@ -30,9 +39,9 @@ from __future__ import annotations
 import ml_collections as mlc
 
 
-def _recipe(model="attention", layer_norm=False, loss="weighted_bce", fp_weight=2.0, learning_rate=1e-3,
-            epochs=10, patience=3):
-  return dict(model=model, layer_norm=layer_norm, loss=loss, fp_weight=fp_weight,
+def _recipe(model="attention", pooling="attention", layer_norm=False, loss="weighted_bce", fp_weight=2.0,
+            learning_rate=1e-3, epochs=10, patience=3):
+  return dict(model=model, pooling=pooling, layer_norm=layer_norm, loss=loss, fp_weight=fp_weight,
               learning_rate=learning_rate, epochs=epochs, patience=patience)
 
 
@@ -43,7 +52,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   c.data = mlc.ConfigDict()
   c.data.source = "digits"        # 'digits' | 'embeddings' | 'bags'
-  c.data.path = ""                # .npz (embeddings) or directory (bags)
+  c.data.path = ""                # .npz (embeddings) or directory (bags); must be '' for digits
   c.data.cache_dir = ""           # '' → <workdir>/cache
   c.data.ratios = ["5p", "10p", "20p", "30p", "50p"]
   c.data.n_bags = {"train": 256, "val": 128, "test": 256}
@@ -71,13 +80,19 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       "epochs_only": {**before, "epochs": 30, "patience": 5},
       "layer_norm_only": {**before, "layer_norm": True},
       # Relation-aware model with the "after" recipe and with lr 1e-3; the
-      # answer uses whichever has the higher validation AUC.
+      # answers use whichever has the higher validation AUC.
       "relation_after": {**after, "model": "relation"},
       "relation_lr1e-3": {**after, "model": "relation", "learning_rate": 1e-3},
+      # Max-instance pooling (DSMIL's critical-instance stream): "after" with
+      # only the pooling changed.
+      "max_after": {**after, "pooling": "max"},
   })
   c.fp_sweep = [0.0, 0.5, 1.0, 2.0, 4.0]  # "before" with only fp_weight changed
   c.baseline_threshold = 0.70             # the study's rule for the dispersion baseline
   c.flat_range = 0.05                     # "flat": max − min of mean AUC over ratios below this
+  c.medoid_top_k = 3                      # instance baseline: bag score = mean of the k largest distances
+  c.n_boot = 1000                         # bootstrap resamples of the test bags
+  c.permutation_runs = 10                 # "before" trained on permuted labels (the chance-level check)
 
   if arg == "smoke":
     c.num_seeds = 2
@@ -91,6 +106,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       c.recipes[name].epochs = {10: 2, 30: 3}[c.recipes[name].epochs]
       c.recipes[name].patience = {3: 1, 5: 2}[c.recipes[name].patience]
     c.fp_sweep = [0.0, 2.0]
+    c.n_boot = 200
+    c.permutation_runs = 2
   elif arg:
     raise ValueError(f"configs/mil_diagnosis.py: unknown variant {arg!r} (known: 'smoke')")
   return c

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from scipy import stats
@@ -21,3 +21,171 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict:
   sd = float(v.std(ddof=1))
   half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / np.sqrt(n))
   return {"mean": mean, "std": sd, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+# ----------------------------------------------------------------------------
+# AUC with uncertainty from the test set (cluster bootstrap) and from seeds
+# ----------------------------------------------------------------------------
+
+
+class AucCounts(NamedTuple):
+  """Pair counts of an AUC, aggregated by cluster (e.g. bag).
+
+  ``pairs_KxK[k, l] = Σ_{i∈k, y_i=1} Σ_{j∈l, y_j=0} H(s_i − s_j)`` with
+  ``H(u) = 1 (u > 0), ½ (u = 0), 0 (u < 0)``; ``pos_K`` / ``neg_K`` count
+  the positives / negatives of each cluster.
+  """
+  pairs_KxK: np.ndarray
+  pos_K: np.ndarray
+  neg_K: np.ndarray
+
+
+def _segment_sum(x_PxQ: np.ndarray, seg_P: np.ndarray, k: int) -> np.ndarray:
+  """Sums the rows of ``x`` by segment id: ``[k, Q]``."""
+  out = np.zeros((k,) + x_PxQ.shape[1:], np.float64)
+  if len(seg_P) == 0:
+    return out
+  order = np.argsort(seg_P, kind="stable")
+  ids, starts = np.unique(seg_P[order], return_index=True)
+  out[ids] = np.add.reduceat(x_PxQ[order], starts, axis=0)
+  return out
+
+
+def auc_pair_counts(scores_N, positive_N, cluster_N=None, n_clusters: int | None = None) -> AucCounts:
+  """``AucCounts`` of scores against binary labels; every instance its own
+  cluster when ``cluster_N`` is None. O(P·Q) for P positives and Q negatives."""
+  s_N = np.asarray(scores_N, np.float64).reshape(-1)
+  y_N = np.asarray(positive_N).reshape(-1) > 0
+  if s_N.shape != y_N.shape:
+    raise ValueError(f"auc_pair_counts: {s_N.shape[0]} scores but {y_N.shape[0]} labels")
+  c_N = np.arange(len(s_N)) if cluster_N is None else np.asarray(cluster_N, np.int64).reshape(-1)
+  k = int(c_N.max(initial=-1) + 1) if n_clusters is None else int(n_clusters)
+  sp, sn = s_N[y_N], s_N[~y_N]
+  h_PxQ = (sp[:, None] > sn[None, :]) + 0.5 * (sp[:, None] == sn[None, :])
+  by_pos_KxQ = _segment_sum(h_PxQ, c_N[y_N], k)
+  pairs_KxK = _segment_sum(by_pos_KxQ.T, c_N[~y_N], k).T
+  return AucCounts(pairs_KxK, np.bincount(c_N[y_N], minlength=k).astype(np.float64),
+                   np.bincount(c_N[~y_N], minlength=k).astype(np.float64))
+
+
+def weighted_auc(counts: AucCounts, weights_RxK=None):
+  """AUC of the data with cluster k repeated ``w_k`` times:
+  ``AUC(w) = wᵀ P w / ((w·pos)(w·neg))``; a float for ``weights_RxK=None``
+  (all ones), else ``[R]``. NaN where a class is absent. For many calls, hold
+  ``threadpoolctl.threadpool_limits(1, "blas")`` (see ``auc_interval``)."""
+  single = weights_RxK is None
+  w_RxK = np.ones((1, len(counts.pos_K))) if single else np.asarray(weights_RxK, np.float64)
+  rows, cols = np.flatnonzero(counts.pos_K > 0), np.flatnonzero(counts.neg_K > 0)
+  num_R = np.sum((w_RxK[:, rows] @ counts.pairs_KxK[np.ix_(rows, cols)]) * w_RxK[:, cols], axis=1)
+  den_R = (w_RxK @ counts.pos_K) * (w_RxK @ counts.neg_K)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    auc_R = np.where(den_R > 0, num_R / np.where(den_R > 0, den_R, 1.0), np.nan)
+  return float(auc_R[0]) if single else auc_R
+
+
+def bootstrap_weights(strata_K, n_boot: int, seed: int) -> np.ndarray:
+  """Cluster-bootstrap multiplicities ``[n_boot, K]``: within each stratum,
+  as many clusters as it holds are drawn with replacement (stratifying by the
+  bag label keeps the test set's class balance fixed, as its design does)."""
+  strata_K = np.asarray(strata_K).reshape(-1)
+  rng = np.random.default_rng(seed)
+  w_RxK = np.zeros((int(n_boot), len(strata_K)), np.float64)
+  for s in np.unique(strata_K):
+    idx = np.flatnonzero(strata_K == s)
+    w_RxK[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=int(n_boot))
+  return w_RxK
+
+
+def seed_test_interval(values_S, replicates_SxR, confidence: float = 0.95) -> dict:
+  """Interval for the mean over seeds of a statistic that also varies with the test set.
+
+  ``values_S``: the statistic of each seed on the observed test set;
+  ``replicates_SxR``: the same on R bootstrap resamples of the test set (the
+  same resamples for every seed). With ``x̄`` the seed mean,
+
+  * seed component ``se_seed = sd(values_S) / √S`` (0 for one seed),
+  * test component ``se_test = sd_r(mean_s replicates[s, r])``,
+  * ``se = √(se_seed² + se_test²)``, degrees of freedom by
+    Welch–Satterthwaite ``ν = se⁴ / (se_seed⁴ / (S − 1))`` (∞ without seed
+    spread), interval ``x̄ ± t_ν · se``.
+
+  The seed term is estimated on one test set and the test term on the seed
+  mean, so a seed × test-set interaction is counted in both: slightly
+  conservative. Also returns ``seed_ci`` (t-interval over seeds alone, the
+  old report's interval) and ``test_ci`` (``x̄ ± z · se_test``).
+  """
+  v_S = np.asarray(values_S, np.float64).reshape(-1)
+  rep_SxR = np.asarray(replicates_SxR, np.float64).reshape(len(v_S), -1)
+  s = len(v_S)
+  mean = float(v_S.mean())
+  se_seed = float(v_S.std(ddof=1) / np.sqrt(s)) if s > 1 else 0.0
+  rep_R = rep_SxR.mean(0)
+  rep_R = rep_R[np.isfinite(rep_R)]
+  se_test = float(rep_R.std(ddof=1)) if rep_R.size > 1 else float("nan")
+  se = float(np.hypot(se_seed, se_test))
+  df = float(se ** 4 / (se_seed ** 4 / (s - 1))) if se_seed > 0 else float("inf")
+  q = float(stats.t.ppf(0.5 + confidence / 2, df)) if np.isfinite(df) else float(stats.norm.ppf(0.5 + confidence / 2))
+  z = float(stats.norm.ppf(0.5 + confidence / 2))
+  return {"mean": mean, "lo": mean - q * se, "hi": mean + q * se, "se": se, "se_seed": se_seed,
+          "se_test": se_test, "df": df, "n_seeds": s, "n_boot": int(rep_R.size),
+          "seed_ci": mean_ci(v_S, confidence) if s > 1 else {"mean": mean, "lo": float("nan"), "hi": float("nan")},
+          "test_ci": {"mean": mean, "lo": mean - z * se_test, "hi": mean + z * se_test},
+          "values": v_S.tolist()}
+
+
+def auc_interval(scores_SxN, positive_N, *, minus_SxN=None, cluster_N=None, strata_K=None,
+                 weights_RxK=None, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
+  """Mean AUC over seeds (or a paired difference) with seed + test-set uncertainty.
+
+  ``scores_SxN``: one row of scores per seed (a 1-D array is one seed);
+  ``minus_SxN``: optional second arm scored on the same test set, subtracted
+  seed by seed (paired; a single row is shared by every seed, e.g. a
+  no-learning baseline). The test set is resampled by clusters
+  (``cluster_N``, default: each item alone) within strata (``strata_K``,
+  default: the label of each cluster when clusters are single items, else
+  one stratum); pass ``weights_RxK`` to share resamples across calls. See
+  ``seed_test_interval`` for the interval. BLAS runs single-threaded here:
+  these are many small products, which a multi-threaded BLAS on a busy
+  machine slows down by orders of magnitude.
+  """
+  from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+  with threadpool_limits(1, user_api="blas"):
+    return _auc_interval(scores_SxN, positive_N, minus_SxN, cluster_N, strata_K, weights_RxK, n_boot, seed,
+                         confidence)
+
+
+def _auc_interval(scores_SxN, positive_N, minus_SxN, cluster_N, strata_K, weights_RxK, n_boot, seed,
+                  confidence) -> dict:
+  a_SxN = np.atleast_2d(np.asarray(scores_SxN, np.float64))
+  y_N = np.asarray(positive_N).reshape(-1) > 0
+  c_N = np.arange(len(y_N)) if cluster_N is None else np.asarray(cluster_N, np.int64)
+  k = int(c_N.max() + 1)
+  if weights_RxK is None:
+    if strata_K is None:
+      strata_K = y_N.astype(np.int64) if cluster_N is None else np.zeros(k, np.int64)
+    weights_RxK = bootstrap_weights(strata_K, n_boot, seed)
+
+  def arm(x_SxN):
+    counts = [auc_pair_counts(x_N, y_N, c_N, k) for x_N in x_SxN]
+    return (np.array([weighted_auc(c) for c in counts]),
+            np.stack([weighted_auc(c, weights_RxK) for c in counts]))
+
+  v_S, rep_SxR = arm(a_SxN)
+  if minus_SxN is not None:
+    b_SxN = np.atleast_2d(np.asarray(minus_SxN, np.float64))
+    if len(b_SxN) not in (1, len(a_SxN)):
+      raise ValueError(f"auc_interval: minus has {len(b_SxN)} rows, scores {len(a_SxN)}")
+    bv_S, brep_SxR = arm(b_SxN)
+    v_S, rep_SxR = v_S - bv_S, rep_SxR - brep_SxR
+  return seed_test_interval(v_S, rep_SxR, confidence)
+
+
+def linear_combination_interval(cis, coefs, confidence: float = 0.95) -> dict:
+  """Interval of ``Σ_i c_i θ_i`` from independent estimates (e.g. different test
+  sets): ``mean = Σ c_i m_i``, ``se = √(Σ c_i² se_i²)``, normal interval.
+  Each ``ci`` needs ``mean`` and ``se`` (as ``seed_test_interval`` returns)."""
+  m = float(sum(c * ci["mean"] for c, ci in zip(coefs, cis)))
+  se = float(np.sqrt(sum((c * ci["se"]) ** 2 for c, ci in zip(coefs, cis))))
+  z = float(stats.norm.ppf(0.5 + confidence / 2))
+  return {"mean": m, "lo": m - z * se, "hi": m + z * se, "se": se}

@@ -135,7 +135,7 @@ def test_prebuilt_round_trip_and_errors(dataset, tmp_path):
 
 def test_bad_configuration_errors_name_the_problem():
   emb, ident = _identities(per=30)
-  with pytest.raises(ValueError, match="identities .* fewer instances .* max_bag_size=20"):
+  with pytest.raises(ValueError, match=r"bags\[5p/train\]: 5 of 5 identities have fewer instances .* max_bag_size=20"):
     bags.build_bag_dataset(emb, ident, min_bag_size=20, max_bag_size=20)
   with pytest.raises(ValueError, match="min_bag_size"):
     bags.build_bag_dataset(emb, ident, min_bag_size=1, max_bag_size=4)
@@ -143,6 +143,40 @@ def test_bad_configuration_errors_name_the_problem():
     bags.ratio_value("5%")
   with pytest.raises(ValueError, match="positive_fraction"):
     bags.build_bag_dataset(emb, ident, positive_fraction=1.0)
+
+
+def test_errors_stay_short_with_many_offenders(tmp_path):
+  # 400 identities, all too small for bags of 20: the error names the split,
+  # the first few identities and a count, not all 400.
+  emb, ident = _identities(n_ident=400, per=12, d=4)
+  with pytest.raises(ValueError) as err:
+    bags.build_bag_dataset(emb, ident, ratios=["10p"], min_bag_size=20, max_bag_size=20)
+  msg = str(err.value)
+  assert len(msg) < 300, len(msg)
+  assert msg.startswith("bags[10p/train]: 400 of 400 identities") and "(and 395 more)" in msg
+  assert bags.first_few(range(3)) == "0, 1, 2" and bags.first_few(range(9), 2) == "0, 1 (and 7 more)"
+
+  bad = emb.copy()
+  bad[::2, 0] = np.nan  # 2,400 bad rows
+  np.savez(tmp_path / "nan.npz", embeddings=bad, identity=ident)
+  with pytest.raises(ValueError, match=r"NaN/Inf in 2400 row\(s\): 0, 2, 4, 6, 8 \(and 2395 more\)$"):
+    digits.load_embeddings(tmp_path / "nan.npz")
+  sp = bags.make_bags(emb[:200], ident[:200], np.arange(200), ratio=0.1, n_bags=30, min_size=4, max_size=4,
+                      positive_fraction=0.5, rng=np.random.default_rng(0))
+  sp = sp._replace(mask_BxN=np.zeros_like(sp.mask_BxN))
+  with pytest.raises(ValueError) as err:
+    bags.validate_split(sp, "x.npz")
+  assert "30 such bag(s): 0, 1, 2, 3, 4 (and 25 more)" in str(err.value) and len(str(err.value)) < 200
+
+
+def test_dataset_from_config_refuses_a_path_it_would_ignore():
+  import ml_collections as mlc
+  data = mlc.ConfigDict(dict(source="digits", path="my.npz", ratios=["5p"]))
+  with pytest.raises(ValueError, match="data.path='my.npz' is only read with data.source='embeddings' or 'bags'"):
+    bags.dataset_from_config(data)
+  data.source = "faces"
+  with pytest.raises(ValueError, match="data.source must be"):
+    bags.dataset_from_config(data)
 
 
 def test_user_embeddings_file(tmp_path):
@@ -157,7 +191,7 @@ def test_user_embeddings_file(tmp_path):
     digits.load_embeddings(tmp_path / "nokey.npz")
   emb[7, 1] = np.nan
   np.savez(tmp_path / "nan.npz", embeddings=emb, identity=ident)
-  with pytest.raises(ValueError, match=r"nan\.npz: 'embeddings' has NaN/Inf in row\(s\) \[7\]"):
+  with pytest.raises(ValueError, match=r"nan\.npz: 'embeddings' has NaN/Inf in 1 row\(s\): 7$"):
     digits.load_embeddings(tmp_path / "nan.npz")
   with pytest.raises(FileNotFoundError, match="missing.npz"):
     digits.load_embeddings(tmp_path / "missing.npz")
@@ -169,11 +203,12 @@ def test_digits_embeddings_are_unseen_identities_and_cached(tmp_path, monkeypatc
   assert first.embeddings_NxD.shape[1] == 256
   np.testing.assert_allclose(np.linalg.norm(first.embeddings_NxD, axis=1), 1.0, rtol=1e-5)
   assert set(np.unique(first.identity_N)) == {6, 7, 8, 9}  # held-out digits only
+  assert first.info["train_identity_accuracy"] > 0.8       # the ArcFace trainer learns (6 classes: chance 1/6)
   cached = list(tmp_path.glob("digits_arcface_*.npz"))
   assert len(cached) == 1
   monkeypatch.setattr(digits, "train_arcface", lambda *a: pytest.fail("retrained despite the cache"))
   again = digits.digits_embeddings(s, cache_dir=tmp_path)
   np.testing.assert_array_equal(again.embeddings_NxD, first.embeddings_NxD)
   assert again.info["cache_key"] == first.info["cache_key"]
-  with pytest.raises(ValueError, match="overlap"):
+  with pytest.raises(ValueError, match="data.embedder.train_classes and data.embedder.heldout_classes overlap"):
     digits.ArcFaceSettings(train_classes=(0, 1, 6), heldout_classes=(6, 7)).validate()

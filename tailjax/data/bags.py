@@ -48,6 +48,14 @@ def ratio_value(name: str) -> float:
   return float(m.group(1)) / 100.0
 
 
+def first_few(items, n: int = 5) -> str:
+  """``"a, b, c (and 397 more)"``: the first ``n`` items, then a count, so an
+  error message stays short however many offenders there are."""
+  items = list(items)
+  shown = ", ".join(str(x) for x in items[:n])
+  return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
 def contamination_count(ratio: float, n: int) -> int:
   """Number of foreign instances in a positive bag of size n: ``max(1, floor(p·n + 1/2))``."""
   return max(1, int(np.floor(ratio * n + 0.5)))
@@ -113,10 +121,11 @@ def make_bags(embeddings_NxD: np.ndarray, identity_N: np.ndarray, pool_P: np.nda
                      f"{n_pos} positives; AUC needs both classes")
   idents = np.unique(identity_N[pool_P])
   by_ident = {int(c): pool_P[identity_N[pool_P] == c] for c in idents}
-  small = {c: len(v) for c, v in by_ident.items() if len(v) < max_size}
+  small = [f"{c}: {len(v)}" for c, v in by_ident.items() if len(v) < max_size]
   if small:
-    raise ValueError(f"{where}: identities {small} have fewer instances in this pool than "
-                     f"max_bag_size={max_size}; lower the bag size or use more data")
+    raise ValueError(f"{where}: {len(small)} of {len(by_ident)} identities have fewer instances in this "
+                     f"pool than max_bag_size={max_size} (identity: count {first_few(small)}); lower "
+                     "the bag size, drop small identities or use more data")
   if len(idents) < 2:
     raise ValueError(f"{where}: the pool holds {len(idents)} identity; contamination needs >= 2")
 
@@ -159,15 +168,16 @@ def validate_split(s: Split, where: str) -> None:
   if not np.isin(s.mask_BxN, (0, 1)).all():
     raise ValueError(f"{where}: 'mask' must be 0/1")
   if not np.isin(s.labels_B, (0, 1)).all():
-    raise ValueError(f"{where}: 'labels' must be 0/1; got values {np.unique(s.labels_B)[:10].tolist()}")
+    raise ValueError(f"{where}: 'labels' must be 0/1; got values {first_few(np.unique(s.labels_B).tolist())}")
   sizes = s.mask_BxN.sum(1)
   small = np.flatnonzero(sizes < 2)
   if small.size:
     raise ValueError(f"{where}: bag {int(small[0])} has {int(sizes[small[0]])} valid instance(s); "
-                     f"bags need at least 2 ({small.size} such bag(s))")
+                     f"bags need at least 2 ({small.size} such bag(s): {first_few(small.tolist())})")
   bad = np.flatnonzero(~(np.isfinite(s.features_BxNxD) | (s.mask_BxN[:, :, None] == 0)).all((1, 2)))
   if bad.size:
-    raise ValueError(f"{where}: bag {int(bad[0])} has NaN/Inf features")
+    raise ValueError(f"{where}: bag {int(bad[0])} has NaN/Inf features ({bad.size} such bag(s): "
+                     f"{first_few(bad.tolist())})")
   if len(np.unique(s.labels_B)) < 2:
     raise ValueError(f"{where}: all bags have label {int(s.labels_B[0])}; AUC needs both classes")
 
@@ -282,7 +292,7 @@ def load_prebuilt(root: str | os.PathLike, ratios: Sequence[str] | None = None) 
       z = tio.read_npz(path)
       for key in ("features", "labels"):
         if key not in z:
-          raise ValueError(f"{path}: missing key '{key}'; found {sorted(z)}")
+          raise ValueError(f"{path}: missing key '{key}'; found {first_few(sorted(z), 8)}")
       feats = np.asarray(z["features"], np.float32)
       if feats.ndim != 3:
         raise ValueError(f"{path}: 'features' must be [B, N, D]; got shape {feats.shape}")
@@ -299,37 +309,49 @@ def load_prebuilt(root: str | os.PathLike, ratios: Sequence[str] | None = None) 
   return BagDataset(splits, {"source": str(root)})
 
 
-def dataset_from_config(data: Any) -> BagDataset:
+def dataset_from_config(data: Any, *, default_cache_dir: str | os.PathLike | None = None) -> BagDataset:
   """The BagDataset a ``config.data`` describes.
 
   ``data.source``: ``'digits'`` (embedded default: ArcFace on sklearn digits,
-  cached under ``data.cache_dir``), ``'embeddings'`` (``data.path`` → an
-  ``.npz`` with ``embeddings``/``identity``) or ``'bags'`` (``data.path`` → a
-  prebuilt ``<ratio>/<split>.npz`` tree).
+  cached under ``data.cache_dir``, or ``default_cache_dir`` when that is
+  empty), ``'embeddings'`` (``data.path`` → an ``.npz`` with
+  ``embeddings``/``identity``) or ``'bags'`` (``data.path`` → a prebuilt
+  ``<ratio>/<split>.npz`` tree). ``data.path`` set with the digits source is
+  an error (it would be silently ignored).
   """
   from tailjax.data import digits as digits_lib
 
   ratios = list(data.ratios)
   for r in ratios:
     ratio_value(r)
-  if data.source == "bags":
-    return load_prebuilt(data.path, ratios)
-  if data.source == "digits":
+  source, path = data.source, data.path
+  if source not in ("digits", "embeddings", "bags"):
+    raise ValueError(f"data.source must be 'digits', 'embeddings' or 'bags'; got {source!r}")
+  if source == "digits" and path:
+    raise ValueError(f"data.path={path!r} is only read with data.source='embeddings' or 'bags' "
+                     "(data.source is 'digits'); set the source or remove the path")
+  if source == "bags":
+    if not path:
+      raise ValueError("data.path must point to a directory of <ratio>/<split>.npz bag files")
+    return load_prebuilt(path, ratios)
+  if source == "digits":
+    cache_dir = data.get("cache_dir") or default_cache_dir
     emb = digits_lib.digits_embeddings(digits_lib.settings_from_config(data.embedder),
-                                       cache_dir=data.get("cache_dir") or None)
-  elif data.source == "embeddings":
-    if not data.get("path"):
-      raise ValueError("data.path must point to an .npz with 'embeddings' and 'identity'")
-    emb = digits_lib.load_embeddings(data.path)
+                                       cache_dir=cache_dir or None)
   else:
-    raise ValueError(f"data.source must be 'digits', 'embeddings' or 'bags'; got {data.source!r}")
+    if not path:
+      raise ValueError("data.path must point to an .npz with 'embeddings' and 'identity'")
+    emb = digits_lib.load_embeddings(path)
+  missing = [s for s in SPLITS if s not in data.n_bags]
+  if missing:
+    raise ValueError(f"data.n_bags is missing split(s) {missing}")
   ds = build_bag_dataset(
-      emb.embeddings_NxD, emb.identity_N, ratios=ratios, n_bags=dict(data.n_bags),
+      emb.embeddings_NxD, emb.identity_N, ratios=ratios, n_bags={s: int(data.n_bags[s]) for s in SPLITS},
       min_bag_size=int(data.min_bag_size), max_bag_size=int(data.max_bag_size),
       positive_fraction=float(data.positive_fraction), pool_fractions=tuple(data.pool_fractions),
       seed=int(data.seed), info=emb.info)
-  for s in ds.splits.values():
-    validate_split(s, "bags")
+  for (r, split), s in ds.splits.items():
+    validate_split(s, f"bags[{r}/{split}]")
   return ds
 
 

@@ -36,10 +36,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from tailjax import io as tio
 from tailjax import losses
+from tailjax import train as train_lib
+from tailjax.data.bags import first_few
 
 DEFAULT_TRAIN_CLASSES = (0, 1, 2, 3, 4, 5)
 DEFAULT_HELDOUT_CLASSES = (6, 7, 8, 9)
@@ -71,15 +72,15 @@ class ArcFaceSettings:
     tr, ho = set(self.train_classes), set(self.heldout_classes)
     bad = sorted(c for c in tr | ho if not 0 <= c <= 9)
     if bad:
-      raise ValueError(f"data.train_classes / data.heldout_classes must be digits 0-9; got {bad}")
+      raise ValueError(f"data.embedder.train_classes / data.embedder.heldout_classes must be digits 0-9; got {first_few(bad)}")
     if tr & ho:
-      raise ValueError(f"data.train_classes and data.heldout_classes overlap: {sorted(tr & ho)}")
+      raise ValueError(f"data.embedder.train_classes and data.embedder.heldout_classes overlap: {sorted(tr & ho)}")
     if len(tr) < 2:
-      raise ValueError(f"data.train_classes needs >= 2 classes for ArcFace; got {sorted(tr)}")
+      raise ValueError(f"data.embedder.train_classes needs >= 2 classes for ArcFace; got {sorted(tr)}")
     if len(ho) < 2:
-      raise ValueError(f"data.heldout_classes needs >= 2 identities to contaminate; got {sorted(ho)}")
+      raise ValueError(f"data.embedder.heldout_classes needs >= 2 identities to contaminate; got {sorted(ho)}")
     if self.steps < 1 or self.batch_size < 2:
-      raise ValueError(f"data.embedder steps/batch_size must be positive; got {self.steps}/{self.batch_size}")
+      raise ValueError(f"data.embedder.steps must be >= 1 and data.embedder.batch_size >= 2; got {self.steps}/{self.batch_size}")
 
 
 class DigitEmbedder(nn.Module):
@@ -98,8 +99,11 @@ class DigitEmbedder(nn.Module):
 def train_arcface(pixels_Nx64: np.ndarray, labels_N: np.ndarray, s: ArcFaceSettings):
   """Trains ``DigitEmbedder`` + ArcFace class centres with Adam as one jitted scan.
 
-  Labels must be 0..C−1. Mini-batch b of step t is drawn with
-  ``fold_in(key, t)``, so the run is a pure function of ``s.seed``.
+  Uses the shared training pieces: ``train.make_optimizer`` (Adam, lr
+  ``s.learning_rate``), ``train.create_state`` and the pure
+  ``train.make_train_step``. Labels must be 0..C−1. The mini-batch of step t
+  (``state.step``) is drawn without replacement with ``fold_in(key, t)``, so
+  the run is a pure function of ``s.seed``.
   Returns ``(embedder_params, centres_CxE, loss_T)``.
   """
   n_classes = int(labels_N.max()) + 1
@@ -110,26 +114,30 @@ def train_arcface(pixels_Nx64: np.ndarray, labels_N: np.ndarray, s: ArcFaceSetti
       "embedder": model.init(k_init, jnp.zeros((1, pixels_Nx64.shape[1]), jnp.float32)),
       "centres": jax.random.normal(k_centres, (n_classes, s.embed_dim), jnp.float32),
   }
-  opt = optax.adam(s.learning_rate)
+  tx = train_lib.make_optimizer({"name": "adam", "learning_rate": s.learning_rate})
   x_all = jnp.asarray(pixels_Nx64, jnp.float32)
   y_all = jnp.asarray(labels_N, jnp.int32)
   batch = min(s.batch_size, x_all.shape[0])
 
-  def loss_fn(p, x, y):
-    emb = model.apply(p["embedder"], x)
-    return losses.arcface_loss(emb, p["centres"], y, s.margin, s.scale)
+  def loss_fn(p, batch_xy, hparams, key):
+    del hparams, key  # no loss hyperparameters, no dropout
+    x_Bx64, y_B = batch_xy
+    emb_BxE = model.apply(p["embedder"], x_Bx64)
+    return losses.arcface_loss(emb_BxE, p["centres"], y_B, s.margin, s.scale), {}
 
-  def step(carry, t):
-    p, o = carry
-    idx = jax.random.choice(jax.random.fold_in(k_batches, t), x_all.shape[0], (batch,), replace=False)
-    loss, g = jax.value_and_grad(loss_fn)(p, x_all[idx], y_all[idx])
-    upd, o = opt.update(g, o, p)
-    return (optax.apply_updates(p, upd), o), loss
+  train_step = train_lib.make_train_step(loss_fn)
+
+  def step(state, _):
+    idx_B = jax.random.choice(jax.random.fold_in(k_batches, state.step), x_all.shape[0], (batch,),
+                              replace=False)
+    state, metrics = train_step(state, (x_all[idx_B], y_all[idx_B]), k_batches)
+    return state, metrics["loss"]
 
   @jax.jit(compiler_options={"xla_backend_optimization_level": 0} if s.fast_compile else None)
   def run(p):
-    (p, _), loss_T = jax.lax.scan(step, (p, opt.init(p)), jnp.arange(s.steps))
-    return p, loss_T
+    state = train_lib.create_state(model.apply, p, tx).replace(step=jnp.int32(0))
+    state, loss_T = jax.lax.scan(step, state, None, length=s.steps)
+    return state.params, loss_T
 
   params, loss_T = run(params)
   return params["embedder"], params["centres"], np.asarray(loss_T)
@@ -243,18 +251,19 @@ def load_embeddings(path: str | os.PathLike, *, normalize: bool = True) -> Ident
   z = tio.read_npz(path)
   missing = [k for k in ("embeddings", "identity") if k not in z]
   if missing:
-    raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(z)}")
+    raise ValueError(f"{path}: missing key(s) {missing}; found {first_few(sorted(z), 8)}")
   emb = np.asarray(z["embeddings"], np.float32)
   ident = z["identity"]
   if emb.ndim != 2 or ident.ndim != 1 or emb.shape[0] != ident.shape[0]:
     raise ValueError(f"{path}: need embeddings [n, d] and identity [n]; got {emb.shape} and {ident.shape}")
   bad = np.flatnonzero(~np.isfinite(emb).all(1))
   if bad.size:
-    raise ValueError(f"{path}: 'embeddings' has NaN/Inf in row(s) {bad[:10].tolist()}")
+    raise ValueError(f"{path}: 'embeddings' has NaN/Inf in {bad.size} row(s): {first_few(bad.tolist())}")
   if normalize:
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    if (norms == 0).any():
-      raise ValueError(f"{path}: 'embeddings' row {int(np.flatnonzero(norms[:, 0] == 0)[0])} is all zeros")
+    zero = np.flatnonzero(norms[:, 0] == 0)
+    if zero.size:
+      raise ValueError(f"{path}: 'embeddings' has {zero.size} all-zero row(s): {first_few(zero.tolist())}")
     emb = emb / norms
   _, ident_int = np.unique(ident, return_inverse=True)  # string or int ids → 0..K−1
   if ident_int.max(initial=-1) < 1:

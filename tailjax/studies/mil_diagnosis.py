@@ -647,6 +647,10 @@ def _contaminant_answer(per_ratio, ans) -> str:
   uses = {n: [r for r in ratios if n in ans["instances"][r]["models"]
               and ans["instances"][r]["models"][n]["uses"] > 0] for n in ("before", "after")}
   seed_claim = ("refuted" if uses["before"] else "not refuted")
+  half = [r for r in ratios if bags_lib.ratio_value(r) >= 0.5]
+  caveat = (f" At {', '.join(half)} a positive bag holds as many \"foreign\" instances as native ones, so which "
+            "identity is foreign is arbitrary and a relation-based score cannot exceed 0.5 there (the no-learning "
+            "medoid distance shows it): the instance verdict is informative only below 50 %." if half else "")
   return ("**Does attention find the contaminants?** Rule (fixed before the run): a model \"uses the contamination "
           "signal\" at a ratio iff the seed + test-set interval of its instance AUROC — pooling weights (attention "
           "α·n; the critical-instance score for max pooling) against the foreign-instance labels, over the valid "
@@ -655,7 +659,7 @@ def _contaminant_answer(per_ratio, ans) -> str:
           f"\"before\" uses the signal at {', '.join(uses['before']) or 'no ratio'}, \"after\" at "
           f"{', '.join(uses['after']) or 'no ratio'}: the seed's diagnosis \"the model is not using the "
           f"contamination signal\" is **{seed_claim}** for the study's model"
-          + (f" (at {', '.join(uses['before'])})" if uses["before"] else "") + ".")
+          + (f" (at {', '.join(uses['before'])})" if uses["before"] else "") + "." + caveat)
 
 
 def _below_chance_answer(per_ratio, ans) -> str:
@@ -856,7 +860,8 @@ def write_report(config, per_ratio: Mapping[str, dict], ans: dict, data_info: di
         "seeds + a cluster bootstrap over positive test bags. *Pooling weights*: attention α·n (the critical-"
         "instance score for max pooling); *instance scores*: the classifier applied to each instance, "
         "s_i = cᵀh_i + b (for attention pooling the bag logit is Σ α_i s_i). Rule: uses the contamination signal "
-        "iff the interval lies above 0.5.", ""]
+        "iff the interval lies above 0.5. At 50 % the two identities of a positive bag are equally many: "
+        "\"foreign\" is then a label without a relation behind it, and 0.5 is expected.", ""]
   rows = [["medoid distance (no learning)"] + [iv(per_ratio[r]["instance_baseline"]["pool_auroc"]) for r in ratios]]
   for n in main:
     rows.append([f"{n}: pooling weights"] + [iv(per_ratio[r]["recipes"][n]["instance"]["pool_auroc"])
