@@ -109,10 +109,10 @@ def engine_step_ms(flow_steps: int, batch_size: int = 16, steps: int = 20, repea
           "gflops_per_s": flops / best / 1e9 if flops else None}
 
 
-def peer_step_ms(flow_steps: int, batch_size: int = 16) -> dict | None:
+def peer_step_ms(flow_steps: int, batch_size: int = 16, device: str = "cpu") -> dict | None:
   try:
     from benchmarks import peer_torch
-    return peer_torch.peer_train_step_ms(flow_steps, batch=batch_size)
+    return peer_torch.peer_train_step_ms(flow_steps, batch=batch_size, device=device)
   except ImportError as e:
     return {"skipped": f"peer not installed ({e}); pip install -e '.[peer]'"}
 
@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--peak-gflops", type=float, default=None)
   parser.add_argument("--no-peer", action="store_true")
+  parser.add_argument("--peer-device", default=None, help="torch device (default: cuda on GPU)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   backend = jax.default_backend()
@@ -132,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   rows = []
   for fs in (int(x) for x in args.flow_steps.split(",")):
     ours = engine_step_ms(fs, args.batch_size, args.steps, args.repeats)
-    peer = None if args.no_peer else peer_step_ms(fs, args.batch_size)
+    device = args.peer_device or ("cuda" if backend == "gpu" else "cpu")
+    peer = None if args.no_peer else peer_step_ms(fs, args.batch_size, device)
     row = {"ours": ours, "peer": peer}
     if peer and "ms" in peer:
       row["speedup_vs_peer"] = peer["ms"] / ours["ms"]

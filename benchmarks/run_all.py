@@ -38,7 +38,9 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "train_step": ("benchmarks.bench_train_step", ["--batch-sizes=8,32", "--steps=2",
                                                    "--repeats=2"]),
     "sweep": ("benchmarks.bench_sweep", ["--rows=8", "--steps=8", "--batch-size=8"]),
+    "engine": ("benchmarks.bench_engine", ["--steps=20", "--repeats=3"]),
 }
+ENGINE_TARGET, ENGINE_GOAL = 1.0, 1.3
 SWEEP_TARGET = 3.0
 
 
@@ -200,6 +202,38 @@ def _gradients_targets(res: dict) -> list[list]:
        "yes" if over_bwd <= 20 else "**no**"]]
 
 
+def _engine_md(res: dict) -> tuple[list[str], list[list]]:
+  """The train step on study A's path vs the PyTorch peer and the hardware's peak."""
+  peak = res.get("peak_gflops")
+  lines = [f"The engine's compiled segment program (what study A, the sweeps and the toy run "
+           f"train with; {res['rows'][0]['ours']['conv_impl']} convolutions, rows by "
+           f"{res['rows'][0]['ours']['row_mode']}), 14×14×112, batch 16, λ = 0.7, r = 0.02, Adam; "
+           f"FLOPs from XLA's cost analysis of one step; peak "
+           f"{_num(peak) if peak else 'unknown'} GFLOP/s (cores × 2 FMA × SIMD lanes × 2 × clock). "
+           "The peer: anomalib's FastFlow from FrEIA's AllInOneBlock at the same shape, same "
+           "process.", ""]
+  rows, targets = [], []
+  for r in res["rows"]:
+    o, p = r["ours"], r.get("peer") or {}
+    rows.append([o["flow_steps"], f"{o['ms']:.1f}", _num((o["flops"] or 0) / 1e9),
+                 _num(o["gflops_per_s"]), f"{100 * r['fraction_of_peak']:.1f} %"
+                 if "fraction_of_peak" in r else "–",
+                 f"{p['ms']:.1f}" if "ms" in p else p.get("skipped", "–"),
+                 _num(r.get("peer_gflops_per_s")),
+                 f"{r['speedup_vs_peer']:.2f}×" if "speedup_vs_peer" in r else "–"])
+    if "speedup_vs_peer" in r:
+      x = r["speedup_vs_peer"]
+      targets.append([f"train step on study A's path vs the PyTorch peer, {o['flow_steps']} coupling "
+                      "steps", f"≥ {ENGINE_TARGET:g}× (goal {ENGINE_GOAL:g}×)",
+                      f"{x:.2f}× ({o['ms']:.1f} vs {p['ms']:.1f} ms; "
+                      + (f"{100 * r['fraction_of_peak']:.0f} % of peak" if "fraction_of_peak" in r
+                         else "peak unknown") + ")",
+                      "yes" if x >= ENGINE_TARGET else "**no**"])
+  lines += _table(["coupling steps", "ours ms", "GFLOP/step", "ours GFLOP/s", "of peak", "peer ms",
+                   "peer GFLOP/s", "peer / ours"], rows) + [""]
+  return lines, targets
+
+
 def markdown(results: dict, total_s: float) -> str:
   now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   lines = ["# Benchmarks", "",
@@ -212,7 +246,8 @@ def markdown(results: dict, total_s: float) -> str:
   targets: list[list] = []
   sections: list[str] = []
   titles = {"features": "Feature extraction", "gradients": "Per-patch gradients",
-            "train_step": "Flow train-step throughput", "sweep": "Sweep: one program vs sequential runs"}
+            "train_step": "Flow train-step throughput", "sweep": "Sweep: one program vs sequential runs",
+            "engine": "Train step on study A's path vs the peer and the peak"}
   for name, entry in results.items():
     module, argv = BENCHMARKS[name]
     sections += [f"## {titles.get(name, name)}", "",
@@ -228,6 +263,9 @@ def markdown(results: dict, total_s: float) -> str:
     try:
       if name == "sweep":
         body, t = _sweep_md(res)
+        targets += t
+      elif name == "engine":
+        body, t = _engine_md(res)
         targets += t
       elif name == "train_step":
         body = _train_step_md(res)

@@ -1,4 +1,4 @@
-r"""Study A on MVTec AD with FastFlow's Wide-ResNet-50-2 setup (single scale), from your weight file.
+r"""Study A on MVTec AD with FastFlow's Wide-ResNet-50-2 setup (one or three scales), from your weight file.
 
 Command:
   python scripts/train_flow.py --config=configs/fastflow_mvtec_wrn50.py \
@@ -17,11 +17,17 @@ Setup as `configs/fastflow_mvtec_resnet18.py` (256 px inputs, 8 coupling steps,
 hidden ratio 1.0, Adam lr 1e-3, batch 32, FastFlow's anomaly map without
 smoothing, image score = map maximum) except the flow alternates 3×3 and 1×1
 convolutions (FastFlow's setting for this backbone in gathierry/FastFlow). **One
-scale only**: stride 8 (layer2, 512 channels, a 32×32 grid at 256 px), the
-middle of the paper's three scales (strides 4, 8, 16, one flow each, maps
-averaged), which is not built yet: stride 8 localises more finely than stride 16
+scale by default**: stride 8 (layer2, 512 channels, a 32×32 grid at 256 px), the
+middle of the paper's three scales: stride 8 localises more finely than stride 16
 (1024 channels, 16×16) and costs a quarter of stride 4's patches (256 channels,
 64×64). Numbers from one scale are not the paper's setup; expect them below it.
+
+**The paper's three scales**: `--config=configs/fastflow_mvtec_wrn50.py:multiscale`
+(or `:smoke,multiscale`) sets `backbone.layers = (4, 8, 16)` (256/512/1024
+channels): one flow per scale, each normalising its own features, trained
+together on the sum of the scales' tail-aware losses, maps averaged over scales
+after upsampling; `backbone.layer` (8) stays the reference scale of PaDiM, the
+validation statistics and the analyses (see `configs/fastflow_mvtec_resnet18.py`).
 
 Published MVTec AD means for comparison (image AUROC / pixel AUROC, %):
   FastFlow paper (Yu et al. 2021, arXiv:2111.07677), Wide-ResNet-50-2 (3 scales):

@@ -178,15 +178,25 @@ def _row_fns(cfg, feats_shape, mesh, row_impl: str, seg_len: int):
 
 
 def _check_feats(feats, where: str) -> None:
+  if isinstance(feats, (tuple, list)):   # multi-scale: one [N, H_s, W_s, C_s] per scale
+    if not feats or len({np.shape(f)[0] if np.ndim(f) else -1 for f in feats}) != 1:
+      raise ValueError(f"{where}: multi-scale features must be [N, H_s, W_s, C_s] arrays "
+                       f"of one N, got shapes {[np.shape(f) for f in feats]}")
+    for s, f in enumerate(feats):
+      _check_feats(f, f"{where} (scale {s})")
+    return
   if np.ndim(feats) != 4:
     raise ValueError(f"{where}: features must be [N, H, W, C], got shape {np.shape(feats)}")
   if not np.all(np.isfinite(feats)):
     raise ValueError(f"{where}: features contain NaN/Inf")
 
 
-def feats_digest(feats: np.ndarray) -> str:
-  a = np.ascontiguousarray(np.asarray(feats, np.float32))
-  return hashlib.sha256(a.tobytes()).hexdigest()[:16]
+def feats_digest(feats) -> str:
+  """sha256 (16 hex) of the float32 bytes; of every scale's bytes in order, multi-scale."""
+  h = hashlib.sha256()
+  for f in (feats if isinstance(feats, (tuple, list)) else (feats,)):
+    h.update(np.ascontiguousarray(np.asarray(f, np.float32)).tobytes())
+  return h.hexdigest()[:16]
 
 
 def boundaries(total: int, seg_len: int, eval_steps: Sequence[int]) -> list[int]:
@@ -241,7 +251,10 @@ def run_rows(cfg, run: runrecord.Run, prefix: str, train_feats: np.ndarray, rows
       conv_impl, batch_devices}.
     run: the open workdir (``runrecord.open_run``); files go under ``run.path(prefix)``.
     prefix: this grid's folder inside the workdir (e.g. the category).
-    train_feats: [N, H, W, C] host array (identical on every process).
+    train_feats: [N, H, W, C] host array (identical on every process), or — multi-scale
+      FastFlow — a tuple of per-scale arrays [N, H_s, W_s, C_s] of the same N images:
+      every row then trains one flow per scale on the sum of the scales' losses
+      (``train.make_flow_loss``), and ``evaluate`` sees all scales' parameters.
     eval_steps: steps (0 = the untrained flow) at which ``evaluate(step, params_R)`` runs;
       it returns anything JSON-able (e.g. one metrics dict per row), saved as the unit
       ``<prefix>/eval/<step>`` and never recomputed.
@@ -264,13 +277,16 @@ def run_rows(cfg, run: runrecord.Run, prefix: str, train_feats: np.ndarray, rows
   if bad_eval:
     raise ValueError(f"evaluation steps {bad_eval} lie outside [0, train.num_steps={total}]")
   eval_steps = sorted({int(s) for s in eval_steps})
-  program, init_fn, segment_fn = _row_fns(cfg, train_feats.shape, mesh, row_impl, seg_len)
+  feats_shape = train_lib.feats_shape_of(train_feats)
+  program, init_fn, segment_fn = _row_fns(cfg, feats_shape, mesh, row_impl, seg_len)
   run.record(row_mode=row_impl, conv_impl=program.conv_impl)
   is_lead = jax.process_index() == 0
   base = run.path(prefix)
   base.mkdir(parents=True, exist_ok=True)
 
-  record = {"rows": rows.to_json(), "feats_shape": list(train_feats.shape),
+  record = {"rows": rows.to_json(),
+            "feats_shape": ([list(s) for s in feats_shape] if program.multiscale
+                            else list(feats_shape)),
             "feats_sha256": feats_digest(train_feats), "num_steps": total}
   rows_file = base / "rows.json"
   if rows_file.exists():
@@ -291,7 +307,8 @@ def run_rows(cfg, run: runrecord.Run, prefix: str, train_feats: np.ndarray, rows
   h_R = {k: np.asarray(v, np.float32) for k, v in rows.hparams_R.items()}
   (h_pad, kd_pad), _ = sharding.pad_rows((h_R, keydata_R), shards)
   h_dev, kd_dev = sharding.put_rows((h_pad, kd_pad), mesh)
-  feats_dev = sharding.put_replicated(np.asarray(train_feats, np.float32), mesh)
+  feats_dev = sharding.put_replicated(
+      jax.tree.map(lambda f: np.asarray(f, np.float32), train_feats), mesh)
   ckpt_dir = base / "checkpoints"
 
   def to_device(state_host):

@@ -6,6 +6,15 @@ the last chunk padded (by repeating its last image) so every call has one
 compiled shape, and the padding is dropped. ``patch_scores`` (anomaly scores),
 ``latents`` (z for calibration) and ``patch_nll`` are built on it and used by
 study A, the sweeps, the analysis and the toy run.
+
+**Multi-scale FastFlow** (``flows.MultiScaleFlow``): features are a tuple of
+per-scale arrays ``[N, H_s, W_s, C_s]``; ``chunked`` cuts every scale at the same
+images, and the scorers return a tuple of per-scale outputs. ``evaluate_scores``
+given such a tuple builds the map as anomalib's FastFlow does — each scale's
+patch scores upsampled bilinearly to ``eval.size``, then averaged over scales —
+and then applies the configured Gaussian smoothing (anomalib's FastFlow map has
+no smoothing; since both the average and the Gaussian filter are linear,
+smoothing before or after averaging gives the same map up to float rounding).
 """
 
 from __future__ import annotations
@@ -34,7 +43,12 @@ def _compiled(model: flows.FastFlow2d, output: str, conv_impl: str):
   @jax.jit
   def run(params, x_BxHxWxC):
     with train_lib.lowering(conv_impl):
-      z, logdet = model.apply(params, x_BxHxWxC)
+      out = model.apply(params, x_BxHxWxC)
+    if isinstance(model, flows.MultiScaleFlow):
+      return tuple(_output(z, logdet) for z, logdet in out)
+    return _output(*out)
+
+  def _output(z, logdet):
     if output == "nll":
       return losses.patch_nll(z, logdet)
     if output == "fastflow":
@@ -46,19 +60,31 @@ def _compiled(model: flows.FastFlow2d, output: str, conv_impl: str):
 
 def chunked(fn, params, x_NxHxWxC, chunk: int = 32) -> np.ndarray:
   """``fn(params, x_chunk)`` over all N images in chunks of ``chunk`` (the last padded to
-  the same shape), concatenated on the host."""
-  x = np.asarray(x_NxHxWxC)
-  n = len(x)
+  the same shape), concatenated on the host. ``x`` may be a tuple of per-scale arrays of
+  the same N images (every scale cut at the same images); ``fn`` may return a tuple."""
+  if isinstance(x_NxHxWxC, (tuple, list)):
+    x = tuple(np.asarray(a) for a in x_NxHxWxC)
+    n = len(x[0])
+    if any(len(a) != n for a in x):
+      raise ValueError(f"chunked: scales hold different numbers of images {[len(a) for a in x]}")
+  else:
+    x = np.asarray(x_NxHxWxC)
+    n = len(x)
   if n == 0:
     raise ValueError("chunked: no images")
   size = min(chunk, n)
+
+  def pad(a, real):
+    return a if real == size else np.concatenate([a, np.repeat(a[-1:], size - real, axis=0)])
+
   out = []
   for i in range(0, n, size):
-    xb = x[i:i + size]
-    real = len(xb)
-    if real < size:
-      xb = np.concatenate([xb, np.repeat(xb[-1:], size - real, axis=0)])
-    out.append(np.asarray(fn(params, xb))[:real])
+    real = min(size, n - i)
+    xb = tuple(pad(a[i:i + size], real) for a in x) if isinstance(x, tuple) else \
+        pad(x[i:i + size], real)
+    out.append(jax.tree.map(lambda o: np.asarray(o)[:real], fn(params, xb)))
+  if isinstance(out[0], tuple):
+    return tuple(np.concatenate([o[s] for o in out]) for s in range(len(out[0])))
   return np.concatenate(out)
 
 
@@ -68,7 +94,8 @@ def _resolve(conv_impl: str | None) -> str:
 
 def patch_scores(model: flows.FastFlow2d, params, feats_NxhxwxC, score: str = "nll",
                  chunk: int = 32, conv_impl: str | None = None) -> np.ndarray:
-  """Per-patch anomaly scores [N, h, w]: "nll" (nats) or "fastflow" (−exp(−0.5·mean z²))."""
+  """Per-patch anomaly scores [N, h, w]: "nll" (nats) or "fastflow" (−exp(−0.5·mean z²));
+  for a multi-scale flow a tuple of [N, h_s, w_s], one per scale."""
   if score not in SCORES:
     raise ValueError(f"config.eval.score must be one of {SCORES}, got {score!r}")
   return chunked(_compiled(model, score, _resolve(conv_impl)), params, feats_NxhxwxC, chunk)
@@ -76,7 +103,8 @@ def patch_scores(model: flows.FastFlow2d, params, feats_NxhxwxC, score: str = "n
 
 def latents(model: flows.FastFlow2d, params, feats_NxhxwxC, chunk: int = 32,
             conv_impl: str | None = None) -> np.ndarray:
-  """z of every patch [N, h, w, C] (the model normalises its input as in training)."""
+  """z of every patch [N, h, w, C] (the model normalises its input as in training); a
+  tuple of per-scale z for a multi-scale flow."""
   return chunked(_compiled(model, "z", _resolve(conv_impl)), params, feats_NxhxwxC, chunk)
 
 
@@ -85,10 +113,24 @@ def evaluate_scores(eval_cfg: Mapping, scores_Nxhxw: np.ndarray, test_masks_NxSx
   """(metrics, pixel maps [N, S, S]) for per-patch scores: bilinear upsampling to
   ``eval.size``, Gaussian smoothing ``eval.smoothing_sigma``, image score
   ``eval.image_score`` (max or top-k mean with ``eval.image_topk``), then
-  image/pixel AUROC, pixel AP and AUPRO up to ``eval.fpr_limit``."""
+  image/pixel AUROC, pixel AP and AUPRO up to ``eval.fpr_limit``.
+
+  ``scores`` may be a tuple of per-scale scores [N, h_s, w_s] (multi-scale FastFlow):
+  the map is then ``multiscale_maps`` (upsample each, average, smooth)."""
   e = eval_cfg
-  maps = anomaly.anomaly_maps(scores_Nxhxw, e["size"], sigma=e["smoothing_sigma"])
+  if isinstance(scores_Nxhxw, (tuple, list)):
+    maps = multiscale_maps(scores_Nxhxw, e["size"], e["smoothing_sigma"])
+  else:
+    maps = anomaly.anomaly_maps(scores_Nxhxw, e["size"], sigma=e["smoothing_sigma"])
   img = np.asarray(anomaly.image_scores(maps, e["image_score"], k=e["image_topk"]))
   m = metrics.evaluate(maps.astype(np.float32), test_masks_NxSxS, img, test_labels_N,
                        fpr_limit=e["fpr_limit"])
   return m, maps
+
+
+def multiscale_maps(scores_by_scale, size, sigma: float) -> np.ndarray:
+  """Pixel maps [N, S, S] of multi-scale scores: every scale's [N, h_s, w_s] scores
+  upsampled bilinearly to ``size`` and averaged over scales (FastFlow/anomalib,
+  ``anomaly.combine_scales``), then Gaussian-smoothed with ``sigma`` px."""
+  return anomaly.smooth_maps(np.asarray(anomaly.combine_scales(list(scores_by_scale), size)),
+                             sigma)

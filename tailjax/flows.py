@@ -240,13 +240,97 @@ def build_flow(cfg) -> FastFlow2d:
   return PatchFlow(**kwargs) if kwargs["kernel_mode"] == "1x1" else FastFlow2d(**kwargs)
 
 
+class MultiScaleFlow(nn.Module):
+  """FastFlow's multi-scale model: one independent ``FastFlow2d`` per feature scale.
+
+  Inputs are a tuple of per-scale maps ``(x_BxH_sxW_sxC_s for s in scales)`` of the
+  same B images; every method returns a tuple with one entry per scale, each
+  exactly what the scale's own flow returns (``forward``/``inverse``/``__call__``:
+  ``(z_s, logdet_s)``; ``nll``: ``nll_BxH_sxW_s``). Each scale normalises its own
+  features (``layer_norm`` "image" is FastFlow's per-scale LayerNorm) and has its
+  own parameters, the subtree ``params["params"]["scale_<s>"]``, which is a
+  complete ``FastFlow2d`` parameter tree: ``flow_of_scale(s)`` with
+  ``{"params": params["params"][f"scale_{s}"]}`` is scale s alone. The scales share
+  every other field, including ``permutation_seed``.
+  """
+
+  channels: tuple[int, ...]
+  num_steps: int = 8
+  kernel_mode: str = "alternate"
+  hidden_ratio: float = 1.0
+  clamp: float = 2.0
+  global_affine: bool = False
+  layer_norm: str = "none"
+  permutation_seed: int = 0
+
+  def _scale_kwargs(self, s: int) -> dict:
+    kw = {f: getattr(self, f) for f in ("num_steps", "kernel_mode", "hidden_ratio", "clamp",
+                                        "global_affine", "layer_norm", "permutation_seed")}
+    return {"channels": int(self.channels[s]), **kw}
+
+  def flow_of_scale(self, s: int) -> FastFlow2d:
+    """The flow of scale ``s`` as a stand-alone module (call on an unbound model); its
+    parameters are ``{"params": params["params"][f"scale_{s}"]}``."""
+    cls = PatchFlow if self.kernel_mode == "1x1" else FastFlow2d
+    return cls(**self._scale_kwargs(s), parent=None)
+
+  def setup(self):
+    if len(self.channels) < 1:
+      raise ValueError("MultiScaleFlow needs at least one scale")
+    cls = PatchFlow if self.kernel_mode == "1x1" else FastFlow2d
+    self.flows = [cls(**self._scale_kwargs(s), name=f"scale_{s}")
+                  for s in range(len(self.channels))]
+
+  def _check(self, xs):
+    if not isinstance(xs, (tuple, list)) or len(xs) != len(self.flows):
+      raise ValueError(f"multi-scale flow expects a tuple of {len(self.flows)} feature maps, "
+                       f"got {type(xs).__name__}")
+
+  def forward(self, xs):
+    self._check(xs)
+    return tuple(f.forward(x) for f, x in zip(self.flows, xs))
+
+  def inverse(self, zs):
+    self._check(zs)
+    return tuple(f.inverse(z) for f, z in zip(self.flows, zs))
+
+  def __call__(self, xs):
+    self._check(xs)
+    return tuple(f(x) for f, x in zip(self.flows, xs))
+
+  def nll(self, xs):
+    self._check(xs)
+    return tuple(f.nll(x) for f, x in zip(self.flows, xs))
+
+
+def build_multiscale_flow(cfg, channels: Sequence[int]) -> MultiScaleFlow:
+  """``MultiScaleFlow`` with one flow per entry of ``channels``; the other fields as
+  ``build_flow`` reads them (validated there, once per scale)."""
+  get = lambda name, default: cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+  for c in channels:
+    build_flow({**dict(cfg), "channels": int(c)})
+  return MultiScaleFlow(
+      channels=tuple(int(c) for c in channels),
+      num_steps=int(get("num_steps", 8)),
+      kernel_mode=str(get("kernel_mode", "alternate")),
+      hidden_ratio=float(get("hidden_ratio", 1.0)),
+      clamp=float(get("clamp", 2.0)),
+      global_affine=bool(get("global_affine", False)),
+      layer_norm=str(get("layer_norm", "none")),
+      permutation_seed=int(get("permutation_seed", 0)))
+
+
 def flat_nll(model: FastFlow2d, params, x_BxHxWxC) -> jax.Array:
-  """Per-patch NLL flattened to ``[B, H·W]`` (row-major over the grid)."""
-  nll_BxHxW = model.apply(params, x_BxHxWxC, method="nll")
-  return nll_BxHxW.reshape(nll_BxHxW.shape[0], -1)
+  """Per-patch NLL flattened to ``[B, H·W]`` (row-major over the grid); for a
+  ``MultiScaleFlow`` a tuple of ``[B, H_s·W_s]``, one per scale."""
+  nll = model.apply(params, x_BxHxWxC, method="nll")
+  if isinstance(nll, tuple):
+    return tuple(n.reshape(n.shape[0], -1) for n in nll)
+  return nll.reshape(nll.shape[0], -1)
 
 
 __all__: Sequence[str] = (
-    "AffineCouplingStep", "FastFlow2d", "PatchFlow", "build_flow", "flat_nll",
+    "AffineCouplingStep", "FastFlow2d", "MultiScaleFlow", "PatchFlow", "build_flow",
+    "build_multiscale_flow", "flat_nll",
     "normalize_features", "step_kernel_sizes",
 )

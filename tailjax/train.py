@@ -282,15 +282,34 @@ def over_rows(fn: Callable, row_impl: str) -> Callable:
 HPARAM_NAMES = ("tail_weight", "top_k_ratio", "learning_rate")
 
 
-def make_flow_loss(model: flows.FastFlow2d):
+def make_flow_loss(model: flows.FastFlow2d | flows.MultiScaleFlow):
   """``loss_fn(params, batch, hparams, key)`` for ``make_train_step``: the tail-aware
-  loss with λ = hparams["tail_weight"], r = hparams["top_k_ratio"]."""
+  loss with λ = hparams["tail_weight"], r = hparams["top_k_ratio"].
+
+  Multi-scale (``flows.MultiScaleFlow``, batch = tuple of per-scale maps of the same
+  images): the loss is the **sum over scales** of each scale's tail-aware loss,
+
+      L = Σ_s [(1−λ)·mean_i NLL_s,i + λ·mean of the top ⌈r·H_s·W_s⌉ NLL_s,i per image],
+
+  with the top-k taken within each scale's own grid (anomalib's FastFlow combines
+  its scales' losses by summation). The scales' parameters are disjoint, so each
+  scale's gradient is that of its own loss alone, and with Adam (per-parameter
+  moments) the scales' updates do not interact — except through
+  ``optim.grad_clip_norm``, which clips the *global* norm over all scales'
+  gradients together (``optax.clip_by_global_norm`` on the whole parameter tree),
+  so one scale with large gradients shrinks every scale's update. ``mean_nll`` is
+  the sum over scales of each scale's mean patch NLL (the loss at λ = 0).
+  """
 
   def loss_fn(params, feats_BxHxWxC, hparams, key):
     del key  # the flow is deterministic
-    nll_BxN = flows.flat_nll(model, params, feats_BxHxWxC)
-    loss = losses.tail_aware_loss(nll_BxN, hparams["tail_weight"], hparams["top_k_ratio"])
-    return loss, {"mean_nll": jnp.mean(nll_BxN)}
+    nll = flows.flat_nll(model, params, feats_BxHxWxC)
+    if isinstance(nll, tuple):
+      loss = sum(losses.tail_aware_loss(n_BxN, hparams["tail_weight"], hparams["top_k_ratio"])
+                 for n_BxN in nll)
+      return loss, {"mean_nll": sum(jnp.mean(n_BxN) for n_BxN in nll)}
+    loss = losses.tail_aware_loss(nll, hparams["tail_weight"], hparams["top_k_ratio"])
+    return loss, {"mean_nll": jnp.mean(nll)}
 
   return loss_fn
 
@@ -304,9 +323,24 @@ def init_row(model, tx, example_1xHxWxC, hparams: Mapping, row_key) -> TrainStat
 
 
 def sample_batch(feats_NxHxWxC, batch_size: int, row_key, step):
-  """The row's mini-batch at ``step`` (uniform with replacement)."""
+  """The row's mini-batch at ``step`` (uniform with replacement). ``feats`` may be a
+  pytree of per-scale arrays [N, ...]: every scale is indexed with the same images."""
   k = jax.random.fold_in(jax.random.fold_in(row_key, 1), step)
-  return feats_NxHxWxC[jax.random.randint(k, (batch_size,), 0, feats_NxHxWxC.shape[0])]
+  n = jax.tree.leaves(feats_NxHxWxC)[0].shape[0]
+  idx_B = jax.random.randint(k, (batch_size,), 0, n)
+  return jax.tree.map(lambda f: f[idx_B], feats_NxHxWxC)
+
+
+def is_multiscale_shape(feats_shape) -> bool:
+  """True for a tuple of per-scale shapes ``((N, H_s, W_s, C_s), ...)``."""
+  return len(feats_shape) > 0 and isinstance(feats_shape[0], (tuple, list))
+
+
+def feats_shape_of(feats) -> tuple:
+  """``feats.shape`` of one array; ``tuple(f.shape for f in feats)`` of a tuple of scales."""
+  if isinstance(feats, (tuple, list)):
+    return tuple(tuple(int(d) for d in np.shape(f)) for f in feats)
+  return tuple(int(d) for d in np.shape(feats))
 
 
 def row_keys(seeds: Sequence[int]) -> jax.Array:
@@ -315,7 +349,10 @@ def row_keys(seeds: Sequence[int]) -> jax.Array:
   return jnp.stack([jax.random.fold_in(base, int(s)) for s in seeds])
 
 
-def model_for(cfg, channels: int) -> flows.FastFlow2d:
+def model_for(cfg, channels) -> flows.FastFlow2d | flows.MultiScaleFlow:
+  """The flow of ``cfg.flow`` on C channels, or one flow per scale for a tuple of C_s."""
+  if isinstance(channels, (tuple, list)):
+    return flows.build_multiscale_flow(dict(cfg.flow), channels)
   flow_cfg = dict(cfg.flow)
   flow_cfg["channels"] = int(channels)
   return flows.build_flow(flow_cfg)
@@ -350,9 +387,9 @@ class FlowProgram:
   (``row_keys``), a typed PRNG key.
   """
 
-  model: flows.FastFlow2d
+  model: flows.FastFlow2d | flows.MultiScaleFlow
   tx: optax.GradientTransformation
-  feats_shape: tuple[int, ...]
+  feats_shape: tuple          # [N, H, W, C], or one such shape per scale (multi-scale)
   batch_size: int
   total_steps: int
   conv_impl: str = "xla"
@@ -368,21 +405,38 @@ class FlowProgram:
     def loss_fn(params, batch_BxHxWxC, hparams, key):
       # Every device of the row drew the same batch (same key); each takes its slice,
       # and pmean makes the loss (and, by transposition, the gradients) the full-batch ones.
-      n = batch_BxHxWxC.shape[0] // shards
-      local = jax.lax.dynamic_slice_in_dim(batch_BxHxWxC, jax.lax.axis_index(axis) * n, n, axis=0)
+      n = jax.tree.leaves(batch_BxHxWxC)[0].shape[0] // shards
+      local = jax.tree.map(
+          lambda b: jax.lax.dynamic_slice_in_dim(b, jax.lax.axis_index(axis) * n, n, axis=0),
+          batch_BxHxWxC)
       loss, aux = base(params, local, hparams, key)
       return jax.lax.pmean(loss, axis), jax.tree.map(lambda a: jax.lax.pmean(a, axis), aux)
 
     return loss_fn
 
+  @property
+  def multiscale(self) -> bool:
+    return is_multiscale_shape(self.feats_shape)
+
   def _check(self, feats):
+    if self.multiscale:
+      got = feats_shape_of(feats) if isinstance(feats, (tuple, list)) else None
+      if (got is None or len(got) != len(self.feats_shape)
+          or any(g[1:] != tuple(w[1:]) or g[0] != got[0][0] for g, w in zip(got, self.feats_shape))):
+        raise ValueError(f"features must be a tuple of {len(self.feats_shape)} scales "
+                         f"[N, H_s, W_s, C_s] like the program's {self.feats_shape} (same N), "
+                         f"got {got if got is not None else np.shape(feats)}")
+      return
     if tuple(feats.shape[1:]) != tuple(self.feats_shape[1:]):
       raise ValueError(f"features must be [N, {', '.join(map(str, self.feats_shape[1:]))}] "
                        f"like the program's, got {tuple(feats.shape)}")
 
   def init(self, hparams: Mapping, key) -> TrainState:
     # Flax init depends on shapes only, so a zero example gives the same params.
-    example_1xHxWxC = jnp.zeros((1, *self.feats_shape[1:]), jnp.float32)
+    if self.multiscale:
+      example_1xHxWxC = tuple(jnp.zeros((1, *s[1:]), jnp.float32) for s in self.feats_shape)
+    else:
+      example_1xHxWxC = jnp.zeros((1, *self.feats_shape[1:]), jnp.float32)
     with lowering(self.conv_impl):
       return init_row(self.model, self.tx, example_1xHxWxC, hparams, key)
 
@@ -433,10 +487,21 @@ def make_flow_program(cfg, feats_shape: Sequence[int], *, num_steps: int | None 
                       conv_impl: str | None = None, batch_axis: str | None = None,
                       batch_shards: int = 1) -> FlowProgram:
   """The flow program for ``cfg`` (fields flow.*, optim.*, train.batch_size,
-  train.num_steps, train.conv_impl) on features of shape ``feats_shape`` [N, H, W, C]."""
-  feats_shape = tuple(int(s) for s in feats_shape)
-  if len(feats_shape) != 4:
-    raise ValueError(f"feats_shape must be [N, H, W, C], got {feats_shape}")
+  train.num_steps, train.conv_impl) on features of shape ``feats_shape`` [N, H, W, C],
+  or — multi-scale — a tuple of per-scale shapes ``((N, H_s, W_s, C_s), ...)``: then the
+  model is a ``flows.MultiScaleFlow`` (one flow per scale), the program's features are
+  the tuple of per-scale arrays, and the loss is ``make_flow_loss``'s sum over scales."""
+  if is_multiscale_shape(feats_shape):
+    feats_shape = tuple(tuple(int(d) for d in s) for s in feats_shape)
+    if any(len(s) != 4 for s in feats_shape) or len({s[0] for s in feats_shape}) != 1:
+      raise ValueError(f"multi-scale feats_shape must be [N, H_s, W_s, C_s] per scale with "
+                       f"one N, got {feats_shape}")
+    channels = tuple(s[-1] for s in feats_shape)
+  else:
+    feats_shape = tuple(int(s) for s in feats_shape)
+    if len(feats_shape) != 4:
+      raise ValueError(f"feats_shape must be [N, H, W, C], got {feats_shape}")
+    channels = feats_shape[-1]
   bs = int(cfg.train.batch_size)
   if bs < 1:
     raise ValueError(f"config.train.batch_size must be ≥ 1, got {bs}")
@@ -449,7 +514,7 @@ def make_flow_program(cfg, feats_shape: Sequence[int], *, num_steps: int | None 
   if conv_impl is None:
     conv_impl = cfg.train.get("conv_impl", "auto") if hasattr(cfg.train, "get") else "auto"
   return FlowProgram(
-      model=model_for(cfg, feats_shape[-1]), tx=make_optimizer(cfg.optim),
+      model=model_for(cfg, channels), tx=make_optimizer(cfg.optim),
       feats_shape=feats_shape, batch_size=bs, total_steps=steps,
       conv_impl=resolve_conv_impl(conv_impl), batch_axis=batch_axis,
       batch_shards=int(batch_shards))

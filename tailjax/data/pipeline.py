@@ -30,6 +30,17 @@ Backbones (``backbone.name``; ``backbone_fields`` lists the fields each reads):
   ``torch.save``; never downloaded); ImageNet normalisation is fixed inside.
 
 ``backbone.layer`` is the stride of the feature map (4, 8, 16 or 32), and
+``backbone.layers`` (optional; absent or empty = single scale, the default) the
+strides of a **multi-scale** FastFlow run, e.g. ``(4, 8, 16)``: one flow per
+stride, trained together (``tailjax.train.make_flow_loss``), maps averaged over
+scales (``tailjax.evaluation``). ``backbone.layer`` must then be one of them: it
+stays the run's *reference scale* — ``CategoryData.train_feats`` / ``val_feats`` /
+``test_feats`` are that scale's features, so PaDiM, the validation-NLL statistics
+and the per-patch analyses work on it as in a single-scale run — while
+``CategoryData.flow_feats(split)`` gives the flows all scales (a tuple, in
+``backbone.layers`` order). A single-scale run reads, caches and trains exactly as
+before ``layers`` existed. ``data.kind=features`` files hold one scale.
+
 ``backbone.resolution`` the side images are resized to (bilinear) before the
 backbone. The validation split (``data.val_fraction``, ``data.split_seed``;
 ``split_train_val``) applies to every kind.
@@ -66,11 +77,11 @@ IMAGE_KINDS = ("textures", "mvtec", "visa")
 # The backbone.* fields each backbone reads (none for data.kind=features).
 BACKBONE_FIELDS = {
     "efficientnet_lite0": ("backbone.name", "backbone.normalization", "backbone.resolution",
-                           "backbone.layer", "backbone.batch_size"),
+                           "backbone.layer", "backbone.layers", "backbone.batch_size"),
     "resnet18": ("backbone.name", "backbone.weights", "backbone.resolution", "backbone.layer",
-                 "backbone.batch_size"),
+                 "backbone.layers", "backbone.batch_size"),
     "wide_resnet50_2": ("backbone.name", "backbone.weights", "backbone.resolution",
-                        "backbone.layer", "backbone.batch_size"),
+                        "backbone.layer", "backbone.layers", "backbone.batch_size"),
 }
 RESNETS = ("resnet18", "wide_resnet50_2")
 LAYERS = (4, 8, 16, 32)
@@ -115,7 +126,10 @@ def describe_features(cfg) -> str:
   if cfg.data.kind == "features":
     return f"pre-extracted features ({Path(cfg.data.path).name})"
   b = cfg.backbone
-  text = f"{_DISPLAY.get(b.name, b.name)} stride {b.layer} at {b.resolution} px"
+  layers = scale_layers(cfg)
+  strides = (f"strides {', '.join(map(str, layers))} (one flow each, reference stride {b.layer})"
+             if layers else f"stride {b.layer}")
+  text = f"{_DISPLAY.get(b.name, b.name)} {strides} at {b.resolution} px"
   if b.name in RESNETS:
     return f"{text} (weights {Path(b.weights).name})"
   return f"{text} ({b.normalization} normalisation)"
@@ -199,6 +213,33 @@ def _layer(b) -> int:
   return int(layer)
 
 
+def scale_layers(cfg) -> tuple[int, ...]:
+  """The strides of a multi-scale run (``backbone.layers``), or () for a single-scale
+  run (no ``layers`` field, an empty one, or just ``(backbone.layer,)``). Validated:
+  distinct strides in 4/8/16/32 that include ``backbone.layer`` (the reference scale)."""
+  if cfg.data.kind == "features" or "backbone" not in cfg:
+    return ()
+  b = cfg.backbone
+  raw = b.get("layers", None) if hasattr(b, "get") else None
+  if raw is None or raw == "" or (hasattr(raw, "__len__") and len(raw) == 0):
+    return ()
+  if isinstance(raw, str):
+    raw = [v for v in raw.replace("(", "").replace(")", "").split(",") if v.strip()]
+  try:
+    layers = tuple(int(v) for v in raw)
+  except (TypeError, ValueError):
+    raise ValueError(f"config.backbone.layers must be a tuple of strides in {LAYERS}, "
+                     f"got {raw!r}") from None
+  layer = _layer(b)
+  if any(l not in LAYERS for l in layers) or len(set(layers)) != len(layers):
+    raise ValueError(f"config.backbone.layers must be distinct strides in {LAYERS}, got {layers}")
+  if layer not in layers:
+    raise ValueError(f"config.backbone.layer={layer} must be one of config.backbone.layers="
+                     f"{layers}: it is the reference scale of a multi-scale run (PaDiM, "
+                     "validation NLL, per-patch analyses)")
+  return () if layers == (layer,) else layers
+
+
 def weights_path(cfg) -> Path:
   """The existing file ``backbone.weights`` names (ResNets), or an error naming the field."""
   b = cfg.backbone
@@ -232,6 +273,7 @@ def make_extractor(cfg):
     raise ValueError(f"config.backbone.name must be one of {sorted(BACKBONE_FIELDS)}, "
                      f"got {name!r}")
   layer = _layer(b)
+  layers = scale_layers(cfg) or (layer,)
   from tailjax import backbones
   if name == "efficientnet_lite0":
     normalization = b.normalization
@@ -251,14 +293,14 @@ def make_extractor(cfg):
         raise ValueError(f"config.backbone.weights: {path} is not a usable torchvision "
                          f"{name} weight file: {e}") from e
 
-    extractor_id = f"{name}-L{layer}-w{digest[:16]}-v1"
+    extractor_id = f"{name}-L{'_'.join(map(str, layers))}-w{digest[:16]}-v1"
   batch_size = int(b.batch_size)
   net = []
 
   def extract(images_BxRxRx3):
     if not net:
       net.append(build())
-    return net[0].extract(images_BxRxRx3, layers=(layer,), batch_size=batch_size,
+    return net[0].extract(images_BxRxRx3, layers=layers, batch_size=batch_size,
                           resize_to=None, progress=False)
 
   return extract, extractor_id
@@ -277,6 +319,25 @@ class CategoryData:
   test_types: tuple[str, ...]
   train_index: np.ndarray        # indices of train_feats rows among the split's normal images
   val_index: np.ndarray          # indices of val_feats rows (disjoint from train_index)
+  # Multi-scale runs (``backbone.layers``): the strides and every scale's features, in
+  # ``layers`` order; the *_feats fields above are the reference scale's (``backbone.layer``).
+  layers: tuple[int, ...] = ()
+  train_scales: tuple[np.ndarray, ...] = ()
+  val_scales: tuple[np.ndarray, ...] = ()
+  test_scales: tuple[np.ndarray, ...] = ()
+
+  @property
+  def multiscale(self) -> bool:
+    return bool(self.layers)
+
+  def flow_feats(self, split: str):
+    """What the flows of this run see for ``split`` ("train", "val", "test"): the
+    reference-scale array (single scale) or the tuple of every scale's features."""
+    if split not in ("train", "val", "test"):
+      raise ValueError(f"split must be train, val or test, got {split!r}")
+    if self.multiscale:
+      return getattr(self, f"{split}_scales")
+    return getattr(self, f"{split}_feats")
 
 
 def split_train_val(n: int, val_fraction: float, seed: int, where: str = "config.data"
@@ -395,6 +456,10 @@ def extract_features(cfg, paths, extractor, extractor_id, progress: bool = True)
 
 
 def load_category(cfg, name: str, train_split, test_split, extractor, extractor_id) -> CategoryData:
+  layers = scale_layers(cfg)
+  if layers:
+    return _load_multiscale_category(cfg, name, layers, train_split, test_split, extractor,
+                                     extractor_id)
   feats = {split_name: extract_features(cfg, split.image_paths, extractor, extractor_id)
            for split_name, split in (("train", train_split), ("test", test_split))}
   tr, va = _val_split(cfg, len(feats["train"]))
@@ -403,6 +468,24 @@ def load_category(cfg, name: str, train_split, test_split, extractor, extractor_
   return CategoryData(name, feats["train"][tr], feats["train"][va], feats["test"], masks,
                       np.asarray(test_split.labels), images, tuple(test_split.defect_types),
                       tr, va)
+
+
+def _load_multiscale_category(cfg, name, layers, train_split, test_split, extractor,
+                              extractor_id) -> CategoryData:
+  b = cfg.backbone
+  feats = {split_name: feature_cache.cached_features(
+      [Path(p) for p in split.image_paths], extractor, extractor_id, resolution=b.resolution,
+      layers=layers, cache_dir=cache_dir(cfg), batch_size=b.batch_size, progress=True)
+      for split_name, split in (("train", train_split), ("test", test_split))}
+  tr, va = _val_split(cfg, len(feats["train"][layers[0]]))
+  ref = _layer(b)
+  images, masks = test_split.load(cfg.eval.size)
+  return CategoryData(
+      name, feats["train"][ref][tr], feats["train"][ref][va], feats["test"][ref], masks,
+      np.asarray(test_split.labels), images, tuple(test_split.defect_types), tr, va,
+      layers=layers, train_scales=tuple(feats["train"][l][tr] for l in layers),
+      val_scales=tuple(feats["train"][l][va] for l in layers),
+      test_scales=tuple(feats["test"][l] for l in layers))
 
 
 def resize_masks(masks_NxHxW: np.ndarray, size: int) -> np.ndarray:

@@ -73,7 +73,7 @@ from PIL import Image
 
 from tailjax import anomaly, evaluation, io, runrecord
 from tailjax.data import features as feature_cache
-from tailjax.data import mvtec
+from tailjax.data import mvtec, pipeline
 from tailjax.studies import study_a
 
 THRESHOLDS = ("val_quantile", "f1")
@@ -340,6 +340,9 @@ def predict(workdir: str | Path, images: str | Path, out_dir: str | Path, *,
     elif category not in trained:
       raise ValueError(f"category {category!r} was not trained in {workdir} "
                        f"(trained: {', '.join(trained)})")
+    if len(pipeline.scale_layers(cfg)) > 1:
+      raise ValueError(f"{workdir} is a multi-scale run (config.backbone.layers="
+                       f"{tuple(cfg.backbone.layers)}); predict scores single-scale runs only")
     tc = study_a.load_trained(run.workdir, [category])[category]
     i = _select_row(cfg, tc.rows, variant, seed)
     row = tc.rows[i]

@@ -15,6 +15,13 @@ Rows: ``len(variants) × num_seeds``, all of a category trained as one grid on
 the engine; variant v with seed s starts from the same weights and sees the
 same batches as every other variant with seed s, so "tail − mean" differences
 are paired by seed.
+
+Multi-scale FastFlow (``backbone.layers``, e.g. ``(4, 8, 16)``): every row is one
+flow per scale trained on the sum of the scales' tail-aware losses
+(``train.make_flow_loss``); maps are the per-scale scores upsampled and averaged
+(``evaluation.evaluate_scores``). PaDiM, the validation-NLL statistics (``val``)
+and the analyses use the reference scale ``backbone.layer`` (``load_trained``
+returns that scale's flow and parameters).
 """
 
 from __future__ import annotations
@@ -95,7 +102,7 @@ def evaluate_rows(cfg, program: train_lib.FlowProgram, params_R, data: pipeline.
   out = []
   for i in range(n):
     p = _row_params(params_R, i)
-    scores = evaluation.patch_scores(program.model, p, data.test_feats, e.score,
+    scores = evaluation.patch_scores(program.model, p, data.flow_feats("test"), e.score,
                                      conv_impl=program.conv_impl)
     m, maps = evaluation.evaluate_scores(_eval_cfg(cfg), scores, data.test_masks,
                                          data.test_labels)
@@ -103,11 +110,18 @@ def evaluate_rows(cfg, program: train_lib.FlowProgram, params_R, data: pipeline.
            "boundary": causal.boundary_metrics(maps, data.test_masks, int(e.boundary_px),
                                                float(e.fixed_tpr))}
     if len(data.val_feats):
-      val_nll = evaluation.patch_scores(program.model, p, data.val_feats, "nll",
+      val_nll = evaluation.patch_scores(program.model, p, data.flow_feats("val"), "nll",
                                         conv_impl=program.conv_impl)
+      if data.multiscale:   # the reference scale's NLL, as the analyses see it
+        val_nll = val_nll[reference_scale(cfg, data)]
       rec["val"] = causal.normal_tail(val_nll)
     out.append(rec)
   return out
+
+
+def reference_scale(cfg, data: pipeline.CategoryData) -> int:
+  """Index of ``backbone.layer`` among a multi-scale run's scales."""
+  return data.layers.index(int(cfg.backbone.layer))
 
 
 def eval_steps(cfg) -> tuple[int, ...]:
@@ -135,9 +149,10 @@ def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData,
                                                            data.test_masks, data.test_labels)
   rows = variant_rows(cfg)
   total = int(cfg.train.num_steps)
-  program = train_lib.make_flow_program(cfg, data.train_feats.shape)   # the engine's model
+  flow_train = data.flow_feats("train")
+  program = train_lib.make_flow_program(cfg, train_lib.feats_shape_of(flow_train))  # the engine's
   evaluate = lambda step, params_R: evaluate_rows(cfg, program, params_R, data)
-  res = engine.run_rows(cfg, run, data.name, data.train_feats, rows, eval_steps=eval_steps(cfg),
+  res = engine.run_rows(cfg, run, data.name, flow_train, rows, eval_steps=eval_steps(cfg),
                         evaluate=evaluate, progress=progress, desc=data.name)
   result["rows"] = [{**rows.row(i), "metrics": res.evals[total][i]["metrics"]}
                     for i in range(rows.num_rows)]
@@ -153,7 +168,7 @@ def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData,
     maps = {}
     for n, i in first.items():
       scores = evaluation.patch_scores(res.program.model, _row_params(res.params_R, i),
-                                       data.test_feats, cfg.eval.score,
+                                       data.flow_feats("test"), cfg.eval.score,
                                        conv_impl=res.program.conv_impl)
       maps[f"{n} (seed {rows.seeds_R[i]})"] = evaluation.evaluate_scores(
           _eval_cfg(cfg), scores, data.test_masks, data.test_labels)[1]
@@ -178,6 +193,10 @@ class TrainedCategory:
   params_R: Any                 # every leaf has a leading row axis (host arrays)
   rows: list[dict]              # per row: variant, seed, tail_weight, top_k_ratio, learning_rate
   dataset: pipeline.Dataset     # for image-space analyses (``dataset.train_images``)
+  # Multi-scale runs: model/program/params_R above are the reference scale's flow
+  # (``backbone.layer``); these hold every scale (None for a single-scale run).
+  full_program: train_lib.FlowProgram | None = None
+  full_params_R: Any = None
 
 
 def load_config(workdir: str | Path):
@@ -193,7 +212,12 @@ def load_trained(workdir: str | Path, categories=None) -> dict[str, TrainedCateg
   """Reloads features, masks and the trained rows of every (or the given) category.
 
   Nothing is trained: the rows are restored from their final checkpoints (whatever row
-  mode or backend trained them); an unfinished category is an error.
+  mode or backend trained them); an unfinished category is an error. For a multi-scale
+  run (``backbone.layers``), ``model``, ``program`` and ``params_R`` are those of the
+  reference scale ``backbone.layer`` alone (the flow of that scale is exactly the
+  sub-module ``scale_<s>`` of the multi-scale model), so the per-patch analyses run on
+  it with ``data.train_feats`` unchanged; ``full_program`` / ``full_params_R`` hold all
+  scales.
   """
   workdir = Path(workdir)
   cfg = load_config(workdir)
@@ -203,12 +227,22 @@ def load_trained(workdir: str | Path, categories=None) -> dict[str, TrainedCateg
   out = {}
   for name in wanted:
     data = dataset.load(name)
-    program, params_R, step = engine.load_rows(cfg, workdir, name, data.train_feats.shape, rows)
+    program, params_R, step = engine.load_rows(
+        cfg, workdir, name, train_lib.feats_shape_of(data.flow_feats("train")), rows)
     if step != int(cfg.train.num_steps):
       raise ValueError(f"category {name!r} in {workdir} stopped at step {step} of "
                        f"{cfg.train.num_steps}: rerun the training command to finish it")
-    out[name] = TrainedCategory(cfg, data, program.model, program, params_R, rows.to_json(),
-                                dataset)
+    if not data.multiscale:
+      out[name] = TrainedCategory(cfg, data, program.model, program, params_R, rows.to_json(),
+                                  dataset)
+      continue
+    s = reference_scale(cfg, data)
+    ref_program = train_lib.make_flow_program(cfg, data.train_feats.shape,
+                                              conv_impl=program.conv_impl)
+    ref_params_R = {"params": params_R["params"][f"scale_{s}"]}
+    out[name] = TrainedCategory(cfg, data, ref_program.model, ref_program, ref_params_R,
+                                rows.to_json(), dataset, full_program=program,
+                                full_params_R=params_R)
   return out
 
 

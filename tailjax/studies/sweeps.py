@@ -152,11 +152,13 @@ def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData, grid: Gri
   rows = engine.Rows.from_dicts([{"category": data.name, **r} for r in grid.rows()],
                                 where="config.sweep")
   total = int(cfg.train.num_steps)
-  program = train_lib.make_flow_program(cfg, data.train_feats.shape)   # the engine's model
+  feats = data.flow_feats("train")          # every scale of a multi-scale run
+  program = train_lib.make_flow_program(cfg, train_lib.feats_shape_of(feats))  # the engine's model
   evaluate = lambda step, params_R: study_a.evaluate_rows(cfg, program, params_R, data)
-  res = engine.run_rows(cfg, run, data.name, data.train_feats, rows, eval_steps=(total,),
+  res = engine.run_rows(cfg, run, data.name, feats, rows, eval_steps=(total,),
                         evaluate=evaluate, progress=progress, desc=data.name)
-  return [{**rows.row(i), "metrics": res.evals[total][i]} for i in range(rows.num_rows)]
+  return [{**rows.row(i), "metrics": res.evals[total][i]["metrics"]}
+          for i in range(rows.num_rows)]
 
 
 def run_and_evaluate(cfg, workdir: str | Path, *, on_change: str = "error",
