@@ -1,23 +1,47 @@
-# tailjax: every target sets up its own virtualenv on first use (Python 3.10+ and pip only).
+# tailjax: every target sets up its own virtualenv on first use (Python 3.11+ and pip only).
+#
+# Install = the exact versions of requirements.lock (pins + sha256 hashes, the set
+# the test suite passed with), then tailjax itself with --no-deps, so nothing is
+# resolved or upgraded at install time. `make lock` refreshes the lock (below).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tailjax-installed
+LOCK   := requirements.lock
+PIP_VERSION ?= 26.3
+PIP_TOOLS_VERSION ?= 7.6.2
+LOCK_VENV ?= .venv-lock
 PYTEST_ARGS ?=
 
-.PHONY: install demo test toy bench mil ablations clean
+.PHONY: install lock demo test toy bench mil ablations clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tailjax needs Python >= 3.11 (JAX >= 0.7 dropped 3.10): make PYTHON=python3.11 ...")'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet "pip==$(PIP_VERSION)"
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
 
+## Refresh requirements.lock to the newest releases that pyproject.toml's floors allow
+## (hashes for every platform's files). Then `make test` (the stamp reinstalls from the
+## new lock) and commit the lock with the code that passed. Move only some packages with
+##   make lock LOCK_ARGS="--upgrade-package jax --upgrade-package jaxlib"
+## and re-hash without upgrading anything with `make lock LOCK_ARGS=`.
+LOCK_ARGS ?= --upgrade
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet "pip==$(PIP_VERSION)" "pip-tools==$(PIP_TOOLS_VERSION)"
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet $(LOCK_ARGS) \
+	    --extra=test --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+	    --no-emit-find-links --output-file=$(LOCK) pyproject.toml
+
 ## The main job (see README): study A on the embedded texture benchmark -> runs/demo/report.md
 demo: $(STAMP)
-	$(BIN)/python scripts/train_flow.py --config=configs/fastflow_textures.py --workdir=runs/demo
+	$(BIN)/tailjax train --config=configs/fastflow_textures.py --workdir=runs/demo
 
 ## The test suite.
 test: $(STAMP)
@@ -25,20 +49,20 @@ test: $(STAMP)
 
 ## Study B: the attention-MIL diagnosis -> runs/mil/report.md (~4-8 min on 2 cores)
 mil: $(STAMP)
-	$(BIN)/python scripts/diagnose_mil.py --config=configs/mil_diagnosis.py --workdir=runs/mil
+	$(BIN)/tailjax mil --config=configs/mil_diagnosis.py --workdir=runs/mil
 
 ## Study A ablations (λ grid and r grid, 3 seeds, all texture categories), then the analysis with H4.
 ablations: $(STAMP)
-	$(BIN)/python scripts/sweep.py --config=configs/sweep_tail_weight.py --workdir=runs/sweep_lambda
-	$(BIN)/python scripts/sweep.py --config=configs/sweep_top_k.py --workdir=runs/sweep_top_k
-	$(BIN)/python scripts/analyze.py --workdir=runs/demo --sweeps=runs/sweep_lambda,runs/sweep_top_k
+	$(BIN)/tailjax sweep --config=configs/sweep_tail_weight.py --workdir=runs/sweep_lambda
+	$(BIN)/tailjax sweep --config=configs/sweep_top_k.py --workdir=runs/sweep_top_k
+	$(BIN)/tailjax analyze --workdir=runs/demo --sweeps=runs/sweep_lambda,runs/sweep_top_k
 
 ## Speed benchmarks -> benchmarks/results.md (~3-5 min on 2 cores; not part of the tests)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
 toy: $(STAMP)
-	$(BIN)/python scripts/train_toy.py --config=configs/toy_flow.py --workdir=runs/toy
+	$(BIN)/tailjax toy --config=configs/toy_flow.py --workdir=runs/toy
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) runs .pytest_cache

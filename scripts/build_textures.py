@@ -2,35 +2,13 @@
 
   python scripts/build_textures.py --root=data/textures --seed=0
 
-Prints the root and how long it took; a second run with the same flags reuses
-the complete copy and returns at once (see ``tailjax.data.textures``).
+Same as `tailjax build-textures ...` (every flag is passed through); `tailjax build-textures --help`
+lists the flags. The logic lives in `tailjax.cli` and the library it calls.
 """
 
-from __future__ import annotations
+import sys
 
-import time
-
-from absl import app, flags
-
-from tailjax.data import textures
-
-_ROOT = flags.DEFINE_string("root", None, "output folder (default $TAILJAX_DATA/textures "
-                            "or ./data/textures)")
-_SEED = flags.DEFINE_integer("seed", 0, "random seed")
-_SIZE = flags.DEFINE_integer("image_size", 256, "image side, pixels")
-_N_TRAIN = flags.DEFINE_integer("n_train", 120, "train images per category")
-_N_TEST = flags.DEFINE_integer("n_test", 80, "test images per category")
-_CATEGORIES = flags.DEFINE_list("categories", list(textures.SOURCE_PHOTOS), "categories")
-
-
-def main(argv):
-  del argv
-  start = time.perf_counter()
-  root = textures.build_texture_benchmark(
-      _ROOT.value, seed=_SEED.value, image_size=_SIZE.value, n_train=_N_TRAIN.value,
-      n_test=_N_TEST.value, categories=_CATEGORIES.value, verbose=True)
-  print(f"texture benchmark ready at {root} ({time.perf_counter() - start:.1f}s)")
-
+from tailjax import cli
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.main(["build-textures", *sys.argv[1:]], exit_process=True))

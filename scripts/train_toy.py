@@ -1,19 +1,14 @@
-"""Train a coupling flow on a toy two-moons feature-map density (see configs/toy_flow.py)."""
+"""Train a coupling flow on a toy two-moons feature-map density (see configs/toy_flow.py).
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+  python scripts/train_toy.py --config=configs/toy_flow.py --workdir=runs/toy
 
-from tailjax import toy
+Same as `tailjax toy ...` (every flag is passed through); `tailjax toy --help`
+lists the flags. The logic lives in `tailjax.cli` and the library it calls.
+"""
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/toy_flow.py", "Run config.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/toy", "Run directory (resumed if it exists).")
+import sys
 
-
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  toy.run_toy(_CONFIG.value, _WORKDIR.value)
-
+from tailjax import cli
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.main(["toy", *sys.argv[1:]], exit_process=True))

@@ -19,7 +19,8 @@ Every entry point opens its workdir with ``open_run(workdir, cfg, kind=...)``:
 3. **Manifest.** Also records the code version (package version, git commit
    and whether the tree was dirty, a hash of the ``tailjax`` sources), the JAX
    backend and devices, the row mode, the installed versions of the packages
-   that change results, and one entry per invocation (``invocations``).
+   that change results, the sha256 of ``requirements.lock`` and any installed
+   version that differs from it (``_lock.lock_info``), one entry per invocation.
 4. **One resume rule.** A unit of finished work (an evaluation at a step, a
    study-B ratio, ...) is an atomically written JSON file ``units/<name>.json``;
    it belongs to this config because the manifest says so. ``Run.load_unit``
@@ -348,8 +349,10 @@ def open_run(workdir: str | Path, cfg, *, kind: str, on_change: str = "error",
             "of tailjax, so its contents cannot be checked. Use --restart to discard them "
             "or another --workdir.")
       _clear_results(workdir)
+    from tailjax import _lock
     invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version(),
-                        **environment(), "packages": package_versions()})
+                        **environment(), "packages": package_versions(),
+                        "lock": _lock.lock_info()})
     manifest = {"kind": kind, "config_hash": digest, "results_fields": fields,
                 "config": to_plain(cfg), "invocations": invocations}
     _write_manifest(workdir, manifest)

@@ -31,6 +31,7 @@ def test_manifest_records_config_code_environment(tmp_path):
   inv = m["invocations"][-1]
   assert inv["row_mode"] == "map" and inv["backend"] == "cpu"
   assert inv["packages"]["jax"] and inv["code"]["source_sha256"]
+  assert set(inv["lock"]) >= {"lock_file", "sha256"}
   assert json.loads((tmp_path / "w" / "config.json").read_text())["train"]["num_steps"] == 10
 
 

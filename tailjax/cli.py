@@ -1,0 +1,385 @@
+"""The ``tailjax`` command: one entry point with a subcommand per job.
+
+  tailjax train --config=configs/fastflow_textures.py[:smoke] --workdir=runs/demo [--config.a.b=v]
+  tailjax sweep --config=configs/sweep_top_k.py --workdir=runs/sweep_top_k [--distributed]
+  tailjax analyze --workdir=runs/demo --sweeps=runs/sweep_lambda,runs/sweep_top_k
+  tailjax mil --config=configs/mil_diagnosis.py --workdir=runs/mil
+  tailjax build-textures --root=data/textures
+  tailjax toy --config=configs/toy_flow.py --workdir=runs/toy
+  tailjax <command> --help
+
+Every command parses its own absl flags (``--config`` is an ml_collections
+config file, with ``:arg`` variants and ``--config.a.b=v`` overrides) and
+calls one library function, imported only when the command runs, so
+``tailjax --help`` stays fast. A ``--config=configs/x.py`` path that does not
+exist under the current directory is taken from the installed ``configs``
+package, so the documented commands work from any directory.
+
+Behaviour shared by all commands:
+
+* A workdir remembers the results-relevant config it ran; a rerun with a
+  different one stops with an error listing the differing fields. ``--restart``
+  starts the workdir over, ``--branch`` runs in a new sibling workdir.
+* Ctrl-C prints one line (rerunning the same command resumes) and exits 130.
+* Known errors (bad config or flag values, missing files, a locked workdir, a
+  non-finite loss: ``ValueError``, ``FileNotFoundError`` and the error types
+  defined in ``tailjax``) print ``error: <message>`` and exit 2;
+  ``--traceback`` (or ``TAILJAX_TRACEBACK=1``) shows the full trace instead.
+
+``scripts/*.py`` are shims over :func:`main` (``scripts/train_flow.py ARGS`` is
+``tailjax train ARGS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+PROG = "tailjax"
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+TRACEBACK_ENV = "TAILJAX_TRACEBACK"
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """A subcommand: ``define(fv, argv)`` adds its flags to a fresh FlagValues (``argv``:
+  the command line, which ml_collections reads to register --config.* overrides);
+  ``run(fv)`` does the job."""
+  summary: str
+  define: Callable[[flags.FlagValues, list[str]], None]
+  run: Callable[[flags.FlagValues], None]
+
+
+# ----------------------------------------------------------------------------
+# Shared flags
+# ----------------------------------------------------------------------------
+
+
+def _configs_dir() -> Path | None:
+  try:
+    import configs
+  except ImportError:
+    return None
+  return Path(configs.__file__).resolve().parent
+
+
+def _default_config(name: str) -> str:
+  d = _configs_dir()
+  return str(d / name) if d is not None else f"configs/{name}"
+
+
+def _define_run_flags(fv: flags.FlagValues, argv: list[str], config: str, workdir: str, *,
+                      lock_config: bool = True) -> None:
+  config_flags.DEFINE_config_file(
+      "config", _default_config(config),
+      f"Config file (get_config(arg)); `path.py:arg` picks a variant, --config.a.b=v overrides "
+      f"a field. Default: configs/{config}.", flag_values=fv, lock_config=lock_config,
+      sys_argv=argv)
+  flags.DEFINE_string("workdir", workdir, "Run directory (resumed if it exists).", flag_values=fv)
+  flags.DEFINE_bool("restart", False, "If the workdir ran a different config: delete its results "
+                    "and start over.", flag_values=fv)
+  flags.DEFINE_bool("branch", False, "If the workdir ran a different config: run in a new sibling "
+                    "workdir <workdir>-<hash>.", flag_values=fv)
+  flags.register_multi_flags_validator(
+      ["restart", "branch"], lambda v: not (v["restart"] and v["branch"]),
+      "--restart and --branch exclude each other", flag_values=fv)
+
+
+def _on_change(fv: flags.FlagValues) -> str:
+  """The runner's ``on_change``: "restart", "branch" or (default) "error"."""
+  return "restart" if fv.restart else "branch" if fv.branch else "error"
+
+
+def _resolve_config_args(args: Sequence[str]) -> list[str]:
+  """``--config=configs/x.py[:arg]`` -> the installed configs package's file when the
+  path does not exist under the current directory (so commands work from any cwd)."""
+  d = _configs_dir()
+  out = list(args)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      j, prefix = i, "--config="
+    elif a == "--config" and i + 1 < len(out):
+      j, prefix = i + 1, ""
+    else:
+      continue
+    path, sep, arg = out[j][len(prefix):].partition(":")
+    rel = Path(path)
+    if d is None or rel.exists() or rel.parts[:1] != ("configs",):
+      continue
+    packaged = d.joinpath(*rel.parts[1:])
+    if packaged.is_file():
+      out[j] = f"{prefix}{packaged}{sep}{arg}"
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The commands (each imports its library code only when it runs)
+# ----------------------------------------------------------------------------
+
+
+def _train_flags(fv, argv):
+  _define_run_flags(fv, argv, "fastflow_textures.py", "runs/demo")
+
+
+def _train(fv):
+  from tailjax.studies import study_a
+  study_a.main(fv.config, fv.workdir, on_change=_on_change(fv))
+
+
+def _sweep_flags(fv, argv):
+  _define_run_flags(fv, argv, "sweep_tail_weight.py", "runs/sweep_lambda")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (one process "
+                    "per host; pass it on every host).", flag_values=fv)
+
+
+def _sweep(fv):
+  on_change = _on_change(fv)
+  if fv.distributed:
+    import jax
+    jax.distributed.initialize()
+  from tailjax.studies import sweeps
+  sweeps.run_and_evaluate(fv.config, fv.workdir, on_change=on_change)
+
+
+def _analyze_flags(fv, argv):
+  del argv
+  flags.DEFINE_string("workdir", None, "A finished `tailjax train` workdir.", flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+  flags.DEFINE_list("category", [], "Categories to analyse; empty = every trained one.", flag_values=fv)
+  flags.DEFINE_integer("num_images", 32, "Training images for H3 (input space).", flag_values=fv)
+  flags.DEFINE_integer("num_param_images", None, "Of those, images with exact per-patch parameter "
+                       "gradients (default: all of them).", flag_values=fv)
+  flags.DEFINE_list("sweeps", [], "Directories holding a sweep's results.json (for H4).", flag_values=fv)
+  flags.DEFINE_string("method", None, "Per-patch parameter-gradient implementation (one of "
+                      "tailjax.analysis.gradients.METHODS); default: the library's.", flag_values=fv)
+  flags.DEFINE_integer("patch_chunk", 28, "Patches per compiled per-patch-gradient call.", flag_values=fv)
+  flags.DEFINE_bool("append", True, "Add the hypothesis table to <workdir>/report.md.", flag_values=fv)
+
+
+def _analyze(fv):
+  from tailjax.studies import analysis
+  method = {"method": fv.method} if fv.method else {}
+  out = analysis.analyze_run(fv.workdir, fv.category or None, num_images=fv.num_images,
+                             sweeps=fv.sweeps or None, num_param_images=fv.num_param_images,
+                             patch_chunk=fv.patch_chunk, **method)
+  if fv.append:
+    analysis.append_to_report(fv.workdir, out)
+  print("\n".join(analysis.summary_table(out)))
+  print(f"\nwrote {Path(fv.workdir) / 'analysis' / 'report.md'}")
+
+
+def _mil_flags(fv, argv):
+  _define_run_flags(fv, argv, "mil_diagnosis.py", "runs/mil", lock_config=False)
+
+
+def _mil(fv):
+  from tailjax.studies import mil_diagnosis
+  results = mil_diagnosis.run_diagnosis(fv.config, fv.workdir, on_change=_on_change(fv))
+  print("\n".join(results["answer_text"]))
+  print(f"\nreport: {results['workdir']}/report.md  (wall time {results['wall_s']:.0f} s)")
+
+
+def _textures_flags(fv, argv):
+  del argv
+  flags.DEFINE_string("root", None, "Output folder (default $TAILJAX_DATA/textures or "
+                      "./data/textures).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+  flags.DEFINE_integer("image_size", 256, "Image side, pixels.", flag_values=fv)
+  flags.DEFINE_integer("n_train", 120, "Train images per category.", flag_values=fv)
+  flags.DEFINE_integer("n_test", 80, "Test images per category.", flag_values=fv)
+  flags.DEFINE_list("categories", [], "Categories; empty = all (brick, grass, gravel).", flag_values=fv)
+
+
+def _textures(fv):
+  import time
+  from tailjax.data import textures
+  start = time.perf_counter()
+  kw = {"categories": fv.categories} if fv.categories else {}
+  root = textures.build_texture_benchmark(fv.root, seed=fv.seed, image_size=fv.image_size,
+                                          n_train=fv.n_train, n_test=fv.n_test, verbose=True, **kw)
+  print(f"texture benchmark ready at {root} ({time.perf_counter() - start:.1f}s)")
+
+
+def _toy_flags(fv, argv):
+  _define_run_flags(fv, argv, "toy_flow.py", "runs/toy")
+
+
+def _toy(fv):
+  from tailjax import toy
+  toy.run_toy(fv.config, fv.workdir, on_change=_on_change(fv))
+
+
+def _predict_flags(fv, argv):
+  del argv
+  flags.DEFINE_string("workdir", None, "A finished `tailjax train` workdir.", flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+  flags.DEFINE_string("images", None, "An image, a folder of images, or an MVTec-layout test "
+                      "split to score.", flag_values=fv)
+  flags.mark_flag_as_required("images", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output folder (default <workdir>/predict).", flag_values=fv)
+  flags.DEFINE_string("category", None, "The run's category (needed when it trained several).",
+                      flag_values=fv)
+  flags.DEFINE_string("variant", None, "Which variant's model (default report.treatment).",
+                      flag_values=fv)
+  flags.DEFINE_integer("seed", None, "Which seed's model (default the variant's first).",
+                       flag_values=fv)
+  flags.DEFINE_enum("threshold", "val_quantile", ["val_quantile", "f1"],
+                    "val_quantile: a quantile of the run's held-out normal images' scores; f1: "
+                    "F1-optimal on --labelled_dir.", flag_values=fv)
+  flags.DEFINE_float("quantile", 0.99, "The quantile for --threshold=val_quantile.",
+                     flag_values=fv)
+  flags.DEFINE_string("labelled_dir", None, "A labelled validation folder (MVTec test layout) "
+                      "for --threshold=f1; never the test split.", flag_values=fv)
+
+
+def _predict(fv):
+  from tailjax.studies import predict
+  predict.main(fv.workdir, fv.images, fv.out or str(Path(fv.workdir) / "predict"),
+               category=fv.category, variant=fv.variant, seed=fv.seed, threshold=fv.threshold,
+               quantile=fv.quantile, labelled_dir=fv.labelled_dir)
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("study A: mean-only vs tail-aware flows, evaluation, analyses, report",
+                     _train_flags, _train),
+    "sweep": Command("a grid of flow trainings (λ × r × lr × seeds) as one sharded, resumable program",
+                     _sweep_flags, _sweep),
+    "analyze": Command("mechanism analyses (H1, H3, H4, H7) of a finished `train` workdir",
+                       _analyze_flags, _analyze),
+    "mil": Command("study B: the attention-MIL diagnosis", _mil_flags, _mil),
+    "build-textures": Command("build the embedded texture benchmark (MVTec layout)",
+                              _textures_flags, _textures),
+    "toy": Command("a flow learns a two-moons feature-map density (training-core check)",
+                   _toy_flags, _toy),
+    "predict": Command("score new images with a finished `train` run: maps, masks, decisions, "
+                       "thresholds from held-out normal images", _predict_flags, _predict),
+}
+
+
+# ----------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------
+
+
+def usage() -> str:
+  width = max(map(len, COMMANDS))
+  lines = [f"usage: {PROG} <command> [--flag=value ...]", "", "commands:"]
+  lines += [f"  {name:<{width}}  {c.summary}" for name, c in COMMANDS.items()]
+  lines += ["", f"`{PROG} <command> --help` lists a command's flags. Every command also takes",
+            f"--traceback (or {TRACEBACK_ENV}=1): show the full trace of an error instead of one line."]
+  return "\n".join(lines)
+
+
+def _command_help(name: str, fv: flags.FlagValues) -> str:
+  body = [l for l in fv.get_help(include_special_flags=False).splitlines()
+          if l.startswith(" ")]  # drop absl's per-module headings
+  return f"usage: {PROG} {name} [--flag=value ...]\n\n{COMMANDS[name].summary}\n\nflags:\n" + "\n".join(body)
+
+
+def _no_such_field(args: Sequence[str], e: BaseException) -> str:
+  """One line naming the bad ``--config.a.b`` override (ml_collections nests the
+  field name, and maybe a did-you-mean hint, in layers of quoting)."""
+  msg = e.args[0] if e.args else ""
+  while isinstance(msg, BaseException) and msg.args:
+    msg = msg.args[0]
+  field, _, hint = str(msg).strip("\"'").partition("\n")
+  field = field.strip("\"'")
+  names = [a.partition("=")[0] for a in args if a.startswith("--config.")]
+  name = next((n for n in names if n.split(".")[-1] == field or f".{field}." in n), f"--config.…{field}")
+  return f"{name}: the config has no field {field!r}" + (f" ({hint})" if hint else "")
+
+
+def _close_progress_bars() -> None:
+  """Ends any open tqdm bar with its newline, so the Ctrl-C message gets a line of its own."""
+  tqdm_module = sys.modules.get("tqdm")
+  for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ())):
+    bar.close()
+
+
+def _is_known_error(e: BaseException) -> bool:
+  """ValueError / FileNotFoundError, or any error type defined inside ``tailjax``
+  (ConfigMismatchError, WorkdirLockedError, ConfigFieldError, NonFiniteLossError, ...)."""
+  return isinstance(e, (ValueError, FileNotFoundError)) or any(
+      c.__module__.partition(".")[0] == "tailjax" for c in type(e).__mro__)
+
+
+def main(argv: Sequence[str] | None = None, *, exit_process: bool | None = None) -> int:
+  """Runs ``tailjax <command> [flags]``; ``argv`` excludes the program name. Returns the exit code.
+
+  ``exit_process`` (default: ``argv is None``, i.e. run as the program) makes an
+  interrupted run end the process right after its message, with ``os._exit(130)``:
+  finalising the interpreter while XLA threads are still busy can segfault (seen
+  here on about 1 in 5 Ctrl-Cs during the first compiled segment), which would
+  turn exit 130 into 139. Every ``with`` block (run lock, checkpoint managers)
+  has already been unwound by then.
+  """
+  exit_process = argv is None if exit_process is None else exit_process
+  argv = list(sys.argv[1:] if argv is None else argv)
+  show_trace = "--traceback" in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+  argv = [a for a in argv if a != "--traceback"]
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(usage(), file=sys.stdout if argv else sys.stderr)
+    return 0 if argv else EXIT_USAGE
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+    return EXIT_USAGE
+
+  flags.FLAGS.mark_as_parsed()  # absl logging: no "logging before flag parsing" notice
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+  fv = flags.FlagValues()
+  cmdline = [f"{PROG} {name}", *_resolve_config_args(rest)]
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in rest):
+    COMMANDS[name].define(fv, cmdline[:1])
+    print(_command_help(name, fv))
+    return 0
+  try:
+    COMMANDS[name].define(fv, cmdline)  # loads a default config and registers --config.* flags
+    extra = fv(cmdline)[1:]
+    if extra:
+      raise flags.Error(f"unexpected argument(s) {' '.join(extra)!r} (flags are --name=value)")
+    if "config" in fv:
+      fv.config.keys()  # a config file that failed to load raises its OSError here
+  except (flags.Error, OSError, ImportError, AttributeError, KeyError) as e:
+    # Bad flags, a config file that cannot load, or (AttributeError / KeyError from
+    # ml_collections) a --config.a.b=v override naming no field.
+    if show_trace:
+      raise
+    msg = _no_such_field(rest, e) if isinstance(e, (AttributeError, KeyError)) else str(e)
+    print(f"error: {msg}\n(`{PROG} {name} --help` lists the flags)", file=sys.stderr)
+    return EXIT_USAGE
+
+  try:
+    COMMANDS[name].run(fv)
+  except KeyboardInterrupt as e:
+    if show_trace:
+      raise
+    _close_progress_bars()
+    where = fv["workdir"].value if "workdir" in fv else None
+    hint = f"resume from {where}'s last checkpoint" if where else "finish the job"
+    # The engine's Interrupted carries the step and checkpoint it resumes from.
+    msg = str(e).strip().replace("\n", " ") or f"interrupted; rerun the same command to {hint}"
+    print(msg, file=sys.stderr)
+    if exit_process:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
+  except Exception as e:  # noqa: BLE001 -- known errors become one line; others keep their trace
+    if show_trace or not _is_known_error(e):
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
