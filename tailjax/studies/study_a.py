@@ -320,10 +320,7 @@ def write_report(cfg, workdir: Path, results: dict[str, dict], summary: dict, se
             f"per-patch {cfg.eval.score}, bilinear upsampling to {cfg.eval.size} px, Gaussian "
             f"σ = {cfg.eval.smoothing_sigma} px, image score = {cfg.eval.image_score} of the map. "
             "PaDiM (no training) is the reference row.", "",
-            "Rules (fixed before the run): " + " ".join(
-                l.strip() for l in rep.__doc__.split("Rules, fixed before any run (they are "
-                                                      "printed in the report):")[1].split("\n")
-                if l.strip()), ""]
+            "Rules (fixed before the run):", ""] + rep.rules_bullets() + [""]
   lines += [f"## Results at the last step ({cfg.train.num_steps})", "",
             "All numbers in %, mean ± std over seeds. The difference row is "
             f"{treat} − {base} per seed (same initial weights and batches), with its 95 % "

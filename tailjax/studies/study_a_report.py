@@ -40,6 +40,13 @@ from tailjax.stats import mean_ci
 STUDY_COUPLING_STEPS = 8
 
 
+def rules_bullets() -> list[str]:
+  """The module docstring's rules as markdown bullets (one source for code and report)."""
+  text = __doc__.split("printed in the report):", 1)[1]
+  items = [" ".join(part.split()) for part in text.split("\n* ") if part.strip()]
+  return [f"- {(item[2:] if item.startswith('* ') else item).replace('``', '`')}" for item in items]
+
+
 # ----------------------------------------------------------------------------
 # Reading the per-budget records
 # ----------------------------------------------------------------------------
