@@ -1,28 +1,41 @@
-"""Per-patch parameter gradients: implementations side by side, and memory vs chunk size.
+"""Per-patch parameter-gradient norms: our methods side by side with the PyTorch peer's loop.
 
-  python -m benchmarks.bench_gradients                   # timings + memory (32 images)
-  python -m benchmarks.bench_gradients --no-memory       # timings only
-  python -m benchmarks.bench_gradients --steps=8 --out=bench_gradients.json
+  python -m benchmarks.bench_gradients                   # 4 and 8 coupling steps, peer if installed, memory
+  python -m benchmarks.bench_gradients --no-memory --steps=8
+  python -m benchmarks.bench_gradients --out=bench_gradients.json
 
 Setting: the study's flow on the study's grid — FastFlow2d, C = 112 channels,
-4 coupling steps (3×3 / 1×1), image LayerNorm, 14×14 = 196 patches — with
-random "trained-like" parameters (init + noise; the zero-initialised last
-layers would make most gradients vanish).
+3×3 / 1×1 coupling steps, hidden ratio 1.0, image LayerNorm, 14×14 = 196
+patches — with random "trained-like" parameters (init + noise; the
+zero-initialised last layers would make most gradients vanish), at each
+``--steps`` count, from one run.
 
 Timings (best of ``--repeats``, interleaved so load drift on a shared machine
 hits all alike; each is called once first to compile), all giving the norms
 ‖∂NLL_i/∂θ‖ of the 196 patches of ONE image:
-  jacrev, jacrev/28   one forward, VJP vmapped over 196 (or 7 chunks of 28) cotangents
-  vmap_grad, /28      jax.vmap(jax.grad(λθ,i: NLL_i(θ))) over 196 (or chunks of 28) indices
-  loop                196 calls of one jitted single-patch grad
+  ghost          receptive-field windows, hand-written windowed backward, ghost norms (the default on CPU)
+  window         receptive-field windows, autodiff of each patch's crop, gradients materialised
+  jacrev/28      one forward, VJP vmapped over 7 chunks of 28 one-hot cotangents
+  vmap_grad/28   jax.vmap(jax.grad(λθ,i: NLL_i(θ))) over chunks of 28 indices
+  loop           196 calls of one jitted single-patch grad
 and, as cost units, one ordinary backward pass (∂ mean NLL/∂θ) of the same
 image and of a batch of 196 images (the same number of cotangents).
 
-Memory: the analysis for ``--mem-images`` images (norms only) at several patch
-chunks, each in a fresh subprocess, compiled ahead of time first: growth of the
-peak RSS during the run (Linux: VmHWM reset through /proc/self/clear_refs,
-else ``resource.getrusage``) and the working set XLA reserves for one compiled
-chunk call (``compiled.memory_analysis()``: temporaries + arguments + outputs).
+The peer (``benchmarks/peer_torch.py``, when torch and FrEIA are installed):
+anomalib's FastFlow from FrEIA AllInOneBlocks at the same shape, the study's
+way — one forward, then ``torch.autograd.grad(NLL_i, θ, retain_graph=True)``
+for each of the 196 patches — on the CPU with torch threads = all cores and
+with 1 thread (on a shared machine more threads can be far slower); the
+ratios use the faster of the two. Its flow is not ours (it has a global affine
+and a permutation convolution per block, ≈ 27 % more multiply-adds), so
+the norms are not compared, only the time.
+
+Memory: the analysis for ``--mem-images`` images (norms only) per method and
+patch chunk, each in a fresh subprocess, compiled ahead of time first: growth
+of the peak RSS during the run (Linux: VmHWM reset through
+/proc/self/clear_refs, else ``resource.getrusage``) and the working set XLA
+reserves for one compiled call (``compiled.memory_analysis()``: temporaries +
+arguments + outputs).
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import peer_torch
 from tailjax import flows
 from tailjax import io as tj_io
 from tailjax.analysis import gradients
@@ -70,29 +84,47 @@ def _best_seconds(runs: dict, repeats: int) -> dict:
   return best
 
 
-def timings(num_steps: int = 4, repeats: int = 3) -> dict:
+METHODS = {"ghost": ("ghost", None), "window": ("window", None), "jacrev/28": ("jacrev", 28),
+           "vmap_grad/28": ("vmap_grad", 28), "jacrev": ("jacrev", 196), "vmap_grad": ("vmap_grad", 196),
+           "loop": ("loop", 1)}
+DEFAULT_METHODS = ("ghost", "window", "jacrev/28", "vmap_grad/28", "loop")
+
+
+def timings(num_steps: int = 4, repeats: int = 3, methods: Sequence[str] = DEFAULT_METHODS) -> dict:
+  """Seconds per method for the 196 norms of one image, ratios to the loop and to the backward passes."""
   model, params, x = setup(num_steps, 1)
   n = H * W
   per_patch = lambda method, chunk: (lambda: gradients.per_patch_param_grads(
       model, params, x, method=method, patch_chunk=chunk).norm_BxN)
   grad_mean = jax.jit(jax.grad(lambda p, xb: jnp.mean(flows.flat_nll(model, p, xb))))
   x_batch = jnp.asarray(np.repeat(x, n, axis=0))
-  runs = {
-      "jacrev": per_patch("jacrev", n), "jacrev/28": per_patch("jacrev", 28),
-      "vmap_grad": per_patch("vmap_grad", n), "vmap_grad/28": per_patch("vmap_grad", 28),
-      "loop": per_patch("loop", 1),
-      "backward 1 image": lambda: grad_mean(params, jnp.asarray(x)),
-      f"backward {n} images": lambda: grad_mean(params, x_batch),
-  }
+  methods = list(dict.fromkeys(list(methods) + ["loop"]))
+  runs = {name: per_patch(*METHODS[name]) for name in methods}
+  runs["backward 1 image"] = lambda: grad_mean(params, jnp.asarray(x))
+  runs[f"backward {n} images"] = lambda: grad_mean(params, x_batch)
   ref = np.asarray(runs["loop"]())
-  agree = {k: float(np.max(np.abs(np.asarray(runs[k]()) - ref)) / np.max(ref))
-           for k in ("jacrev", "jacrev/28", "vmap_grad", "vmap_grad/28")}
+  agree = {k: float(np.max(np.abs(np.asarray(runs[k]()) - ref) / ref)) for k in methods if k != "loop"}
   best = _best_seconds(runs, repeats)
   unit = best[f"backward {n} images"]
   return {"seconds": best, "over_backward_196": {k: v / unit for k, v in best.items()},
           "over_loop": {k: v / best["loop"] for k, v in best.items()},
-          "max_rel_diff_vs_loop": agree,
+          "max_rel_diff_vs_loop": agree, "default_method": gradients.default_method(),
           "n_params": int(sum(l.size for l in jax.tree.leaves(params))), "num_steps": num_steps}
+
+
+def peer(num_steps: int, repeats: int = 3, threads: Sequence[int | None] = (None, 1),
+         device: str = "cpu") -> dict | None:
+  """The PyTorch peer's autograd loop over the 196 patches (best of ``repeats``) per torch thread
+  count (on "cpu"; one run on another torch device); None when torch or FrEIA is missing."""
+  if not peer_torch.peer_available():
+    return None
+  rows = {}
+  for th in dict.fromkeys(peer_torch._threads(t) for t in (threads if device == "cpu" else (None,))):
+    r = peer_torch.peer_per_patch_norms(num_steps, repeats=repeats, threads=th, device=device)
+    rows[th] = {"best_s": min(r["seconds_all"]), "median_s": r["seconds"], "n_params": r["n_params"],
+                "torch": r["torch"], "device": r["device"]}
+  fastest = min(rows, key=lambda t: rows[t]["best_s"])
+  return {"threads": rows, "fastest_threads": fastest, "best_s": rows[fastest]["best_s"], "device": device}
 
 
 def _rss_mb(field: str) -> float | None:
@@ -116,14 +148,23 @@ def _reset_peak() -> bool:
     return False
 
 
-def _child_memory(patch_chunk: int, n_images: int, num_steps: int) -> dict:
+def _child_memory(method: str, patch_chunk: int, n_images: int, num_steps: int) -> dict:
   """Runs in a fresh process: the norms-only analysis of ``n_images`` images."""
   model, params, x = setup(num_steps, n_images)
   n = H * W
-  idx = jnp.arange(min(patch_chunk, n), dtype=jnp.int32)
-  w = jnp.ones((1, len(idx)), x.dtype)
-  compiled = gradients._chunk_grads.lower(model, params, jnp.asarray(x[:1]), idx, w, "jacrev",
-                                          False).compile()
+  chunk = min(patch_chunk, n)
+  if method == "ghost":
+    specs = gradients.flow_spec(model, params)
+    ab = np.stack(np.divmod(np.arange(n + (-n % chunk)) % n, W), -1).astype(np.int32).reshape(-1, chunk, 2)
+    compiled = gradients._windowed_chunk.lower(model, specs, "ghost", "auto", False, params,
+                                               jnp.asarray(x[:1]), jnp.asarray(ab),
+                                               jnp.ones((1,) + ab.shape[:2], x.dtype)).compile()
+    grad_bytes = 0   # ghost forms no per-patch gradients
+  else:
+    idx = jnp.arange(chunk, dtype=jnp.int32)
+    w = jnp.ones((1, len(idx)), x.dtype)
+    compiled = gradients._chunk_grads.lower(model, params, jnp.asarray(x[:1]), idx, w, method, False).compile()
+    grad_bytes = 4 * chunk * int(sum(l.size for l in jax.tree.leaves(params)))
   ma = compiled.memory_analysis()
   xla = None if ma is None else int(ma.temp_size_in_bytes + ma.argument_size_in_bytes
                                     + ma.output_size_in_bytes)
@@ -132,61 +173,102 @@ def _child_memory(patch_chunk: int, n_images: int, num_steps: int) -> dict:
   reset = _reset_peak()
   before = _rss_mb("VmRSS")
   t = time.perf_counter()
-  gradients.per_patch_param_grads(model, params, x, method="jacrev", patch_chunk=patch_chunk)
+  gradients.per_patch_param_grads(model, params, x, method=method, patch_chunk=patch_chunk)
   seconds = time.perf_counter() - t
   peak = _rss_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  return {"patch_chunk": patch_chunk, "n_images": n_images, "rss_before_mb": before,
+  return {"method": method, "patch_chunk": patch_chunk, "n_images": n_images, "rss_before_mb": before,
           "peak_rss_mb": peak, "peak_growth_mb": None if before is None or peak is None else peak - before,
           "peak_is_since_compile": reset, "xla_chunk_bytes": xla, "seconds": seconds,
-          "grad_bytes_per_chunk": 4 * len(idx) * int(sum(l.size for l in jax.tree.leaves(params)))}
+          "grad_bytes_per_chunk": grad_bytes}
 
 
-def memory(chunks: Sequence[int] = (7, 28, 98, 196), n_images: int = 32, num_steps: int = 4) -> list[dict]:
+def memory(chunks: Sequence[int] = (7, 28, 98, 196), n_images: int = 32, num_steps: int = 4,
+           methods: Sequence[str] = ("jacrev", "ghost")) -> list[dict]:
   rows = []
-  for c in chunks:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_gradients", "--child-memory",
-                           f"--patch-chunk={c}", f"--mem-images={n_images}", f"--steps={num_steps}"],
-                          capture_output=True, text=True, check=True)
-    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  for method in methods:
+    for c in chunks:
+      proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_gradients", "--child-memory",
+                             f"--mem-method={method}", f"--patch-chunk={c}", f"--mem-images={n_images}",
+                             f"--steps={num_steps}"], capture_output=True, text=True, check=True)
+      rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
   return rows
+
+
+def _print_timings(t: dict, pr: dict | None, device: str) -> None:
+  print(f"\nPer-patch parameter-gradient norms, 196 patches of one 14×14×{C} image, "
+        f"{t['num_steps']}-step flow ({t['n_params']} parameters), {device}; default method: {t['default_method']}")
+  if pr is None:
+    peer_note = "peer not installed (pip install torch==2.13.0 FrEIA)"
+  else:
+    ths = ", ".join(f"{th} thread{'s' if th > 1 else ''}: {1000 * r['best_s']:.0f} ms"
+                    for th, r in pr["threads"].items()) if pr["device"] == "cpu" else pr["device"]
+    peer_note = (f"peer (PyTorch {next(iter(pr['threads'].values()))['torch']}, FrEIA FastFlow, autograd loop, "
+                 f"{'CPU; ' if pr['device'] == 'cpu' else ''}{ths}): {1000 * pr['best_s']:.0f} ms")
+  print(peer_note)
+  print(f"{'':>18} {'ms':>9} {'/ backward(196 img)':>20} {'/ loop':>8} {'× faster than peer':>19} "
+        f"{'max rel diff':>13}")
+  for k, s in t["seconds"].items():
+    diff = t["max_rel_diff_vs_loop"].get(k)
+    vs_peer = "" if pr is None else f"{pr['best_s'] / s:.1f}×"
+    print(f"{k:>18} {1000 * s:>9.1f} {t['over_backward_196'][k]:>20.3f} {t['over_loop'][k]:>8.3f} "
+          f"{vs_peer:>19} {'' if diff is None else f'{diff:.1e}':>13}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=4, help="coupling steps of the flow")
+  parser.add_argument("--steps", default="4,8", help="comma list of coupling-step counts")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"of {list(METHODS)}")
+  parser.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
+  parser.add_argument("--peer-repeats", type=int, default=2)
+  parser.add_argument("--peer-threads", default="0,1", help="torch thread counts to try (0: all cores)")
+  parser.add_argument("--peer-device", default="cpu", help="torch device of the peer: cpu or cuda")
   parser.add_argument("--mem-images", type=int, default=32)
   parser.add_argument("--mem-chunks", default="7,28,98,196")
+  parser.add_argument("--mem-methods", default="jacrev,ghost")
   parser.add_argument("--no-memory", action="store_true")
   parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--mem-method", default="jacrev", help=argparse.SUPPRESS)
   parser.add_argument("--patch-chunk", type=int, default=28, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=None, help="also write the results as JSON here")
   args = parser.parse_args(argv)
+  steps = [int(s) for s in args.steps.split(",")]
   if args.child_memory:
-    res = _child_memory(args.patch_chunk, args.mem_images, args.steps)
+    res = _child_memory(args.mem_method, args.patch_chunk, args.mem_images, steps[0])
     print(json.dumps(res))
     return res
 
-  t = timings(args.steps, args.repeats)
-  results = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "timings": t}
-  print(f"Per-patch parameter-gradient norms, 196 patches of one 14×14×{C} image, "
-        f"{args.steps}-step flow ({t['n_params']} parameters), {results['device']}")
-  print(f"{'':>18} {'ms':>9} {'/ backward(196 img)':>20} {'/ loop':>8} {'max rel diff':>13}")
-  for k, s in t["seconds"].items():
-    diff = t["max_rel_diff_vs_loop"].get(k)
-    print(f"{k:>18} {1000 * s:>9.1f} {t['over_backward_196'][k]:>20.2f} {t['over_loop'][k]:>8.2f} "
-          f"{'' if diff is None else f'{diff:.1e}':>13}")
+  device = str(jax.devices()[0])
+  results: dict = {"backend": jax.default_backend(), "device": device, "by_steps": {}}
+  if not args.no_peer and peer_torch.peer_available():
+    # the peer's per-patch NLL: its per-location log-dets must sum to FrEIA's per-image one
+    results["peer_logdet_split_error"] = err = peer_torch.patch_logdet_error()
+    if not err < 1e-4:
+      raise RuntimeError(f"the peer's per-patch logdet does not sum to FrEIA's (relative error {err:.2g})")
+  for k in steps:
+    t = timings(k, args.repeats, args.methods.split(","))
+    pr = None if args.no_peer else peer(k, args.peer_repeats,
+                                        [int(x) or None for x in args.peer_threads.split(",")], args.peer_device)
+    if pr is not None:
+      t["peer"] = pr
+      t["speedup_vs_peer"] = {m: pr["best_s"] / s for m, s in t["seconds"].items()}
+    results["by_steps"][k] = t
+    _print_timings(t, pr, device)
+  if not peer_torch.peer_available() and not args.no_peer:
+    results["peer"] = "peer not installed"
+  results["timings"] = results["by_steps"][steps[0]]   # the first step count, in the earlier format
   if not args.no_memory:
     chunks = [int(c) for c in args.mem_chunks.split(",")]
-    results["memory"] = mem = memory(chunks, args.mem_images, args.steps)
-    print(f"\nNorms of {args.mem_images} images × 196 patches (jacrev), per patch chunk, fresh process each:")
-    print(f"{'chunk':>6} {'RSS before MB':>14} {'peak growth MB':>15} {'XLA per call MB':>16} "
+    results["memory"] = mem = memory(chunks, args.mem_images, steps[0], args.mem_methods.split(","))
+    print(f"\nNorms of {args.mem_images} images × 196 patches, {steps[0]}-step flow, per method and patch chunk, "
+          "fresh process each:")
+    print(f"{'method':>7} {'chunk':>6} {'RSS before MB':>14} {'peak growth MB':>15} {'XLA per call MB':>16} "
           f"{'grads per call MB':>18} {'s':>7}")
     for r in mem:
       xla = "n/a" if r["xla_chunk_bytes"] is None else f"{r['xla_chunk_bytes'] / 2**20:.1f}"
       growth = "n/a" if r["peak_growth_mb"] is None else f"{r['peak_growth_mb']:.1f}"
-      print(f"{r['patch_chunk']:>6} {r['rss_before_mb'] or float('nan'):>14.0f} {growth:>15} {xla:>16} "
-            f"{r['grad_bytes_per_chunk'] / 2**20:>18.1f} {r['seconds']:>7.1f}")
+      print(f"{r['method']:>7} {r['patch_chunk']:>6} {r['rss_before_mb'] or float('nan'):>14.0f} {growth:>15} "
+            f"{xla:>16} {r['grad_bytes_per_chunk'] / 2**20:>18.1f} {r['seconds']:>7.1f}")
   if args.out:
     tj_io.atomic_write_json(args.out, results)
   return results

@@ -72,7 +72,7 @@ def loop_reference(fastflow):
   return w, ref
 
 
-@pytest.mark.parametrize("method", G.METHODS)
+@pytest.mark.parametrize("method", [m for m in G.METHODS if m != "ghost"])
 def test_every_method_equals_a_python_loop_of_single_patch_grads(fastflow, loop_reference, method):
   model, params, x = fastflow
   w, ref = loop_reference
@@ -80,6 +80,25 @@ def test_every_method_equals_a_python_loop_of_single_patch_grads(fastflow, loop_
     got = G.per_patch_param_grads(model, params, x, w, method=method, patch_chunk=7, return_grads=True)
   np.testing.assert_allclose(_flat_rows(got.grads, 2), ref, rtol=1e-9, atol=1e-12)
   np.testing.assert_allclose(got.norm_BxN, np.linalg.norm(ref, axis=-1), rtol=1e-9)
+
+
+def test_ghost_norms_equal_the_loop_with_every_kernel_norm(fastflow, loop_reference):
+  # ghost (window Gram), ghost_image (image Gram), materialised AᵀG: three exact ways per layer;
+  # "auto" mixes all three on this flow, the forced ones run each on every layer
+  model, params, x = fastflow
+  w, ref = loop_reference
+  specs = G.flow_spec(model, params)
+  auto_plan = {G._kernel_norm_choice(rho, s.kernel, c_in, c_out, H, W, "auto")
+               for s, rho in zip(specs, G._out_radii(specs))
+               for rho, c_in, c_out in ((rho, C - C // 2, 2 * (C // 2)), (rho + s.kernel // 2, C - C // 2, C - C // 2))}
+  assert auto_plan == {"ghost", "ghost_image", "materialise"}
+  with jax.enable_x64(True):
+    got = {kn: G.per_patch_param_grads(model, params, x, w, method="ghost", kernel_norms=kn).norm_BxN
+           for kn in ("auto", "ghost", "materialise")}
+    with pytest.raises(ValueError, match="norms without forming"):
+      G.per_patch_param_grads(model, params, x, w, method="ghost", return_grads=True)
+  for kn, norm in got.items():
+    np.testing.assert_allclose(norm, np.linalg.norm(ref, axis=-1), rtol=1e-10, err_msg=kn)
 
 
 def test_chunked_equals_unchunked(fastflow):
@@ -190,3 +209,82 @@ def test_gradient_concentration_tail_amplification_is_n_over_k_in_parameter_spac
   assert conds[0.0]["input"]["amplification"] == pytest.approx(1.0)
   # tail patches are ranked by NLL, identically for every λ
   assert np.asarray(out["tail_BxN"]).sum() == 2 * B
+
+
+# ----------------------------------------------------------------------------
+# Receptive-field windows and ghost norms against jacrev, borders and corners included
+# ----------------------------------------------------------------------------
+
+WIN_H, WIN_W, WIN_C = 6, 7, 8   # non-square: a mixed-up H/W fails
+
+
+def _random_like(model, key, dtype=jnp.float64, b=2):
+  """Features, "trained-like" parameters (shapes from ``eval_shape``, values from NumPy: nothing to
+  compile) and signed weights (a negative w_i must give |w_i|·‖∂NLL_i/∂θ‖)."""
+  rng = np.random.default_rng(key)
+  x = rng.normal(size=(b, WIN_H, WIN_W, WIN_C)).astype(dtype)
+  with jax.enable_x64(dtype == jnp.float64):
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(x[:1]))
+  params = jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(dtype), shapes)
+  w = rng.uniform(-1.0, 2.0, (b, WIN_H * WIN_W)).astype(dtype)
+  return params, x, w
+
+
+WINDOW_CASES = {
+    # R = 2 < the 6×7 grid: interior patches see a whole window, border and corner ones a clipped one
+    "alternate-2-image": dict(kernel_mode="alternate", num_steps=2, layer_norm="image"),
+    "3x3-2-patch-affine": dict(kernel_mode="3x3", num_steps=2, layer_norm="patch", global_affine=True),  # R = 4
+    "patchflow-2-none-affine": dict(kernel_mode="1x1", num_steps=2, layer_norm="none", global_affine=True),
+}
+
+
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+def test_window_and_ghost_equal_jacrev_at_borders_and_corners(case):
+  cfg = WINDOW_CASES[case]
+  model = flows.build_flow(dict(channels=WIN_C, **cfg))
+  params, x, w = _random_like(model, key=len(case))
+  radius = {"alternate": (cfg["num_steps"] + 1) // 2 * 2, "3x3": 2 * cfg["num_steps"], "1x1": 0}[cfg["kernel_mode"]]
+  assert G.receptive_radius(G.flow_spec(model, params)) == radius
+  grads = case == "alternate-2-image"        # window's gradients themselves, not only their norms
+  with jax.enable_x64(True):
+    ref = G.per_patch_param_grads(model, params, x, w, method="jacrev", patch_chunk=WIN_H * WIN_W,
+                                  return_grads=grads)
+    got = {"ghost": G.per_patch_param_grads(model, params, x, w, method="ghost")}
+    if case != "3x3-2-patch-affine":         # (compile time: window's crops are checked in the other two)
+      got["window"] = win = G.per_patch_param_grads(model, params, x, w, method="window", return_grads=grads)
+  assert np.all(ref.norm_BxN > 0)
+  corners = [0, WIN_W - 1, (WIN_H - 1) * WIN_W, WIN_H * WIN_W - 1]
+  for name, norm in ((k, v.norm_BxN) for k, v in got.items()):
+    np.testing.assert_allclose(norm[:, corners], ref.norm_BxN[:, corners], rtol=1e-10, err_msg=name)
+    np.testing.assert_allclose(norm, ref.norm_BxN, rtol=1e-10, err_msg=name)
+  if grads:
+    np.testing.assert_allclose(_flat_rows(win.grads, 2), _flat_rows(ref.grads, 2), rtol=1e-10, atol=1e-12)
+
+
+def test_ghost_float32_matches_jacrev_to_1e5():
+  model = flows.build_flow(dict(channels=WIN_C, kernel_mode="alternate", num_steps=2, layer_norm="none"))
+  params, x, w = _random_like(model, key=3, dtype=jnp.float32)
+  ref = G.per_patch_param_grads(model, params, x, w, method="jacrev", patch_chunk=WIN_H * WIN_W).norm_BxN
+  got = G.per_patch_param_grads(model, params, x, w).norm_BxN
+  assert got.dtype == np.float32 and G.default_method() == "ghost"
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_auto_picks_an_exact_method_and_windowed_methods_check_the_model(fastflow, loop_reference):
+  model, params, x = fastflow
+  w, ref = loop_reference
+  assert G.default_method(return_grads=True) == "window" and G.default_method() == "ghost"
+  with jax.enable_x64(True):
+    auto = G.per_patch_param_grads(model, params, x, w, return_grads=True)
+    np.testing.assert_allclose(_flat_rows(auto.grads, 2), ref, rtol=1e-10, atol=1e-12)
+    # a re-stated forward that drifted from the model (here: the clamp) is refused, not used
+    drifted = tuple(s._replace(clamp=s.clamp + 0.5) for s in G.flow_spec(model, params))
+    orig = G.flow_spec
+    try:
+      G.flow_spec = lambda *a: drifted
+      with pytest.raises(RuntimeError, match="disagrees with the model"):
+        G.per_patch_param_grads(model, params, x, w, method="window")
+    finally:
+      G.flow_spec = orig
+  with pytest.raises(NotImplementedError, match="FastFlow2d"):
+    G.flow_spec(object(), params)
