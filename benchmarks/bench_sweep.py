@@ -12,7 +12,7 @@ steps), where a step costs less than dispatching it. Adam, batch
 rows for the same number of steps:
 
   sequential host loop           8 runs one after another, each a Python loop of the
-                                 jitted ``train_step`` (lax.conv), as ``flow_train``
+                                 jitted ``train_step`` (lax.conv), a host loop
                                  runs them minus checkpoint I/O: the baseline
   sequential scan, lax.conv      8 calls of the jitted single-run ``sweep.make_train``
                                  program (lax.scan over the steps), lax.conv
@@ -20,13 +20,13 @@ rows for the same number of steps:
   vmap, lax.conv                 ONE program, ``jit(vmap(train))`` over the 8 rows
   vmap, matmul conv              the same with matmul convolutions
   map, matmul conv               ONE program, rows one after another inside it
-                                 (``lax.map``): ``tailjax.sweep``'s default on CPU
+                                 (``lax.map``): the engine's default on CPU
 
 Each program is compiled ahead of time (compile seconds reported separately),
 then run once; on a noisy machine read the ratios, not the absolute times.
 "speed-up" = baseline run time / variant run time (the spec's target: ≥ 3× for
 the vmapped sweep on CPU); "incl. compile" adds compilation, counted 8 times for
-the baseline because ``flow_train.train_flow_on_features`` compiles its step
+the baseline because a host loop that builds its step per run compiles it
 anew in every call, once for the others.
 
 Also: lower + compile seconds and HLO size when the data is baked into the
@@ -145,7 +145,7 @@ def sweep_variants(cfg, feats, rows: int, only: Sequence[str] = VARIANTS) -> dic
       (_, metrics), secs = _timed(fn, h_R, keys_R)
       out[name] = {"seconds": secs, "compile_s": compile_s,
                    "final_loss": np.asarray(metrics["loss"][:, -1]).tolist()}
-  # End to end: flow_train.train_flow_on_features builds (and so compiles) its step anew
+  # End to end: a host loop built per run compiles its step anew
   # in every call, so 8 sequential runs pay 8 compilations; a sweep program pays one.
   for name, v in out.items():
     v["seconds_with_compile"] = v["seconds"] + v["compile_s"] * (

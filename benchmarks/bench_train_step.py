@@ -10,7 +10,7 @@ LayerNorm) and the per-patch flow (1×1 only). Convolutions either as XLA
 convolutions (``lax.conv``, what ``flows.py`` emits) or as matmuls (im2col,
 ``tailjax.train.conv_as_matmul``); steps either called one by one from Python
 ("step", as ``train.fit`` does) or run inside one ``lax.scan`` ("scan", as
-``tailjax.sweep`` does, batches sampled in the graph). Time per step is the best
+the engine does, batches sampled in the graph). Time per step is the best
 of ``--repeats`` blocks of ``--steps`` steps, variants interleaved; throughput =
 batch × 196 / step time.
 """

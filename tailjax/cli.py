@@ -160,7 +160,8 @@ def _analyze_flags(fv, argv):
   flags.DEFINE_list("sweeps", [], "Directories holding a sweep's results.json (for H4).", flag_values=fv)
   flags.DEFINE_string("method", None, "Per-patch parameter-gradient implementation (one of "
                       "tailjax.analysis.gradients.METHODS); default: the library's.", flag_values=fv)
-  flags.DEFINE_integer("patch_chunk", 28, "Patches per compiled per-patch-gradient call.", flag_values=fv)
+  flags.DEFINE_integer("patch_chunk", None, "Patches per compiled per-patch-gradient call "
+                       "(default: the method's own).", flag_values=fv)
   flags.DEFINE_bool("append", True, "Add the hypothesis table to <workdir>/report.md.", flag_values=fv)
 
 
