@@ -273,11 +273,11 @@ def flow_spec(model: flows.FastFlow2d, params) -> tuple[StepSpec, ...]:
   Read from the bound model itself (its permutations, kernel sizes, clamp), not
   re-derived. Anything but FastFlow2d's step structure — conv(k×k) → ReLU →
   conv(k×k) subnets with biases, an optional global affine and nothing else —
-  raises NotImplementedError: the windowed methods re-state that forward pass,
+  raises TypeError: the windowed methods re-state that forward pass,
   so a flow they do not know must fail loudly (the old methods still work).
   """
   if not isinstance(model, flows.FastFlow2d):
-    raise NotImplementedError(f"windowed per-patch gradients need a flows.FastFlow2d, got {type(model).__name__}")
+    raise TypeError(f"windowed per-patch gradients need a flows.FastFlow2d, got {type(model).__name__}")
   tree = params["params"]
   specs = []
   for step in model.bind(params).steps:
@@ -290,12 +290,12 @@ def flow_spec(model: flows.FastFlow2d, params) -> tuple[StepSpec, ...]:
       kin, kout = sub["conv_in"]["kernel"].shape, sub["conv_out"]["kernel"].shape
       ok = kin[:3] == (k, k, c1) and kout[:2] == (k, k) and kout[2] == kin[3] and kout[3] == 2 * c2
     if not ok:
-      raise NotImplementedError(f"{step.name}: unexpected parameters for the windowed per-patch gradients "
+      raise TypeError(f"{step.name}: unexpected parameters for the windowed per-patch gradients "
                                 f"({jax.tree.map(jnp.shape, sub)}); use method='jacrev'")
     specs.append(StepSpec(step.name, k, tuple(int(i) for i in step.permutation), c1, c2, float(step.clamp),
                           bool(step.global_affine)))
   if set(tree) != {s.name for s in specs}:
-    raise NotImplementedError(f"parameters outside the coupling steps: {sorted(set(tree) - {s.name for s in specs})}")
+    raise TypeError(f"parameters outside the coupling steps: {sorted(set(tree) - {s.name for s in specs})}")
   return tuple(specs)
 
 
