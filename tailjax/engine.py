@@ -37,7 +37,6 @@ pure ``tailjax.train.FlowProgram``:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import logging
 from pathlib import Path

@@ -11,18 +11,9 @@ from tailjax.data import pipeline, textures
 from tailjax.studies import analysis as report
 from tailjax.studies import study_a
 
-_PROJ = np.random.default_rng(0).normal(size=(6, 8)) / 2
+from fakes import cellstats_extractor
 
-
-def _fake_extractor(cfg):
-  """Stands in for EfficientNet-Lite0 (whose compilation would dominate the test): per 28×28
-  cell of the 224-px image, the channel means and stds, randomly projected to 8 channels —
-  a deterministic function of the pixels on an 8×8 grid."""
-  def extract(images_Bx224x224x3):
-    x = np.asarray(images_Bx224x224x3, np.float32).reshape(-1, 8, 28, 8, 28, 3) / 255.0
-    stats_ = np.concatenate([x.mean((2, 4)), x.std((2, 4))], axis=-1)   # [B, 8, 8, 6]
-    return {16: np.tanh(stats_ @ _PROJ)}
-  return extract, "fake-cellstats-v1"
+_fake_extractor = cellstats_extractor((8, 8), 8, "fake-cellstats-v1")
 
 
 @pytest.fixture(scope="module")

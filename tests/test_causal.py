@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from tailjax import flows, losses
+from tailjax import flows
 from tailjax.analysis import causal, gradients
 
 

@@ -18,18 +18,9 @@ from tailjax.data import pipeline, textures
 from tailjax.studies import predict as P
 from tailjax.studies import study_a
 
-_PROJ = np.random.default_rng(0).normal(size=(6, 24)) / 2
+from fakes import cellstats_extractor
 
-
-def _fake_extractor(cfg):
-  """Stands in for the backbone (whose compilation would dominate the test): per cell of a
-  6×10 grid over the 60-px image (10×6 px cells), the channel means and stds, randomly
-  projected to 24 channels — a deterministic function of the pixels."""
-  def extract(images_Bx60x60x3):
-    x = np.asarray(images_Bx60x60x3, np.float32).reshape(-1, 6, 10, 10, 6, 3) / 255.0
-    stats = np.concatenate([x.mean((2, 4)), x.std((2, 4))], axis=-1)   # [B, 6, 10, 6]
-    return {16: np.tanh(stats @ _PROJ)}
-  return extract, "fake-cellstats-6x10-v1"
+_fake_extractor = cellstats_extractor((6, 10), 24, "fake-cellstats-6x10-v1")
 
 
 @pytest.fixture(scope="module")

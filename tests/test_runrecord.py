@@ -1,7 +1,6 @@
 """The run record: manifest, config check before anything is written, lock, field checks."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -34,7 +34,7 @@ import numpy as np
 import scipy.ndimage
 import scipy.stats
 
-from tailjax import flows, losses, metrics
+from tailjax import flows, metrics
 from tailjax.stats import mean_ci
 
 

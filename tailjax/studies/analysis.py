@@ -29,7 +29,6 @@ import jax
 import numpy as np
 
 from tailjax import evaluation, io, reporting, runrecord
-from tailjax.data import pipeline
 from tailjax.stats import mean_ci
 from tailjax.studies import study_a
 from tailjax.analysis import causal, gradients
@@ -289,7 +288,6 @@ def _analyze_run(workdir, *, categories, num_images, sweeps, num_param_images, m
     sweeps = [s for s in sweeps.split(",") if s.strip()]
   sweep_rows = hyp.load_sweep_rows(sweeps) if sweeps else []
   trained = study_a.load_trained(workdir, categories)
-  cfg = next(iter(trained.values())).cfg
   t_load = time.time() - t0
   out: dict[str, Any] = {
       "workdir": str(workdir),
