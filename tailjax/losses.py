@@ -69,12 +69,20 @@ def tail_patch_weights(nll_BxN: jax.Array, tail_weight, top_k_ratio) -> jax.Arra
   ``w_i = (1-λ)/N + λ · [rank_i < k] / k`` where ``rank_i`` is patch i's rank
   by descending NLL within its image (ties broken by index, stable sort).
   The weights carry no gradient: selecting the top-k set is piecewise constant.
+
+  One sort, no rank array: with ``j`` the index of the k-th patch in the stable
+  descending order and ``v = NLL_j``, rank_i < k ⇔ NLL_i > v, or NLL_i = v and i ≤ j
+  (tied patches keep index order, so the included ones are those up to j). Same
+  set as ``argsort(argsort(−NLL)) < k``, at half the sorting (tested with ties).
   """
   n = nll_BxN.shape[-1]
   k = top_k_count(top_k_ratio, n)
-  order_BxN = jnp.argsort(-jax.lax.stop_gradient(nll_BxN), axis=-1, stable=True)
-  rank_BxN = jnp.argsort(order_BxN, axis=-1, stable=True)
-  in_tail_BxN = (rank_BxN < k).astype(nll_BxN.dtype)
+  v_BxN = jax.lax.stop_gradient(nll_BxN)
+  order_BxN = jnp.argsort(-v_BxN, axis=-1, stable=True)
+  j_Bx1 = jax.lax.dynamic_slice_in_dim(order_BxN, k - 1, 1, axis=-1)
+  v_Bx1 = jnp.take_along_axis(v_BxN, j_Bx1, axis=-1)
+  i_1xN = jnp.arange(n, dtype=order_BxN.dtype)[None, :]
+  in_tail_BxN = ((v_BxN > v_Bx1) | ((v_BxN == v_Bx1) & (i_1xN <= j_Bx1))).astype(nll_BxN.dtype)
   lam = jnp.asarray(tail_weight, nll_BxN.dtype)
   return (1.0 - lam) / n + lam * in_tail_BxN / k.astype(nll_BxN.dtype)
 

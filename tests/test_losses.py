@@ -146,3 +146,22 @@ def test_patch_nll_constant():
   z = jnp.zeros((1, 2, 2, 3))
   np.testing.assert_allclose(losses.patch_nll(z, jnp.zeros((1, 2, 2))), 1.5 * np.log(2 * np.pi), rtol=1e-6)
   np.testing.assert_allclose(losses.patch_nll(z, jnp.ones((1, 2, 2))), 1.5 * np.log(2 * np.pi) - 1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("r", [0.02, 0.1, 0.25, 0.5, 1.0])
+def test_tail_weights_break_ties_by_index_like_the_double_argsort(r):
+  """The one-sort tail mask equals the rank mask argsort(argsort(−NLL)) < k, ties included
+  (many equal NLLs, ties across the k-th place), also with r traced under vmap."""
+  rng = np.random.default_rng(0)
+  nll = jnp.asarray(np.round(rng.uniform(size=(8, 50)) * 4).astype(np.float32))   # 5 values: ties
+  n = nll.shape[-1]
+
+  def by_rank(r_):
+    k = max(1, int(np.round(np.float32(r_) * n)))
+    rank = np.argsort(np.argsort(-np.asarray(nll), axis=-1, kind="stable"), axis=-1, kind="stable")
+    return 0.3 / n + 0.7 * (rank < k) / k
+
+  np.testing.assert_allclose(losses.tail_patch_weights(nll, 0.7, r), by_rank(r), rtol=1e-6)
+  many = jax.vmap(lambda r_: losses.tail_patch_weights(nll, 0.7, r_))(jnp.asarray([r, 0.3]))
+  np.testing.assert_allclose(many[0], by_rank(r), rtol=1e-6)
+  np.testing.assert_allclose(many[1], by_rank(0.3), rtol=1e-6)

@@ -168,3 +168,36 @@ def test_segment_with_traced_length_equals_scan():
   ref, m_ref = jax.jit(lambda: program.run(program.init(h, key), key, feats, 5))()
   assert _close(st.params, ref.params, atol=1e-5)
   np.testing.assert_allclose(m5["loss"], m_ref["loss"], rtol=1e-5)
+
+
+# Three train steps of a small flow (C = 10, 4 alternating steps, image LayerNorm, λ = 0.7,
+# r = 0.25, Adam 1e-2, batch 4, seed 3), recorded with the code before the speed work
+# (per-step minor-axis gathers for the channel permutations, commit a6a548a): the losses
+# and each parameter leaf's squared norm afterwards. The speed work must not change them.
+_PRE_SPEED_WORK = {
+    False: ([16.270395279, 16.080665588, 15.94999218],
+            [0.001265654, 5.87554121, 0.004712183, 0.209327042, 0.001243871, 3.748811007, 0.004989278, 0.02470961, 0.0009485, 5.036163807, 0.004914781, 0.200970367, 0.001185758, 5.866299629, 0.004637584, 0.027806606]),
+    True: ([16.270395279, 16.005580902, 15.81278801],
+            [0.001273873, 5.798069477, 0.003852273, 0.197642237, 0.006858735, 0.001785527, 0.001184561, 3.738395214, 0.00430994, 0.023945825, 0.006873727, 0.001775525, 0.000954203, 4.984963417, 0.004340588, 0.192112565, 0.006902527, 0.001763768, 0.000806655, 5.848083019, 0.003767612, 0.024598576, 0.006907354, 0.00176035]),
+}
+
+
+@pytest.mark.parametrize("global_affine", [False, True])
+@pytest.mark.parametrize("conv_impl", ["matmul", "xla"])
+def test_train_steps_equal_the_pre_speed_work_recording(global_affine, conv_impl):
+  c = ml_collections.ConfigDict()
+  c.flow = {"num_steps": 4, "kernel_mode": "alternate", "hidden_ratio": 1.0, "clamp": 2.0,
+            "layer_norm": "image", "global_affine": global_affine}
+  c.optim = {"name": "adam", "learning_rate": 1e-2}
+  c.train = {"num_steps": 3, "batch_size": 4, "segment_steps": 3, "rows": "auto",
+             "conv_impl": conv_impl, "batch_devices": 1}
+  feats = jnp.asarray(np.random.default_rng(7).normal(size=(10, 6, 6, 10)).astype(np.float32))
+  program = train.make_flow_program(c, feats.shape)
+  key = train.row_keys([3])[0]
+  state = program.init({"tail_weight": 0.7, "top_k_ratio": 0.25, "learning_rate": 1e-2}, key)
+  state, m = jax.jit(lambda s: program.run(s, key, feats, 3))(state)
+  want_loss, want_sq = _PRE_SPEED_WORK[global_affine]
+  np.testing.assert_allclose(np.asarray(m["loss"]), want_loss, rtol=1e-5)
+  got_sq = [float(jnp.sum(jnp.square(l))) for l in jax.tree.leaves(state.params)]
+  np.testing.assert_allclose(got_sq, want_sq, rtol=1e-4)
+
