@@ -65,7 +65,7 @@ ablations: $(STAMP)
 	$(BIN)/tailjax sweep --config=configs/sweep_top_k.py --workdir=runs/sweep_top_k
 	$(BIN)/tailjax analyze --workdir=runs/demo --sweeps=runs/sweep_lambda,runs/sweep_top_k
 
-## Speed benchmarks -> benchmarks/results.md (~3-5 min on 2 cores; not part of the tests)
+## Speed benchmarks -> benchmarks/results.md + results.json (~6 min on 2 cores; not part of the tests)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
 

@@ -83,18 +83,18 @@ corner patches are exact too (tests check all of them against ``jacrev``).
 Measured (``python -m benchmarks.bench_gradients``, the 196 norms of one
 14×14×112 image, hidden ratio 1.0, 3×3/1×1, image LayerNorm), see
 ``benchmarks/README.md`` for the tables and the PyTorch peer:
-                          H200 GPU            16-core CPU          2 shared cores (load ≈ 4)
+                          H200 GPU            16-core CPU          2 cores (idle VM)
   coupling steps          4        8          4        8           4        8
-  ghost              5.5 ms   8.9 ms      16 ms   129 ms       49 ms   407 ms
-  window             5.0 ms    11 ms      95 ms   412 ms      277 ms  1205 ms
-  jacrev/28           12 ms    20 ms     260 ms   585 ms      781 ms  1649 ms
-  loop               343 ms   480 ms     750 ms  1600 ms     1098 ms  2646 ms
-  PyTorch peer loop  971 ms  1969 ms     684 ms  1386 ms      890 ms  1444 ms
-  peer / ghost         177×     221×        43×      11×         18×     3.5×
+  ghost              5.5 ms   8.9 ms      16 ms   129 ms       29 ms   364 ms
+  window             5.0 ms    11 ms      95 ms   412 ms      193 ms   911 ms
+  jacrev/28           12 ms    20 ms     260 ms   585 ms      416 ms  1028 ms
+  loop               343 ms   480 ms     750 ms  1600 ms      856 ms  1700 ms
+  PyTorch peer loop  971 ms  1969 ms     684 ms  1386 ms     1060 ms  1531 ms
+  peer / ghost         177×     221×        43×      11×         36×     4.2×
 
 (GPU and 16-core CPU: one H200 host, JAX 0.11.2, peer torch 2.11 on CUDA /
 on the CPU; 2 cores: this repo's dev machine, JAX 0.10.2, torch 2.13 CPU; the
-peer's CPU figure is the faster of all cores and 1 thread.) "ghost" is the
+peer's CPU figure is the faster of all cores and 1 thread; this VM's speed drifts by up to ±30 % between runs: another run gave 26 / 260 ms vs 837 / 1818 ms, 32× / 7.0×.) "ghost" is the
 fastest for norms everywhere (on the GPU at 4 steps "window" is within noise
 of it) and "window" the fastest exact way to the gradients themselves, hence
 ``default_method``. Compilation is not included: "ghost" compiles in about
