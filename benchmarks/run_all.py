@@ -1,6 +1,6 @@
 """Runs every benchmark once, at modest sizes, and writes ``benchmarks/results.md`` (atomically).
 
-  python -m benchmarks.run_all                          # ~10 min on a 2-core CPU
+  python -m benchmarks.run_all                          # ~6 min on a 2-core CPU (peer included)
   python -m benchmarks.run_all --only=sweep,train_step --out=/tmp/results.md
 
 Each benchmark module's ``main(argv)`` runs in this process with the arguments
