@@ -236,11 +236,9 @@ def _gradients_md(res: dict) -> list[str]:
   peer = ["PyTorch peer loop"] + [_num(1000 * by[s]["peer"]["best_s"]) if (by[s].get("peer") or {}).get("best_s")
                                    else "–" for s in steps] + ["–"] * (2 * len(steps))
   lines += _table(header, rows + [peer]) + [""]
-  mem = res.get("memory")
-  if isinstance(mem, list) and mem:
+  if res.get("memory"):                                 # the generic list-of-dicts table
     lines += ["Memory of the analysis (norms only), each in a fresh process:", ""]
-    cols = list(dict.fromkeys(c for r in mem for c in r))
-    lines += _table(cols, [[r.get(c) for c in cols] for r in mem]) + [""]
+    lines += _generic({"memory": res["memory"]})
   return lines
 
 
