@@ -19,7 +19,10 @@ Behaviour shared by all commands:
 
 * A workdir remembers the results-relevant config it ran; a rerun with a
   different one stops with an error listing the differing fields. ``--restart``
-  starts the workdir over, ``--branch`` runs in a new sibling workdir.
+  starts the workdir over, ``--branch`` runs in a new sibling workdir, and
+  ``--extend`` (train, sweep, toy) trains a run on to a larger
+  ``train.num_steps`` (and later ``eval.budgets``), keeping what ran and
+  recording the extension in the manifest (``tailjax.runrecord``).
 * Ctrl-C prints one line (rerunning the same command resumes) and exits 130.
 * Known errors (bad config or flag values, missing files, a locked workdir, a
   non-finite loss: ``ValueError``, ``FileNotFoundError`` and the error types
@@ -88,14 +91,18 @@ def _define_run_flags(fv: flags.FlagValues, argv: list[str], config: str, workdi
                     "and start over.", flag_values=fv)
   flags.DEFINE_bool("branch", False, "If the workdir ran a different config: run in a new sibling "
                     "workdir <workdir>-<hash>.", flag_values=fv)
+  flags.DEFINE_bool("extend", False, "If the workdir ran the same config with fewer "
+                    "train.num_steps (eval.budgets may add later steps): train on from its last "
+                    "checkpoint, keeping every evaluation (train, sweep, toy).", flag_values=fv)
   flags.register_multi_flags_validator(
-      ["restart", "branch"], lambda v: not (v["restart"] and v["branch"]),
-      "--restart and --branch exclude each other", flag_values=fv)
+      ["restart", "branch", "extend"], lambda v: sum(map(bool, v.values())) <= 1,
+      "--restart, --branch and --extend exclude each other", flag_values=fv)
 
 
 def _on_change(fv: flags.FlagValues) -> str:
-  """The runner's ``on_change``: "restart", "branch" or (default) "error"."""
-  return "restart" if fv.restart else "branch" if fv.branch else "error"
+  """The runner's ``on_change``: "restart", "branch", "extend" or (default) "error"."""
+  return ("restart" if fv.restart else "branch" if fv.branch else
+          "extend" if fv.extend else "error")
 
 
 def _resolve_config_args(args: Sequence[str]) -> list[str]:

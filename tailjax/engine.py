@@ -291,12 +291,19 @@ def run_rows(cfg, run: runrecord.Run, prefix: str, train_feats: np.ndarray, rows
   if rows_file.exists():
     import json
     saved = json.loads(rows_file.read_text())
+    # An extended run (runrecord, "extend") trains on from a shorter num_steps.
+    extended = (bool(run.manifest.get("extended")) and isinstance(saved.get("num_steps"), int)
+                and saved["num_steps"] < total)
     for k in ("rows", "feats_shape", "feats_sha256", "num_steps"):
+      if k == "num_steps" and extended:
+        continue
       if saved.get(k) != json.loads(io.to_json(record[k])):
         raise runrecord.ConfigMismatchError(
             f"{rows_file}: {k} differs from this run's (saved {str(saved.get(k))[:200]}, now "
             f"{str(record[k])[:200]}); the training data or rows changed under the same config. "
             "Use --restart or another --workdir.")
+    if extended and is_lead:
+      io.atomic_write_json(rows_file, record)
   elif is_lead:
     io.atomic_write_json(rows_file, record)
 

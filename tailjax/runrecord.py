@@ -13,9 +13,9 @@ Every entry point opens its workdir with ``open_run(workdir, cfg, kind=...)``:
    are executed, logging cadence, cache folders, report cosmetics). A rerun
    whose results-relevant fields differ stops with ``ConfigMismatchError``
    listing each differing field with both values, unless ``on_change`` is
-   ``"restart"`` (wipe the workdir's results and start over) or ``"branch"``
-   (run in a new sibling workdir ``<workdir>-<hash8>``). Only then are
-   ``manifest.json`` and ``config.json`` written.
+   ``"restart"`` (wipe the workdir's results and start over), ``"branch"``
+   (run in a new sibling workdir ``<workdir>-<hash8>``) or ``"extend"`` (see 5).
+   Only then are ``manifest.json`` and ``config.json`` written.
 3. **Manifest.** Also records the code version (package version, git commit
    and whether the tree was dirty, a hash of the ``tailjax`` sources), the JAX
    backend and devices, the row mode, the installed versions of the packages
@@ -26,6 +26,16 @@ Every entry point opens its workdir with ``open_run(workdir, cfg, kind=...)``:
    it belongs to this config because the manifest says so. ``Run.load_unit``
    returns it (or None) and ``Run.save_unit`` writes it. Training state lives in
    the engine's orbax checkpoints (``tailjax.engine``), under the same manifest.
+5. **Extending a run** (``on_change="extend"``, runners on the engine only). A
+   longer training budget is not a different experiment: the learning rate has no
+   schedule and batch t is drawn from ``fold_in(key, t)``, so the first s steps of
+   a T-step run are bit-for-bit those of an s-step run (``tests/test_engine.py``)
+   and every evaluation unit at a step ≤ s stays valid. So the one change accepted
+   is ``train.num_steps`` growing, with ``eval.budgets`` (if set) keeping every old
+   budget and adding only steps beyond the old ``train.num_steps``; anything else
+   is refused as in 2. The manifest then holds the new config, and its ``extended``
+   list (and the invocation) records each extension with the old hash, step count
+   and budgets, so the record says the run was trained to s, then extended.
 """
 
 from __future__ import annotations
@@ -76,6 +86,10 @@ class WorkdirLockedError(RuntimeError):
   """Another live process holds the workdir."""
 
 
+# The results fields an extension may change (see the module docstring, 5.).
+EXTENDABLE = ("train.num_steps", "eval.budgets")
+
+
 class ConfigFieldError(ValueError):
   """The config has a field no stage reads, or lacks one a stage needs."""
 
@@ -124,6 +138,33 @@ def diff_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[st
   keys = sorted(set(old) | set(new))
   return [(k, old.get(k, absent), new.get(k, absent)) for k in keys
           if old.get(k, absent) != new.get(k, absent)]
+
+
+def extension_problems(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """Why ``new`` (flattened results fields) is not a pure extension of ``old``: one
+  line per reason, empty when it is (``train.num_steps`` grows; ``eval.budgets`` keeps
+  every old budget and adds only steps beyond the old ``train.num_steps``; nothing
+  else differs)."""
+  problems = [f"{k}: ran with {json.dumps(a)}, now {json.dumps(b)} (only "
+              f"{' and '.join(EXTENDABLE)} can be extended)"
+              for k, a, b in diff_fields(old, new) if k not in EXTENDABLE]
+  s_old, s_new = old.get("train.num_steps"), new.get("train.num_steps")
+  if not (isinstance(s_old, int) and isinstance(s_new, int) and s_new > s_old):
+    problems.append(f"train.num_steps: ran with {json.dumps(s_old)}, now {json.dumps(s_new)}; "
+                    "an extension trains longer")
+    return problems
+  b_old, b_new = old.get("eval.budgets"), new.get("eval.budgets")
+  if b_old != b_new:
+    b_old = {int(b) for b in (b_old or ())}
+    b_new = {int(b) for b in (b_new or ())}
+    if b_old - b_new:
+      problems.append(f"eval.budgets: drops {sorted(b_old - b_new)} (an extension keeps "
+                      "every evaluated budget)")
+    early = sorted(b for b in b_new - b_old if b <= s_old)
+    if early:
+      problems.append(f"eval.budgets: adds {early}, not beyond the old train.num_steps={s_old} "
+                      "(those states are gone; use --branch)")
+  return problems
 
 
 def check_fields(cfg, allowed: Sequence[str], where: str = "config") -> None:
@@ -292,20 +333,27 @@ def _clear_results(workdir: Path) -> None:
 @contextlib.contextmanager
 def open_run(workdir: str | Path, cfg, *, kind: str, on_change: str = "error",
              not_results: Sequence[str] = NOT_RESULTS,
-             allowed_fields: Sequence[str] | None = None) -> Iterator[Run]:
+             allowed_fields: Sequence[str] | None = None,
+             extendable: bool = False) -> Iterator[Run]:
   """Locks ``workdir``, checks ``cfg`` against its manifest, writes manifest + config.
 
   Args:
     kind: what runs here ("study_a", "sweep", "mil", "toy", ...); a workdir of
       another kind is refused.
-    on_change: "error" (default), "restart" or "branch" — what to do when the
-      results-relevant config differs from the one the workdir ran.
+    on_change: "error" (default), "restart", "branch" or "extend" — what to do when
+      the results-relevant config differs from the one the workdir ran.
     allowed_fields: when given, ``check_fields(cfg, allowed_fields)`` runs first.
+    extendable: the runner trains through ``tailjax.engine`` and keys every
+      evaluation by its step, so ``on_change="extend"`` is sound (module doc, 5.).
   Yields:
     ``Run`` (``run.workdir`` is the branch's path when branching).
   """
-  if on_change not in ("error", "restart", "branch"):
-    raise ValueError(f"on_change must be 'error', 'restart' or 'branch', got {on_change!r}")
+  if on_change not in ("error", "restart", "branch", "extend"):
+    raise ValueError(f"on_change must be 'error', 'restart', 'branch' or 'extend', got "
+                     f"{on_change!r}")
+  if on_change == "extend" and not extendable:
+    raise ValueError(f"a {kind!r} run cannot be extended (only runs trained by the engine, "
+                     "whose evaluations are keyed by step); use --branch or --restart")
   if allowed_fields is not None:
     check_fields(cfg, allowed_fields)
   workdir = Path(workdir)
@@ -320,26 +368,45 @@ def open_run(workdir: str | Path, cfg, *, kind: str, on_change: str = "error",
   with workdir_lock(workdir):
     fresh = True
     invocations: list[dict] = []
+    extended: list[dict] = []
+    extension = None
     manifest_path = workdir / MANIFEST
     if manifest_path.is_file():
       old = json.loads(manifest_path.read_text())
       same = old.get("config_hash") == digest and old.get("kind") == kind
-      if not same and on_change == "error":
+      old_fields = old.get("results_fields", {})
+      if not same and on_change == "extend" and old.get("kind") == kind:
+        problems = extension_problems(old_fields, fields)
+        if problems:
+          raise ConfigMismatchError(
+              f"{workdir} cannot be extended to this config; nothing was changed:\n"
+              + "\n".join(f"  {p}" for p in problems[:12])
+              + "\nRerun with the original values, --branch (run in a new workdir) or "
+                "another --workdir.")
+        extension = {"at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "from_config_hash": old.get("config_hash"),
+                     **{f"from_{k}": old_fields.get(k) for k in EXTENDABLE if k in old_fields},
+                     **{f"to_{k}": fields.get(k) for k in EXTENDABLE if k in fields}}
+      elif not same and on_change in ("error", "extend"):
         lines = [f"  {k}: ran with {json.dumps(a)}, now {json.dumps(b)}"
-                 for k, a, b in diff_fields(old.get("results_fields", {}), fields)]
+                 for k, a, b in diff_fields(old_fields, fields)]
         if old.get("kind") != kind:
           lines.insert(0, f"  kind: ran {old.get('kind')!r}, now {kind!r}")
         shown = lines[:12] + ([f"  … and {len(lines) - 12} more"] if len(lines) > 12 else [])
+        hint = (" --extend (train on to the new step count, keeping what ran),"
+                if extendable and old.get("kind") == kind
+                and not extension_problems(old_fields, fields) else "")
         raise ConfigMismatchError(
             f"{workdir} ran a different config; nothing was changed. Differing fields:\n"
             + "\n".join(shown)
-            + "\nRerun with the original values, --restart (discard this workdir's results), "
-              "--branch (run in a new workdir) or another --workdir.")
-      if not same:   # restart
+            + f"\nRerun with the original values,{hint} --restart (discard this workdir's "
+              "results), --branch (run in a new workdir) or another --workdir.")
+      if not same and extension is None:   # restart
         _clear_results(workdir)
       else:
         fresh = False
         invocations = old.get("invocations", [])
+        extended = old.get("extended", [])
     elif any(p.name != LOCK for p in workdir.iterdir()):
       # Files but no manifest: written by something else (or an older tailjax). Refuse
       # rather than guess what they are.
@@ -353,8 +420,14 @@ def open_run(workdir: str | Path, cfg, *, kind: str, on_change: str = "error",
     invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version(),
                         **environment(), "packages": package_versions(),
                         "lock": _lock.lock_info()})
+    if extension is not None:
+      invocations[-1]["extended"] = extension
+      extended = [*extended, extension]
+      print(f"extending {workdir}: train.num_steps {extension.get('from_train.num_steps')} -> "
+            f"{extension.get('to_train.num_steps')} (recorded in {MANIFEST})")
     manifest = {"kind": kind, "config_hash": digest, "results_fields": fields,
-                "config": to_plain(cfg), "invocations": invocations}
+                "config": to_plain(cfg), "invocations": invocations,
+                **({"extended": extended} if extended else {})}
     _write_manifest(workdir, manifest)
     import jax
     if jax.process_index() == 0:

@@ -60,7 +60,7 @@ def run_toy(cfg, workdir: str | Path, *, on_change: str = "error", progress: boo
     nll = evaluation.patch_scores(program.model, p, va, "nll", conv_impl=program.conv_impl)
     return {"val_nll": float(np.mean(nll))}
 
-  with runrecord.open_run(workdir, cfg, kind=KIND, on_change=on_change) as run:
+  with runrecord.open_run(workdir, cfg, kind=KIND, on_change=on_change, extendable=True) as run:
     res = engine.run_rows(cfg, run, "toy", tr, rows, eval_steps=steps, evaluate=evaluate,
                           progress=progress, desc="toy")
     curve = {s: res.evals[s]["val_nll"] for s in steps}

@@ -67,6 +67,9 @@ def test_restart_and_branch_exclude_each_other(calls, tmp_path, capsys):
   n = len(calls)
   assert cli.main(["toy", f"--workdir={tmp_path}", "--restart", "--branch"]) == 2
   assert "exclude each other" in capsys.readouterr().err and len(calls) == n
+  assert cli.main(["toy", f"--workdir={tmp_path}", "--extend"]) == 0
+  assert cli._on_change(calls[-1][1]) == "extend"
+  assert cli.main(["toy", f"--workdir={tmp_path}", "--extend", "--branch"]) == 2
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,6 +1,7 @@
 """The one flow driver: resume, evaluation hook, NaN halts, Ctrl-C, layout, sharding."""
 
 import contextlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -222,3 +223,35 @@ def test_rows_validation_names_the_field():
 def test_boundaries_cover_segments_and_evaluations():
   assert engine.boundaries(10, 4, (0, 3, 10)) == [3, 4, 8, 10]
   assert engine.boundaries(5, 10, ()) == [5]
+
+
+def test_extended_run_equals_a_fresh_longer_run(tmp_path):
+  """Trained to 5 steps (evaluated at 0, 2, 5), then extended to 8 (evaluating at 8): the
+  parameters, the training log and every evaluation equal one 8-step run's, and nothing
+  before step 5 is evaluated again."""
+  calls = []
+
+  def evaluate(step, params_R):
+    calls.append(step)
+    return [{"sum": float(sum(np.sum(x[i]) for x in jax.tree.leaves(params_R)))} for i in range(3)]
+
+  def train(path, steps, budgets, on_change="error"):
+    cfg = _cfg(num_steps=steps, segment_steps=4)
+    cfg.eval = {"budgets": budgets}
+    with runrecord.open_run(path, cfg, kind="test", on_change=on_change, extendable=True) as run:
+      return engine.run_rows(cfg, run, "cat", FEATS, ROWS, mesh=ONE_DEV, progress=False,
+                             eval_steps=budgets, evaluate=evaluate)
+
+  full = train(tmp_path / "full", 8, (0, 2, 5, 8))
+  train(tmp_path / "ext", 5, (0, 2, 5))
+  with pytest.raises(runrecord.ConfigMismatchError, match="--extend"):
+    train(tmp_path / "ext", 8, (0, 2, 5, 8))
+  calls.clear()
+  ext = train(tmp_path / "ext", 8, (0, 2, 5, 8), on_change="extend")
+  assert calls == [8] and (ext.resumed_from, ext.step, ext.finished) == (5, 8, True)
+  assert _equal(ext.params_R, full.params_R) and ext.evals == full.evals
+  logged = io.read_jsonl(tmp_path / "ext" / "cat" / "metrics.jsonl")
+  full_log = io.read_jsonl(tmp_path / "full" / "cat" / "metrics.jsonl")
+  assert [r["step"] for r in logged] == [r["step"] for r in full_log] == [2, 4, 5, 8]
+  assert logged == full_log
+  assert json.loads((tmp_path / "ext" / "cat" / "rows.json").read_text())["num_steps"] == 8

@@ -125,3 +125,50 @@ def test_unit_names_stay_inside_the_workdir(tmp_path):
   with runrecord.open_run(tmp_path / "w", _cfg(), kind="t") as run:
     with pytest.raises(ValueError, match="'..'"):
       run.save_unit("../escape", {})
+
+
+def _ext_cfg(steps=10, budgets=(0, 5, 10), lr=1e-3):
+  c = _cfg(lr=lr, steps=steps)
+  c.eval = {"budgets": budgets}
+  return c
+
+
+def test_extend_accepts_only_a_longer_run_and_records_it(tmp_path):
+  w = tmp_path / "w"
+  with runrecord.open_run(w, _ext_cfg(), kind="t", extendable=True) as run:
+    run.save_unit("cat/eval/10", {"x": 1})
+  refused = {
+      "optim.learning_rate: ran with 0.001, now 0.01": _ext_cfg(steps=20, lr=1e-2),
+      "an extension trains longer": _ext_cfg(steps=8, budgets=(0, 5)),
+      "drops [5]": _ext_cfg(steps=20, budgets=(0, 10, 20)),
+      "adds [7], not beyond the old train.num_steps=10": _ext_cfg(steps=20,
+                                                                  budgets=(0, 5, 7, 10, 20)),
+  }
+  before = (w / "manifest.json").read_bytes()
+  for message, cfg in refused.items():
+    with pytest.raises(runrecord.ConfigMismatchError, match=message.replace("[", r"\[")):
+      with runrecord.open_run(w, cfg, kind="t", on_change="extend", extendable=True):
+        pass
+  assert (w / "manifest.json").read_bytes() == before
+  # Without --extend, a pure extension is refused as any change, and the message offers it.
+  with pytest.raises(runrecord.ConfigMismatchError, match="--extend"):
+    with runrecord.open_run(w, _ext_cfg(steps=20, budgets=(0, 5, 10, 20)), kind="t",
+                            extendable=True):
+      pass
+  with pytest.raises(ValueError, match="cannot be extended"):
+    with runrecord.open_run(w, _ext_cfg(steps=20), kind="t", on_change="extend"):
+      pass
+  with runrecord.open_run(w, _ext_cfg(steps=20, budgets=(0, 5, 10, 20)), kind="t",
+                          on_change="extend", extendable=True) as run:
+    assert not run.fresh and run.load_unit("cat/eval/10") == {"x": 1}
+  m = runrecord.read_manifest(w)
+  assert m["results_fields"]["train.num_steps"] == 20
+  ext, = m["extended"]
+  assert (ext["from_train.num_steps"], ext["to_train.num_steps"]) == (10, 20)
+  assert (ext["from_eval.budgets"], ext["to_eval.budgets"]) == ([0, 5, 10], [0, 5, 10, 20])
+  assert m["invocations"][-1]["extended"] == ext and "extended" not in m["invocations"][0]
+  # The extended config now resumes as itself; the extension stays on record.
+  with runrecord.open_run(w, _ext_cfg(steps=20, budgets=(0, 5, 10, 20)), kind="t",
+                          extendable=True):
+    pass
+  assert len(runrecord.read_manifest(w)["extended"]) == 1

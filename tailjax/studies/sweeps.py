@@ -167,7 +167,7 @@ def run_and_evaluate(cfg, workdir: str | Path, *, on_change: str = "error",
   ``results.json`` (``{"rows": [...]}``) and ``results.md`` in the workdir."""
   runrecord.check_fields(cfg, FIELDS + pipeline.input_fields(cfg))
   grid = grid_from_config(cfg.sweep)
-  with runrecord.open_run(workdir, cfg, kind=KIND, on_change=on_change) as run:
+  with runrecord.open_run(workdir, cfg, kind=KIND, on_change=on_change, extendable=True) as run:
     t0 = time.time()
     dataset = pipeline.Dataset(cfg)
     all_rows: list[dict] = []
