@@ -72,6 +72,25 @@ def setup(num_steps: int = 4, n_images: int = 1, seed: int = 0):
   return model, params, np.asarray(x)
 
 
+def _xla_flops(compiled) -> float | None:
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  return float(ca["flops"]) if ca and ca.get("flops") else None
+
+
+def ghost_flops(model, params, x) -> float | None:
+  """FLOPs of the default "ghost" call for the 196 norms of the image(s) ``x`` (XLA's cost
+  analysis of the compiled program: one chunk of all patches, no loop, so nothing is
+  counted once for many iterations; includes the model's own forward for the check)."""
+  n = H * W
+  specs = gradients.flow_spec(model, params)
+  ab = np.stack(np.divmod(np.arange(n), W), axis=-1).astype(np.int32)[None]
+  w = np.ones((len(x), 1, n), np.float32)
+  return _xla_flops(gradients._windowed_chunk.lower(
+      model, specs, "ghost", "auto", False, params, jnp.asarray(x), jnp.asarray(ab),
+      jnp.asarray(w)).compile())
+
+
 def _best_seconds(runs: dict, repeats: int) -> dict:
   for run in runs.values():
     jax.block_until_ready(run())
@@ -106,7 +125,10 @@ def timings(num_steps: int = 4, repeats: int = 3, methods: Sequence[str] = DEFAU
   agree = {k: float(np.max(np.abs(np.asarray(runs[k]()) - ref) / ref)) for k in methods if k != "loop"}
   best = _best_seconds(runs, repeats)
   unit = best[f"backward {n} images"]
-  return {"seconds": best, "over_backward_196": {k: v / unit for k, v in best.items()},
+  flops = {"ghost": ghost_flops(model, params, x),
+           f"backward {n} images": _xla_flops(grad_mean.lower(params, x_batch).compile())}
+  return {"seconds": best, "flops": flops,
+          "gflops_per_s": {k: f / best[k] / 1e9 for k, f in flops.items() if f and k in best}, "over_backward_196": {k: v / unit for k, v in best.items()},
           "over_loop": {k: v / best["loop"] for k, v in best.items()},
           "max_rel_diff_vs_loop": agree, "default_method": gradients.default_method(),
           "n_params": int(sum(l.size for l in jax.tree.leaves(params))), "num_steps": num_steps}
@@ -124,7 +146,9 @@ def peer(num_steps: int, repeats: int = 3, threads: Sequence[int | None] = (None
     rows[th] = {"best_s": min(r["seconds_all"]), "median_s": r["seconds"], "n_params": r["n_params"],
                 "torch": r["torch"], "device": r["device"]}
   fastest = min(rows, key=lambda t: rows[t]["best_s"])
-  return {"threads": rows, "fastest_threads": fastest, "best_s": rows[fastest]["best_s"], "device": device}
+  flops = peer_torch.peer_per_patch_flops(num_steps)
+  return {"threads": rows, "fastest_threads": fastest, "best_s": rows[fastest]["best_s"], "device": device,
+          "flops": flops, "gflops_per_s": flops / rows[fastest]["best_s"] / 1e9}
 
 
 def _rss_mb(field: str) -> float | None:
@@ -212,6 +236,22 @@ def _print_timings(t: dict, pr: dict | None, device: str) -> None:
     vs_peer = "" if pr is None else f"{pr['best_s'] / s:.1f}×"
     print(f"{k:>18} {1000 * s:>9.1f} {t['over_backward_196'][k]:>20.3f} {t['over_loop'][k]:>8.3f} "
           f"{vs_peer:>19} {'' if diff is None else f'{diff:.1e}':>13}")
+  for line in flop_lines(t):
+    print(line)
+
+
+def flop_lines(t: dict) -> list[str]:
+  """What bounds the ratio: FLOPs of ghost and of the peer's loop, and the rate each achieved."""
+  f, rate, pr = t.get("flops") or {}, t.get("gflops_per_s") or {}, t.get("peer") or {}
+  if not f.get("ghost"):
+    return []
+  out = [f"FLOPs: ghost {f['ghost'] / 1e9:.2f} GFLOP at {rate['ghost']:.0f} GFLOP/s"]
+  if pr.get("flops"):
+    ratio = pr["flops"] / f["ghost"]
+    out[0] += (f"; peer loop {pr['flops'] / 1e9:.2f} GFLOP at {pr['gflops_per_s']:.0f} GFLOP/s; "
+               f"the peer does {ratio:.1f}× ghost's FLOPs, so at equal GFLOP/s ghost is {ratio:.1f}× "
+               "faster (the rest of the measured ratio is rate)")
+  return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

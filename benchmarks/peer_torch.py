@@ -241,6 +241,25 @@ def peer_per_patch_norms(num_steps: int, *, channels: int = C, height: int = H, 
     torch.set_num_threads(prev)
 
 
+def peer_per_patch_flops(num_steps: int, *, channels: int = C, height: int = H, width: int = W,
+                         seed: int = 0) -> float:
+  """FLOPs of ``peer_per_patch_norms``'s loop (torch's ``FlopCounterMode``): the forward
+  plus H·W backward passes. Every ``autograd.grad(NLL_i, θ)`` runs the whole graph's
+  backward whichever patch i it starts from, so one backward is counted and multiplied
+  (the counter cannot run inside ``autograd.grad``)."""
+  import torch
+  from torch.utils.flop_counter import FlopCounterMode
+
+  flow = build_flow(num_steps, channels, height, width, seed=seed)
+  x = torch.randn(1, channels, height, width, generator=torch.Generator().manual_seed(seed))
+  with FlopCounterMode(display=False) as counter:
+    nll = patch_nll(flow, x)[0]
+    forward = counter.get_total_flops()
+    nll[0].backward(retain_graph=True)
+    backward = counter.get_total_flops() - forward
+  return float(forward + nll.shape[0] * backward)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", default="4,8", help="comma list of coupling-step counts")

@@ -29,6 +29,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from benchmarks import bench_gradients
 from tailjax import io as tj_io
 
 # name → (module, argv for its main). Sizes stated in each section of results.md.
@@ -203,9 +204,11 @@ def _gradients_targets(res: dict) -> list[list]:
     vs = t.get("speedup_vs_peer")
     if vs:
       x = vs[best]
+      f_ours, f_peer = (t.get("flops") or {}).get(best), t["peer"].get("flops")
+      flop_note = f"; FLOP ratio {f_peer / f_ours:.1f}×" if f_ours and f_peer else ""
       out.append([f"per-patch gradient norms vs the PyTorch autograd loop, {steps} coupling steps",
                   "≥ 5×", f"best {best}: {x:.1f}× ({1000 * secs[best]:.0f} ms vs "
-                  f"{1000 * t['peer']['best_s']:.0f} ms)", "yes" if x >= 5 else "**no**"])
+                  f"{1000 * t['peer']['best_s']:.0f} ms{flop_note})", "yes" if x >= 5 else "**no**"])
     else:
       out.append([f"per-patch gradient norms, {steps} coupling steps", "≥ 5× the peer",
                   f"best {best}: {1000 * secs[best]:.0f} ms (peer not installed)", "–"])
@@ -236,6 +239,9 @@ def _gradients_md(res: dict) -> list[str]:
   peer = ["PyTorch peer loop"] + [_num(1000 * by[s]["peer"]["best_s"]) if (by[s].get("peer") or {}).get("best_s")
                                    else "–" for s in steps] + ["–"] * (2 * len(steps))
   lines += _table(header, rows + [peer]) + [""]
+  for s in steps:
+    lines += [f"{s} coupling steps. {line}" for line in bench_gradients.flop_lines(by[s])]
+  lines += [""] if any(bench_gradients.flop_lines(by[s]) for s in steps) else []
   if res.get("memory"):                                 # the generic list-of-dicts table
     lines += ["Memory of the analysis (norms only), each in a fresh process:", ""]
     lines += _generic({"memory": res["memory"]})

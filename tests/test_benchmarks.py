@@ -26,3 +26,28 @@ def test_markdown_accepts_integer_keys_and_reports_the_targets():
   assert "could not tabulate" not in md
   assert "| per-patch gradient norms vs the PyTorch autograd loop, 4 coupling steps | ≥ 5× |" in md
   assert run_all._table([4, 8], [[1, 2]])[0] == "| 4 | 8 |"
+
+
+def test_flop_lines_state_the_peer_over_ghost_flop_ratio_and_rates():
+  t = _grad_steps(0.4, 1.6)
+  t["flops"] = {"ghost": 15e9}
+  t["gflops_per_s"] = {"ghost": 15e9 / 0.4 / 1e9}
+  t["peer"].update(flops=60e9, gflops_per_s=60e9 / 1.6 / 1e9)
+  line, = run_all.bench_gradients.flop_lines(t)
+  assert "ghost 15.00 GFLOP at 38 GFLOP/s" in line and "peer loop 60.00 GFLOP at 38 GFLOP/s" in line
+  assert "4.0× ghost's FLOPs" in line
+  rows = run_all._gradients_targets({"by_steps": {8: t}})
+  assert "FLOP ratio 4.0×" in rows[0][2]
+  assert "8 coupling steps. FLOPs: ghost" in "\n".join(run_all._gradients_md({"by_steps": {8: t}}))
+  assert run_all.bench_gradients.flop_lines(_grad_steps(0.4, 1.6)) == []   # no counts: no line
+
+
+def test_peer_flop_count_is_forward_plus_one_backward_per_patch():
+  import pytest
+  pytest.importorskip("torch")
+  pytest.importorskip("FrEIA")
+  from benchmarks import peer_torch
+  # Forward and one backward both scale with the H·W positions, and the loop runs H·W
+  # backwards: 4× the positions is ≈16× the FLOPs (4× if the loop were counted once).
+  small, big = (peer_torch.peer_per_patch_flops(2, channels=8, height=h, width=h) for h in (2, 4))
+  assert 13 < big / small < 16.5

@@ -194,3 +194,23 @@ def test_validation_split_comes_from_training_images_only(trained):
   assert flat(data.val_feats).isdisjoint(flat(data.train_feats))
   with pytest.raises(ValueError, match=r"config.data.val_fraction must lie in \[0, 1\)"):
     pipeline.split_train_val(10, 1.0, 0)
+
+
+def test_extended_run_equals_the_longer_run_and_says_so(trained, mini_mvtec, cache, tmp_path):
+  """Trained to 2 steps, then `--extend`ed to 4 (budget 4 added): every budget's record equals
+  the 4-step run's, and the report and manifest say the run was extended."""
+  cfg, _, out, _ = trained
+  short = _smoke_cfg(mini_mvtec, cache)
+  short.train.num_steps, short.eval.budgets = 2, (0, 2)
+  run = tmp_path / "run"
+  study_a.main(short, run, progress=False)
+  with pytest.raises(runrecord.ConfigMismatchError, match="--extend"):
+    study_a.main(cfg, run, progress=False)
+  ext = study_a.main(cfg, run, on_change="extend", progress=False)
+  for cat in ("brick", "gravel"):
+    for step in ("0", "2", "4"):
+      for got, want in zip(ext["results"][cat]["budgets"][step],
+                           out["results"][cat]["budgets"][step], strict=True):
+        assert got["metrics"] == pytest.approx(want["metrics"], abs=1e-6), (cat, step)
+  assert "trained to 2 steps first, then extended to 4" in (run / "report.md").read_text()
+  assert runrecord.read_manifest(run)["extended"][0]["from_train.num_steps"] == 2
