@@ -163,7 +163,9 @@ def peer_train_step_ms(num_steps: int, batch: int = 16, *, channels: int = C, he
 
   ``device``: "cpu" (torch threads = ``threads``, default all cores) or a torch
   device such as "cuda". Each step ends with the loss read back to the host, so
-  GPU time is included. Returns a dict: ``ms`` (median), ``ms_all``,
+  GPU time is included. Returns a dict: ``ms`` (median), ``ms_all``, ``flops``
+  (one step's, by torch's ``FlopCounterMode``: matmuls and convolutions, which is
+  nearly all of it; XLA's count of ours includes the elementwise ops too),
   ``num_steps``, ``batch``, ``threads``, ``torch``, ``device``.
   """
   import torch
@@ -189,7 +191,11 @@ def peer_train_step_ms(num_steps: int, batch: int = 16, *, channels: int = C, he
       t = time.perf_counter()
       step()
       times.append(1000 * (time.perf_counter() - t))
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:   # one more step, counted (not timed)
+      step()
     return {"ms": statistics.median(times), "ms_all": times, "num_steps": num_steps, "batch": batch,
+            "flops": float(counter.get_total_flops()),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(x.device)}
   finally:
     torch.set_num_threads(prev)

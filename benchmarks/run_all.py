@@ -265,6 +265,7 @@ def _engine_md(res: dict) -> tuple[list[str], list[list]]:
                  _num(o["gflops_per_s"]), f"{100 * r['fraction_of_peak']:.1f} %"
                  if "fraction_of_peak" in r else "–",
                  f"{p['ms']:.1f}" if "ms" in p else p.get("skipped", "–"),
+                 _num(p["flops"] / 1e9) if p.get("flops") else "–",
                  _num(r.get("peer_gflops_per_s")),
                  f"{r['speedup_vs_peer']:.2f}×" if "speedup_vs_peer" in r else "–"])
     if "speedup_vs_peer" in r:
@@ -273,10 +274,17 @@ def _engine_md(res: dict) -> tuple[list[str], list[list]]:
                       "steps", f"≥ {ENGINE_TARGET:g}× (goal {ENGINE_GOAL:g}×)",
                       f"{x:.2f}× ({o['ms']:.1f} vs {p['ms']:.1f} ms; "
                       + (f"{100 * r['fraction_of_peak']:.0f} % of peak" if "fraction_of_peak" in r
-                         else "peak unknown") + ")",
+                         else "peak unknown")
+                      + (f"; FLOP ratio {p['flops'] / o['flops']:.2f}×" if p.get("flops")
+                         and o.get("flops") else "") + ")",
                       "yes" if x >= ENGINE_TARGET else "**no**"])
   lines += _table(["coupling steps", "ours ms", "GFLOP/step", "ours GFLOP/s", "of peak", "peer ms",
-                   "peer GFLOP/s", "peer / ours"], rows) + [""]
+                   "peer GFLOP/step", "peer GFLOP/s", "peer / ours"], rows) + [""]
+  lines += ["GFLOP/step: ours by XLA's cost analysis (everything), the peer's by torch's "
+            "`FlopCounterMode` (matmuls and convolutions, nearly all of it). peer / ours in time "
+            "= (peer FLOPs / our FLOPs) × (our GFLOP/s / peer GFLOP/s): the first factor is the "
+            "work the peer's block does beyond ours (its permutation convolution and global "
+            "affine), the second how fast each framework runs the convolutions.", ""]
   return lines, targets
 
 

@@ -51,3 +51,13 @@ def test_peer_flop_count_is_forward_plus_one_backward_per_patch():
   # backwards: 4× the positions is ≈16× the FLOPs (4× if the loop were counted once).
   small, big = (peer_torch.peer_per_patch_flops(2, channels=8, height=h, width=h) for h in (2, 4))
   assert 13 < big / small < 16.5
+
+
+def test_engine_table_shows_the_peers_own_flops_and_the_flop_ratio():
+  ours = {"flow_steps": 8, "ms": 100.0, "flops": 7e9, "gflops_per_s": 70.0, "conv_impl": "matmul",
+          "row_mode": "map"}
+  row = {"ours": ours, "peer": {"ms": 110.0, "flops": 8.19e9}, "speedup_vs_peer": 1.1,
+         "peer_gflops_per_s": 8.19e9 / 0.11 / 1e9, "fraction_of_peak": 0.2}
+  lines, targets = run_all._engine_md({"peak_gflops": 350.0, "rows": [row]})
+  assert "| 8 | 100.0 | 7 | 70 | 20.0 % | 110.0 | 8.19 | 74.5 | 1.10× |" in "\n".join(lines)
+  assert "FLOP ratio 1.17×" in targets[0][2] and targets[0][3] == "yes"
