@@ -46,7 +46,7 @@ lock:
 demo: $(STAMP)
 	$(BIN)/tailjax train --config=configs/fastflow_textures.py --workdir=runs/demo
 
-## Study A as the study ran it (8 coupling steps, budget ladder to 1000 steps, 3 seeds, every
+## Study A as the study ran it (8 coupling steps, budget ladder to 2000 steps, 3 seeds, every
 ## texture category, analyses) -> runs/study/report.md (measured time: README)
 study: $(STAMP)
 	$(BIN)/tailjax train --config=configs/fastflow_study.py --workdir=runs/study

@@ -85,19 +85,27 @@ Measured (``python -m benchmarks.bench_gradients``, the 196 norms of one
 ``benchmarks/README.md`` for the tables and the PyTorch peer:
                           H200 GPU            16-core CPU          2 cores (idle VM)
   coupling steps          4        8          4        8           4        8
-  ghost              5.5 ms   8.9 ms      16 ms   129 ms       29 ms   364 ms
-  window             5.0 ms    11 ms      95 ms   412 ms      193 ms   911 ms
-  jacrev/28           12 ms    20 ms     260 ms   585 ms      416 ms  1028 ms
-  loop               343 ms   480 ms     750 ms  1600 ms      856 ms  1700 ms
-  PyTorch peer loop  971 ms  1969 ms     684 ms  1386 ms     1060 ms  1531 ms
-  peer / ghost         177×     221×        43×      11×         36×     4.2×
+  ghost              5.5 ms   8.9 ms      16 ms   129 ms       21 ms   332 ms
+  window             5.0 ms    11 ms      95 ms   412 ms      146 ms   809 ms
+  jacrev/28           12 ms    20 ms     260 ms   585 ms      375 ms   810 ms
+  loop               343 ms   480 ms     750 ms  1600 ms      679 ms  1533 ms
+  PyTorch peer loop  971 ms  1969 ms     684 ms  1386 ms      690 ms  1731 ms
+  peer / ghost         177×     221×        43×      11×         33×     5.2×
 
 (GPU and 16-core CPU: one H200 host, JAX 0.11.2, peer torch 2.11 on CUDA /
 on the CPU; 2 cores: this repo's dev machine, JAX 0.10.2, torch 2.13 CPU; the
-peer's CPU figure is the faster of all cores and 1 thread; this VM's speed drifts by up to ±30 % between runs: another run gave 26 / 260 ms vs 837 / 1818 ms, 32× / 7.0×.) "ghost" is the
+peer's CPU figure is the faster of all cores and 1 thread; this VM's speed drifts by up
+to ±30 % between runs: the previous session's two runs gave 4.2× and 7.0× at 8 steps.) "ghost" is the
 fastest for norms everywhere (on the GPU at 4 steps "window" is within noise
 of it) and "window" the fastest exact way to the gradients themselves, hence
-``default_method``. Compilation is not included: "ghost" compiles in about
+``default_method``. What bounds the ratio is work, not only speed: "ghost"
+needs 1.23 / 14.65 GFLOP for the 196 norms at 4 / 8 steps (XLA's cost analysis),
+the peer's loop 30.7 / 63.6 GFLOP (torch's FlopCounterMode: one forward and 196
+whole-image backwards), 25× / 4.3× more. At 8 steps the windows are nearly the
+image (radius 6 after step 0: 13×13 of 14×14), so a patch's windowed backward
+costs about a third of a whole-image one, and ≥ 5× over the peer there needs
+a higher FLOP rate than the peer's (it has one on some runs of this VM, not on
+others). Compilation is not included: "ghost" compiles in about
 twice jacrev's time (XLA:CPU, ~10–20 s at 8 steps).
 
 Memory: jacrev/vmap_grad hold ``image_chunk · patch_chunk`` gradients per
