@@ -186,6 +186,18 @@ def conclusions(cfg, results: dict, analysis: dict | None = None) -> dict:
   l3["verdict"] = ("SUPPORTED" if up and l3["band"]["mean"] > l3["interior"]["mean"] else
                    "PARTIAL" if up else "NOT SUPPORTED")
   links["L3"] = l3
+  # L2 and L3 with both models read at the same step (descriptive): the primary point
+  # compares each row at its own selected step, which mixes the loss with training length.
+  same_step = {}
+  for s in trained:
+    v = at_step(results, s)
+    d = lambda f: causal.paired_test(pooled(paired(v, base, treat, f)))
+    same_step[s] = {"band": d(lambda r: r["record"]["boundary"]["band"]["ap"]),
+                    "interior": d(lambda r: r["record"]["boundary"]["interior"]["ap"])}
+    if has_val:
+      same_step[s]["gap"] = d(lambda r: r["record"]["val"]["gap"])
+      same_step[s]["p99.5"] = d(lambda r: r["record"]["val"]["p99.5"])
+  out["links_same_step"] = same_step
   if analysis is not None:
     l1 = {c: a["l1"] for c, a in analysis["categories"].items() if "l1" in a}
     if l1:
@@ -354,7 +366,26 @@ def causal_table(cfg, con: dict) -> list[str]:
   holm = ", ".join(f"{k}: {reporting.pvalue(v)}" for k, v in con["link_holm"].items())
   return reporting.table(["link", "rule (fixed before the run)", "measurement", "verdict"], rows) + [
       "", f"Holm-corrected p-values of the links' tests: {holm}. The budget curve, the hypothesis "
-      "table's H3/H7 statistics and the gradient norms are descriptive.", ""]
+      "table's H3/H7 statistics and the gradient norms are descriptive.", ""] + same_step_table(con)
+
+
+def same_step_table(con: dict) -> list[str]:
+  """L2 and L3 with both models at the same budget (descriptive, pooled paired Δ, 95 % CI)."""
+  same = con.get("links_same_step") or {}
+  if not same:
+    return []
+  has_gap = all("gap" in v for v in same.values())
+  head = ["step"] + (["Δ normal tail gap (nats)", "Δ p99.5 (nats)"] if has_gap else []) + [
+      "Δ band pixel AP (pp)", "Δ interior pixel AP (pp)"]
+  body = []
+  for s, v in sorted(same.items(), key=lambda kv: int(kv[0])):
+    row = [str(s)]
+    if has_gap:
+      row += [reporting.interval(v["gap"], signed=True), reporting.interval(v["p99.5"], signed=True)]
+    body.append(row + [_pp(v["band"]), _pp(v["interior"])])
+  return ["Both models at the same step (descriptive; the verdicts above read each row at its "
+          "own selected step, which mixes the loss with how long each model trained). Tail − "
+          "mean, pooled over categories, 95 % CI over seeds:", ""] + reporting.table(head, body) + [""]
 
 
 def budget_figure(path: Path, cfg, results: dict, con: dict) -> None:
