@@ -57,7 +57,8 @@ def test_end_to_end_report_and_layout(trained):
   assert "| brick | mean_only |" in report and "| **mean** | tail_aware − mean_only |" in report
   assert "PaDiM" in report and "Reading: **" in report
   for section in ("## Answer", "## Budget curve", "## Model selection without the test set",
-                  "## The causal chain", "Does the answer depend on the training budget?"):
+                  "## The causal chain", "Does the answer depend on the training budget?",
+                  "Both models at the same step"):
     assert section in report, section
   assert report.index("## Answer") < report.index("## Results at the last step")
   assert (run / "budget_curve.png").read_bytes()[:4] == b"\x89PNG"
