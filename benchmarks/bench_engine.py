@@ -67,19 +67,23 @@ def cpu_peak_gflops() -> float | None:
   return cores * 2 * lanes * 2 * max(mhz) / 1000.0
 
 
+def xla_flops(lowered) -> float | None:
+  """XLA's flop count of a lowered program (None where the backend gives none)."""
+  try:
+    cost = lowered.compile().cost_analysis()
+  except Exception:  # cost analysis is best effort on some backends
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
 def step_flops(cfg, feats) -> float | None:
   """XLA's flop count of one train step (forward + backward + Adam) of the engine's program."""
   program = train.make_flow_program(cfg, feats.shape)
   key = train.row_keys([0])[0]
   state = jax.jit(program.init)(HP, key)
-  one = jax.jit(lambda st: program.run(st, key, feats, 1))
-  try:
-    cost = one.lower(state).compile().cost_analysis()
-  except Exception:  # cost analysis is best effort on some backends
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
+  return xla_flops(jax.jit(lambda st: program.run(st, key, feats, 1)).lower(state))
 
 
 def engine_step_ms(flow_steps: int, batch_size: int = 16, steps: int = 20, repeats: int = 3,

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import peer_torch
+from benchmarks.bench_engine import xla_flops
 from tailjax import flows
 from tailjax import io as tj_io
 from tailjax.analysis import gradients
@@ -72,12 +73,6 @@ def setup(num_steps: int = 4, n_images: int = 1, seed: int = 0):
   return model, params, np.asarray(x)
 
 
-def _xla_flops(compiled) -> float | None:
-  ca = compiled.cost_analysis()
-  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-  return float(ca["flops"]) if ca and ca.get("flops") else None
-
-
 def ghost_flops(model, params, x) -> float | None:
   """FLOPs of the default "ghost" call for the 196 norms of the image(s) ``x`` (XLA's cost
   analysis of the compiled program: one chunk of all patches, no loop, so nothing is
@@ -86,9 +81,9 @@ def ghost_flops(model, params, x) -> float | None:
   specs = gradients.flow_spec(model, params)
   ab = np.stack(np.divmod(np.arange(n), W), axis=-1).astype(np.int32)[None]
   w = np.ones((len(x), 1, n), np.float32)
-  return _xla_flops(gradients._windowed_chunk.lower(
+  return xla_flops(gradients._windowed_chunk.lower(
       model, specs, "ghost", "auto", False, params, jnp.asarray(x), jnp.asarray(ab),
-      jnp.asarray(w)).compile())
+      jnp.asarray(w)))
 
 
 def _best_seconds(runs: dict, repeats: int) -> dict:
@@ -126,9 +121,10 @@ def timings(num_steps: int = 4, repeats: int = 3, methods: Sequence[str] = DEFAU
   best = _best_seconds(runs, repeats)
   unit = best[f"backward {n} images"]
   flops = {"ghost": ghost_flops(model, params, x),
-           f"backward {n} images": _xla_flops(grad_mean.lower(params, x_batch).compile())}
+           f"backward {n} images": xla_flops(grad_mean.lower(params, x_batch))}
   return {"seconds": best, "flops": flops,
-          "gflops_per_s": {k: f / best[k] / 1e9 for k, f in flops.items() if f and k in best}, "over_backward_196": {k: v / unit for k, v in best.items()},
+          "gflops_per_s": {k: f / best[k] / 1e9 for k, f in flops.items() if f and k in best},
+          "over_backward_196": {k: v / unit for k, v in best.items()},
           "over_loop": {k: v / best["loop"] for k, v in best.items()},
           "max_rel_diff_vs_loop": agree, "default_method": gradients.default_method(),
           "n_params": int(sum(l.size for l in jax.tree.leaves(params))), "num_steps": num_steps}

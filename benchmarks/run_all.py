@@ -239,9 +239,8 @@ def _gradients_md(res: dict) -> list[str]:
   peer = ["PyTorch peer loop"] + [_num(1000 * by[s]["peer"]["best_s"]) if (by[s].get("peer") or {}).get("best_s")
                                    else "–" for s in steps] + ["–"] * (2 * len(steps))
   lines += _table(header, rows + [peer]) + [""]
-  for s in steps:
-    lines += [f"{s} coupling steps. {line}" for line in bench_gradients.flop_lines(by[s])]
-  lines += [""] if any(bench_gradients.flop_lines(by[s]) for s in steps) else []
+  flops = [f"{s} coupling steps. {line}" for s in steps for line in bench_gradients.flop_lines(by[s])]
+  lines += flops + ([""] if flops else [])
   if res.get("memory"):                                 # the generic list-of-dicts table
     lines += ["Memory of the analysis (norms only), each in a fresh process:", ""]
     lines += _generic({"memory": res["memory"]})
