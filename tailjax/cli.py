@@ -1,7 +1,9 @@
 """The ``tailjax`` command: one entry point with a subcommand per job.
 
   tailjax train --config=configs/fastflow_textures.py[:smoke] --workdir=runs/demo [--config.a.b=v]
-  tailjax sweep --config=configs/sweep_top_k.py --workdir=runs/sweep_top_k [--distributed]
+  tailjax sweep --config=configs/sweep_top_k.py --workdir=runs/sweep_top_k
+  tailjax train|sweep|mil ... --distributed [--coordinator_address=host:port
+      --num_processes=N --process_id=i]     (one process of several; README "Running on a cluster")
   tailjax analyze --workdir=runs/demo --sweeps=runs/sweep_lambda,runs/sweep_top_k
   tailjax mil --config=configs/mil_diagnosis.py --workdir=runs/mil
   tailjax build-textures --root=data/textures
@@ -12,8 +14,8 @@ Every command parses its own absl flags (``--config`` is an ml_collections
 config file, with ``:arg`` variants and ``--config.a.b=v`` overrides) and
 calls one library function, imported only when the command runs, so
 ``tailjax --help`` stays fast. A ``--config=configs/x.py`` path that does not
-exist under the current directory is taken from the installed ``configs``
-package, so the documented commands work from any directory.
+exist under the current directory is taken from the packaged folder ``tailjax/configs``,
+so the documented commands work from any directory.
 
 Behaviour shared by all commands:
 
@@ -66,17 +68,14 @@ class Command:
 # ----------------------------------------------------------------------------
 
 
-def _configs_dir() -> Path | None:
-  try:
-    import configs
-  except ImportError:
-    return None
-  return Path(configs.__file__).resolve().parent
+def _configs_dir() -> Path:
+  # The packaged configs (tailjax/configs), found without importing them: importing a
+  # config is the job of the config flag, and `tailjax --help` stays fast.
+  return Path(__file__).resolve().parent / "configs"
 
 
 def _default_config(name: str) -> str:
-  d = _configs_dir()
-  return str(d / name) if d is not None else f"configs/{name}"
+  return str(_configs_dir() / name)
 
 
 def _define_run_flags(fv: flags.FlagValues, argv: list[str], config: str, workdir: str, *,
@@ -99,6 +98,37 @@ def _define_run_flags(fv: flags.FlagValues, argv: list[str], config: str, workdi
       "--restart, --branch and --extend exclude each other", flag_values=fv)
 
 
+def _define_distributed_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_bool("distributed", False, "Run as one process of several (tailjax.distributed): "
+                    "jax.distributed.initialize() from the three flags below, or from the "
+                    "cluster environment (SLURM, Open MPI, TPU pods) when they are not given. "
+                    "Start the same command on every process.", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0 "
+                      "(any free port on its host).", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes.",
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0 .. "
+                       "num_processes - 1 (0 writes the run record).", flag_values=fv)
+  flags.DEFINE_float("distributed_timeout", 300, "With --distributed: seconds to wait for every "
+                     "process to join before giving up with an error.", flag_values=fv)
+  flags.DEFINE_integer("heartbeat_timeout", 100, "With --distributed: seconds without a heartbeat "
+                       "after which a dead process stops the others.", flag_values=fv)
+
+
+def _maybe_initialize(fv: flags.FlagValues) -> None:
+  """``jax.distributed.initialize`` first, when asked (before any other JAX call)."""
+  explicit = [n for n in ("coordinator_address", "num_processes", "process_id")
+              if fv[n].value is not None]
+  if not fv.distributed:
+    if explicit:
+      raise ValueError(f"--{explicit[0]} needs --distributed")
+    return
+  from tailjax import distributed
+  distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id,
+                         timeout_s=fv.distributed_timeout,
+                         heartbeat_timeout_s=fv.heartbeat_timeout)
+
+
 def _on_change(fv: flags.FlagValues) -> str:
   """The runner's ``on_change``: "restart", "branch", "extend" or (default) "error"."""
   return ("restart" if fv.restart else "branch" if fv.branch else
@@ -106,8 +136,9 @@ def _on_change(fv: flags.FlagValues) -> str:
 
 
 def _resolve_config_args(args: Sequence[str]) -> list[str]:
-  """``--config=configs/x.py[:arg]`` -> the installed configs package's file when the
-  path does not exist under the current directory (so commands work from any cwd)."""
+  """``--config=configs/x.py[:arg]`` -> the packaged ``tailjax/configs/x.py`` when the
+  path does not exist under the current directory (so the documented commands work
+  from the repository root and from any cwd; a ``configs/x.py`` of your own wins)."""
   d = _configs_dir()
   out = list(args)
   for i, a in enumerate(out):
@@ -119,7 +150,7 @@ def _resolve_config_args(args: Sequence[str]) -> list[str]:
       continue
     path, sep, arg = out[j][len(prefix):].partition(":")
     rel = Path(path)
-    if d is None or rel.exists() or rel.parts[:1] != ("configs",):
+    if rel.exists() or rel.parts[:1] != ("configs",):
       continue
     packaged = d.joinpath(*rel.parts[1:])
     if packaged.is_file():
@@ -134,24 +165,23 @@ def _resolve_config_args(args: Sequence[str]) -> list[str]:
 
 def _train_flags(fv, argv):
   _define_run_flags(fv, argv, "fastflow_textures.py", "runs/demo")
+  _define_distributed_flags(fv)
 
 
 def _train(fv):
+  _maybe_initialize(fv)
   from tailjax.studies import study_a
   study_a.main(fv.config, fv.workdir, on_change=_on_change(fv))
 
 
 def _sweep_flags(fv, argv):
   _define_run_flags(fv, argv, "sweep_tail_weight.py", "runs/sweep_lambda")
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (one process "
-                    "per host; pass it on every host).", flag_values=fv)
+  _define_distributed_flags(fv)
 
 
 def _sweep(fv):
   on_change = _on_change(fv)
-  if fv.distributed:
-    import jax
-    jax.distributed.initialize()
+  _maybe_initialize(fv)
   from tailjax.studies import sweeps
   sweeps.run_and_evaluate(fv.config, fv.workdir, on_change=on_change)
 
@@ -186,9 +216,11 @@ def _analyze(fv):
 
 def _mil_flags(fv, argv):
   _define_run_flags(fv, argv, "mil_diagnosis.py", "runs/mil", lock_config=False)
+  _define_distributed_flags(fv)
 
 
 def _mil(fv):
+  _maybe_initialize(fv)
   from tailjax.studies import mil_diagnosis
   results = mil_diagnosis.run_diagnosis(fv.config, fv.workdir, on_change=_on_change(fv))
   print("\n".join(results["answer_text"]))

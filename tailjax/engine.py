@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -49,7 +50,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from tailjax import io, losses, runrecord, sharding
+from tailjax import distributed, io, losses, runrecord, sharding
 from tailjax import train as train_lib
 
 PyTree = Any
@@ -127,6 +128,9 @@ class RowsResult:
   evals: dict[int, Any]     # evaluation step -> what the hook returned (saved units)
   resumed_from: int | None
   row_mode: str
+  # Wall seconds of this call: "train" (segments, loss checks, checkpoints) and "eval"
+  # (the evaluation hook, with the gathering of parameters it needs).
+  seconds: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------
@@ -238,6 +242,149 @@ def _save(mngr, step: int, state_host) -> None:
 # ----------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _Plan:
+  """What a call of ``run_rows`` will do, fixed before anything runs."""
+  mesh: Any
+  row_impl: str
+  total: int
+  seg_len: int
+  eval_steps: list[int]
+  program: train_lib.FlowProgram
+  init_fn: Callable
+  segment_fn: Callable
+  feats_shape: Any
+
+
+def _plan(cfg, prefix: str, train_feats, eval_steps, evaluate, mesh) -> _Plan:
+  _check_feats(train_feats, f"{prefix}: training features")
+  if evaluate is None and eval_steps:
+    raise ValueError("run_rows: eval_steps given without an evaluate hook")
+  mesh = mesh or sharding.make_mesh(int(_exec_get(cfg, "batch_devices", 1)))
+  row_impl = train_lib.resolve_row_impl(_exec_get(cfg, "rows", "auto"))
+  total = int(cfg.train.num_steps)
+  seg_len = int(_exec_get(cfg, "segment_steps", DEFAULT_SEGMENT_STEPS))
+  if seg_len < 1:
+    raise ValueError(f"config.train.segment_steps must be ≥ 1, got {seg_len}")
+  seg_len = min(seg_len, total)
+  bad_eval = [s for s in eval_steps if not 0 <= int(s) <= total]
+  if bad_eval:
+    raise ValueError(f"evaluation steps {bad_eval} lie outside [0, train.num_steps={total}]")
+  feats_shape = train_lib.feats_shape_of(train_feats)
+  program, init_fn, segment_fn = _row_fns(cfg, feats_shape, mesh, row_impl, seg_len)
+  return _Plan(mesh, row_impl, total, seg_len, sorted({int(s) for s in eval_steps}), program,
+               init_fn, segment_fn, feats_shape)
+
+
+def _check_rows_record(run: runrecord.Run, base: Path, record: dict) -> None:
+  """``rows.json``: written on the first call; later calls must match it (the rows, the
+  features' shape and hash, and the step count unless the manifest records an extension)."""
+  import json
+  rows_file = base / "rows.json"
+  if not rows_file.exists():
+    io.atomic_write_json(rows_file, record)
+    return
+  saved = json.loads(rows_file.read_text())
+  # An extended run (runrecord, "extend") trains on from a shorter num_steps.
+  extended = (bool(run.manifest.get("extended")) and isinstance(saved.get("num_steps"), int)
+              and saved["num_steps"] < record["num_steps"])
+  for k in ("rows", "feats_shape", "feats_sha256", "num_steps"):
+    if k == "num_steps" and extended:
+      continue
+    if saved.get(k) != json.loads(io.to_json(record[k])):
+      raise runrecord.ConfigMismatchError(
+          f"{rows_file}: {k} differs from this run's (saved {str(saved.get(k))[:200]}, now "
+          f"{str(record[k])[:200]}); the training data or rows changed under the same config. "
+          "Use --restart or another --workdir.")
+  if extended:
+    io.atomic_write_json(rows_file, record)
+
+
+@dataclasses.dataclass
+class _Grid:
+  """The rows on the mesh: their hyperparameters, keys and features as global arrays, and
+  the moves between host state (unpadded NumPy, what checkpoints hold) and device state."""
+  plan: _Plan
+  n_rows: int
+  h_dev: Any
+  kd_dev: Any
+  feats_dev: Any
+
+  @classmethod
+  def build(cls, plan: _Plan, rows: Rows, train_feats) -> "_Grid":
+    shards = sharding.num_row_shards(plan.mesh)
+    keydata_R = np.asarray(jax.random.key_data(train_lib.row_keys(rows.seeds_R)))
+    h_R = {k: np.asarray(v, np.float32) for k, v in rows.hparams_R.items()}
+    (h_pad, kd_pad), _ = sharding.pad_rows((h_R, keydata_R), shards)
+    h_dev, kd_dev = sharding.put_rows((h_pad, kd_pad), plan.mesh)
+    feats_dev = sharding.put_replicated(
+        jax.tree.map(lambda f: np.asarray(f, np.float32), train_feats), plan.mesh)
+    return cls(plan, rows.num_rows, h_dev, kd_dev, feats_dev)
+
+  def init(self):
+    return self.plan.init_fn(self.h_dev, self.kd_dev)
+
+  def to_device(self, state_host):
+    padded, _ = sharding.pad_rows(state_host, sharding.num_row_shards(self.plan.mesh))
+    return sharding.put_rows(padded, self.plan.mesh)
+
+  def host(self, tree_dev):
+    """Every process's copy of a row-sharded tree, padding rows dropped (a collective)."""
+    return sharding.unpad_rows(sharding.to_host(tree_dev), self.n_rows)
+
+  def segment(self, state_dev, n: int):
+    return self.plan.segment_fn(state_dev, self.kd_dev, self.feats_dev, jnp.asarray(n, jnp.int32))
+
+  def restore(self, mngr, step: int):
+    return self.to_device(_restore_host(mngr, step, self.plan.program, self.n_rows))
+
+
+def row_labels(rows: Rows) -> list[str]:
+  """A short name per row from the fields that vary across the grid (``variant=tail_aware,
+  seed=0``): the TensorBoard run of each row."""
+  dicts = rows.to_json()
+  varying = [k for k in dicts[0] if len({io.to_json(d.get(k)) for d in dicts}) > 1]
+  fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+  names = [",".join(f"{k}={fmt(d[k])}" for k in varying) or "row" for d in dicts]
+  return [n.replace("/", "_") for n in names]
+
+
+class _Log:
+  """The grid's metric writer (process 0 only): ``metrics.jsonl`` and TensorBoard scalars
+  per row under ``<workdir>/tensorboard/<prefix>/<row>``."""
+
+  def __init__(self, run: runrecord.Run, prefix: str, rows: Rows, resumed_from: int | None):
+    self.on = run.writer and jax.process_index() == 0
+    self.jsonl = io.JsonlWriter(run.path(prefix, "metrics.jsonl"))
+    self.first = 0 if resumed_from is None else int(resumed_from) + 1
+    self.tb = io.TensorBoardWriter(run.path("tensorboard", prefix), row_labels(rows),
+                                   purge_step=self.first)
+    self.n_rows = rows.num_rows
+    if self.on:
+      self.jsonl.truncate_after(self.first - 1)
+
+  def train(self, done: int, loss_RxT: np.ndarray, mean_nll_R: np.ndarray) -> None:
+    if not self.on:
+      return
+    rec = {"step": done, "split": "train", "loss": loss_RxT[:, -1].tolist(),
+           "segment_mean_loss": loss_RxT.mean(axis=1).tolist(), "mean_nll": mean_nll_R.tolist()}
+    self.jsonl.write(rec)
+    self.tb.scalars(done, [{"train/loss": rec["loss"][i], "train/mean_nll": rec["mean_nll"][i]}
+                           for i in range(self.n_rows)])
+
+  def evaluation(self, step: int, out) -> None:
+    """Every number of each row's evaluation record, as ``eval/<path>``."""
+    if not self.on or step < self.first:
+      return
+    per_row = out if isinstance(out, list) and len(out) == self.n_rows else [out] * (
+        self.n_rows == 1)
+    self.tb.scalars(step, [{f"eval/{k}": v for k, v in io.flat_scalars(r).items()}
+                           for r in per_row])
+
+  def close(self) -> None:
+    self.tb.close()
+
+
 def run_rows(cfg, run: runrecord.Run, prefix: str, train_feats: np.ndarray, rows: Rows, *,
              eval_steps: Sequence[int] = (), evaluate: Callable[[int, PyTree], Any] | None = None,
              mesh=None, progress: bool = True, max_segments: int | None = None,
@@ -258,141 +405,134 @@ def run_rows(cfg, run: runrecord.Run, prefix: str, train_feats: np.ndarray, rows
       it returns anything JSON-able (e.g. one metrics dict per row), saved as the unit
       ``<prefix>/eval/<step>`` and never recomputed.
     max_segments: stop after this many segments (a time-sliced job; the next call resumes).
+  Several processes (``tailjax.distributed``): every process calls this with the same
+  arguments; they check that their training features are the same, train together,
+  save checkpoints together, and process 0 alone evaluates and writes (the others wait
+  for it, then read the evaluation units it wrote).
   Raises:
     train.NonFiniteLossError: see the module docstring.
     Interrupted: on Ctrl-C.
   """
-  _check_feats(train_feats, f"{prefix}: training features")
-  if evaluate is None and eval_steps:
-    raise ValueError("run_rows: eval_steps given without an evaluate hook")
-  mesh = mesh or sharding.make_mesh(int(_exec_get(cfg, "batch_devices", 1)))
-  row_impl = train_lib.resolve_row_impl(_exec_get(cfg, "rows", "auto"))
-  total = int(cfg.train.num_steps)
-  seg_len = int(_exec_get(cfg, "segment_steps", DEFAULT_SEGMENT_STEPS))
-  if seg_len < 1:
-    raise ValueError(f"config.train.segment_steps must be ≥ 1, got {seg_len}")
-  seg_len = min(seg_len, total)
-  bad_eval = [s for s in eval_steps if not 0 <= int(s) <= total]
-  if bad_eval:
-    raise ValueError(f"evaluation steps {bad_eval} lie outside [0, train.num_steps={total}]")
-  eval_steps = sorted({int(s) for s in eval_steps})
-  feats_shape = train_lib.feats_shape_of(train_feats)
-  program, init_fn, segment_fn = _row_fns(cfg, feats_shape, mesh, row_impl, seg_len)
-  run.record(row_mode=row_impl, conv_impl=program.conv_impl)
-  is_lead = jax.process_index() == 0
+  plan = _plan(cfg, prefix, train_feats, eval_steps, evaluate, mesh)
+  run.record(row_mode=plan.row_impl, conv_impl=plan.program.conv_impl)
   base = run.path(prefix)
-  base.mkdir(parents=True, exist_ok=True)
-
   record = {"rows": rows.to_json(),
-            "feats_shape": ([list(s) for s in feats_shape] if program.multiscale
-                            else list(feats_shape)),
-            "feats_sha256": feats_digest(train_feats), "num_steps": total}
-  rows_file = base / "rows.json"
-  if rows_file.exists():
-    import json
-    saved = json.loads(rows_file.read_text())
-    # An extended run (runrecord, "extend") trains on from a shorter num_steps.
-    extended = (bool(run.manifest.get("extended")) and isinstance(saved.get("num_steps"), int)
-                and saved["num_steps"] < total)
-    for k in ("rows", "feats_shape", "feats_sha256", "num_steps"):
-      if k == "num_steps" and extended:
-        continue
-      if saved.get(k) != json.loads(io.to_json(record[k])):
-        raise runrecord.ConfigMismatchError(
-            f"{rows_file}: {k} differs from this run's (saved {str(saved.get(k))[:200]}, now "
-            f"{str(record[k])[:200]}); the training data or rows changed under the same config. "
-            "Use --restart or another --workdir.")
-    if extended and is_lead:
-      io.atomic_write_json(rows_file, record)
-  elif is_lead:
-    io.atomic_write_json(rows_file, record)
-
-  n_rows = rows.num_rows
-  shards = sharding.num_row_shards(mesh)
-  keydata_R = np.asarray(jax.random.key_data(train_lib.row_keys(rows.seeds_R)))
-  h_R = {k: np.asarray(v, np.float32) for k, v in rows.hparams_R.items()}
-  (h_pad, kd_pad), _ = sharding.pad_rows((h_R, keydata_R), shards)
-  h_dev, kd_dev = sharding.put_rows((h_pad, kd_pad), mesh)
-  feats_dev = sharding.put_replicated(
-      jax.tree.map(lambda f: np.asarray(f, np.float32), train_feats), mesh)
+            "feats_shape": ([list(s) for s in plan.feats_shape] if plan.program.multiscale
+                            else list(plan.feats_shape)),
+            "feats_sha256": feats_digest(train_feats), "num_steps": plan.total}
+  distributed.check_same(f"training data of {prefix}", {
+      "training features sha256": record["feats_sha256"],
+      "rows": hashlib.sha256(io.to_json(record["rows"]).encode()).hexdigest()[:16]})
+  distributed.lead_first(f"{prefix}/rows", lambda: _check_rows_record(run, base, record))
+  grid = _Grid.build(plan, rows, train_feats)
   ckpt_dir = base / "checkpoints"
-
-  def to_device(state_host):
-    padded, _ = sharding.pad_rows(state_host, shards)
-    return sharding.put_rows(padded, mesh)
-
-  def host_state(state_dev):
-    return sharding.unpad_rows(sharding.to_host(state_dev), n_rows)
-
-  def run_segment(state_dev, n: int):
-    return segment_fn(state_dev, kd_dev, feats_dev, jnp.asarray(n, jnp.int32))
-
-  def evaluate_at(step: int, state_dev) -> None:
-    if step in eval_steps and run.load_unit(f"{prefix}/eval/{step}") is None:
-      out = evaluate(step, sharding.unpad_rows(sharding.to_host(state_dev.params), n_rows))
-      if is_lead:
-        run.save_unit(f"{prefix}/eval/{step}", out)
-
   mngr = _manager(ckpt_dir)
-  metrics_log = io.JsonlWriter(base / "metrics.jsonl")
-  resumed_from = mngr.latest_step()
-  done = 0
+  at = [0]   # the last step reached, for the Ctrl-C message
   try:
-    if resumed_from is None:
-      state = init_fn(h_dev, kd_dev)
-      if is_lead:
-        metrics_log.truncate_after(-1)
-    else:
-      state = to_device(_restore_host(mngr, resumed_from, program, n_rows))
-      done = int(resumed_from)
-      if is_lead:
-        metrics_log.truncate_after(done)
-      log.info("resumed %s from step %d", base, done)
-    if done == 0:
-      evaluate_at(0, state)
-
-    segments = 0
-    bar = tqdm(total=total, initial=done, desc=desc or prefix, disable=not progress, leave=False)
-    for b in boundaries(total, seg_len, eval_steps):
-      if b <= done:
-        continue
-      if max_segments is not None and segments >= max_segments:
-        break
-      n = b - done
-      state, metrics = run_segment(state, n)
-      host = sharding.to_host(metrics)
-      loss_RxT = np.asarray(host["loss"])[:n_rows, :n]
-      if not np.all(np.isfinite(loss_RxT)):
-        _halt(mngr, loss_RxT, done, rows, program, init_fn, run_segment, h_dev, kd_dev,
-              to_device, host_state, ckpt_dir, seg_len)
-      done = b
-      segments += 1
-      evaluate_at(done, state)
-      _save(mngr, done, host_state(state))
-      rec = {"step": done, "split": "train", "loss": loss_RxT[:, -1].tolist(),
-             "segment_mean_loss": loss_RxT.mean(axis=1).tolist(),
-             "mean_nll": np.asarray(host["mean_nll"])[:n_rows, n - 1].tolist()}
-      if is_lead:
-        metrics_log.write(rec)
-      bar.update(n)
-      bar.set_postfix(loss=f"{float(np.mean(loss_RxT[:, -1])):.3g}")
-    bar.close()
-    params_R = host_state(state).params
-    evals = {s: run.load_unit(f"{prefix}/eval/{s}") for s in eval_steps if s <= done}
-    return RowsResult(program=program, params_R=params_R, step=done, finished=done >= total,
-                      evals=evals, resumed_from=resumed_from, row_mode=row_impl)
+    return _train_grid(plan, grid, run, prefix, rows, mngr, evaluate, progress, max_segments,
+                       desc, at)
   except KeyboardInterrupt:
     last = mngr.latest_step()
     where = f"step {last}" if last is not None else "the start (no checkpoint yet)"
-    raise Interrupted(f"interrupted at step {done} of {prefix}; rerunning the same command "
+    raise Interrupted(f"interrupted at step {at[0]} of {prefix}; rerunning the same command "
                       f"resumes from {where} in {ckpt_dir}") from None
   finally:
     mngr.close()
 
 
-def _halt(mngr, loss_RxT, done, rows, program, init_fn, run_segment, h_dev, kd_dev,
-          to_device, host_state, ckpt_dir, seg_len):
+def _latest_step(mngr, prefix: str) -> int | None:
+  """The checkpoint to resume from: process 0's view, which every process must share."""
+  lead = distributed.from_lead(f"{prefix}/resume", mngr.latest_step)
+  mine = mngr.latest_step()
+  if mine != lead:
+    raise distributed.DistributedError(
+        f"process {jax.process_index()} sees checkpoint {mine} in {mngr.directory}, process 0 "
+        f"sees {lead}: the workdir must be on a file system every process sees")
+  return lead
+
+
+def _train_grid(plan: _Plan, grid: _Grid, run: runrecord.Run, prefix: str, rows: Rows, mngr,
+                evaluate, progress: bool, max_segments: int | None, desc: str | None,
+                at: list[int]) -> RowsResult:
+  """Restore (or init), then the segment loop: train to each boundary, check the losses,
+  evaluate, checkpoint, log."""
+  resumed_from = _latest_step(mngr, prefix)
+  metric_log = _Log(run, prefix, rows, resumed_from)
+  if resumed_from is None:
+    state, done = grid.init(), 0
+  else:
+    state, done = grid.restore(mngr, resumed_from), int(resumed_from)
+    at[0] = done
+    log.info("resumed %s from step %d", run.path(prefix), done)
+
+  seconds = {"train": 0.0, "eval": 0.0}
+  evaluate_at = _evaluator(plan, grid, run, prefix, evaluate, metric_log, seconds)
+  t_start = time.perf_counter()
+  if done == 0:
+    evaluate_at(0, state)
+  segments = 0
+  bar = tqdm(total=plan.total, initial=done, desc=desc or prefix, leave=False,
+             disable=not progress or not distributed.is_lead())
+  try:
+    for b in boundaries(plan.total, plan.seg_len, plan.eval_steps):
+      if b <= done:
+        continue
+      if max_segments is not None and segments >= max_segments:
+        break
+      n = b - done
+      state, metrics = grid.segment(state, n)
+      host = sharding.to_host(metrics)
+      loss_RxT = np.asarray(host["loss"])[:rows.num_rows, :n]
+      if not np.all(np.isfinite(loss_RxT)):
+        _halt(mngr, loss_RxT, done, rows, grid)
+      done, segments = b, segments + 1
+      at[0] = done
+      evaluate_at(done, state)
+      # Logged before the checkpoint: a crash between the two resumes from the previous
+      # checkpoint and drops this line (``_Log``), never the reverse (a lost line).
+      metric_log.train(done, loss_RxT, np.asarray(host["mean_nll"])[:rows.num_rows, n - 1])
+      _save(mngr, done, grid.host(state))
+      bar.update(n)
+      bar.set_postfix(loss=f"{float(np.mean(loss_RxT[:, -1])):.3g}")
+  finally:
+    bar.close()
+    metric_log.close()
+  evals = {s: run.load_unit(f"{prefix}/eval/{s}") for s in plan.eval_steps if s <= done}
+  params_R = grid.host(state).params
+  seconds["train"] = time.perf_counter() - t_start - seconds["eval"]
+  return RowsResult(program=plan.program, params_R=params_R, step=done,
+                    finished=done >= plan.total, evals=evals, resumed_from=resumed_from,
+                    row_mode=plan.row_impl, seconds=seconds)
+
+
+def _evaluator(plan: _Plan, grid: _Grid, run: runrecord.Run, prefix: str, evaluate,
+               metric_log: _Log, seconds: dict) -> Callable[[int, Any], None]:
+  """``evaluate_at(step, state_dev)``: at an evaluation step, gathers the parameters (every
+  process), then process 0 evaluates — unless the unit exists — saves and logs it while
+  the others wait."""
+  def evaluate_at(step: int, state_dev) -> None:
+    if step not in plan.eval_steps:
+      return
+    t_eval = time.perf_counter()
+    params_R = grid.host(state_dev.params)   # a collective: every process takes part
+    name = f"{prefix}/eval/{step}"
+
+    def lead():
+      out = run.load_unit(name)
+      if out is None:
+        out = evaluate(step, params_R)
+        run.save_unit(name, out)
+      metric_log.evaluation(step, out)
+
+    distributed.lead_first(name, lead)
+    seconds["eval"] += time.perf_counter() - t_eval
+
+  return evaluate_at
+
+
+def _halt(mngr, loss_RxT, done: int, rows: Rows, grid: _Grid):
   """Saves the last good state (see module doc) and raises NonFiniteLossError."""
+  ckpt_dir = Path(mngr.directory)
   bad_RxT = ~np.isfinite(loss_RxT)
   first_t = np.where(bad_RxT.any(axis=1), bad_RxT.argmax(axis=1), loss_RxT.shape[1])
   row = int(first_t.argmin())
@@ -408,18 +548,17 @@ def _halt(mngr, loss_RxT, done, rows, program, init_fn, run_segment, h_dev, kd_d
         "there is no good state to keep (check the features and the learning rate).")
   saved = [s for s in mngr.all_steps() if s <= good]
   start = max(saved) if saved else 0
-  state = to_device(_restore_host(mngr, start, program, rows.num_rows)) if saved else \
-      init_fn(h_dev, kd_dev)
+  state = grid.restore(mngr, start) if saved else grid.init()
   at = start
   while at < good:   # replay deterministically to the good step
-    n = min(seg_len, good - at)
-    state, _ = run_segment(state, n)
+    n = min(grid.plan.seg_len, good - at)
+    state, _ = grid.segment(state, n)
     at += n
   for s in mngr.all_steps():
     if s > good:
       mngr.delete(s)
   if good not in mngr.all_steps():
-    _save(mngr, good, host_state(state))
+    _save(mngr, good, grid.host(state))
   raise train_lib.NonFiniteLossError(
       head + f"The last good state — step {good}, whose loss on its next batch (step "
       f"{good + 1}) is finite — is the checkpoint {ckpt_dir / str(good)}.")

@@ -1,4 +1,5 @@
-"""Small I/O helpers: atomic writes and a JSON-lines metrics writer.
+"""Small I/O helpers: atomic writes, the metric writers (JSON lines, and TensorBoard
+event files beside them), and the short listings that errors about bad input files use.
 
 Every output file is written to a temporary sibling and moved into place with
 ``os.replace``, so a crash never leaves a half-written file under the final name.
@@ -11,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -103,20 +105,84 @@ class JsonlWriter:
   def truncate_after(self, step: int) -> None:
     if not self.path.exists():
       return
+    lines = self.path.read_text().splitlines()
     kept = []
-    for line in self.path.read_text().splitlines():
+    for line in lines:
       try:
         rec = json.loads(line)
       except json.JSONDecodeError:
         continue  # a line torn by a crash
       if rec.get("step", -1) <= step:
         kept.append(line)
-    atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+    if kept != lines:   # a rerun of a finished run leaves the log untouched
+      atomic_write_text(self.path, "".join(l + "\n" for l in kept))
 
   def write(self, record: dict) -> None:
     with open(self.path, "a") as f:
       f.write(to_json(record, sort_keys=True) + "\n")
       f.flush()
+
+
+def first_few(items, n: int = 5) -> str:
+  """``"a, b, c (and 397 more)"``: the first ``n`` items, then a count, so an
+  error message stays short however many offenders there are."""
+  items = list(items)
+  shown = ", ".join(str(x) for x in items[:n])
+  return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def flat_scalars(record: Any, prefix: str = "") -> dict[str, float]:
+  """The finite numbers of a nested dict, keyed by their ``/``-joined path
+  (``{"metrics": {"pixel_ap": 0.3}}`` -> ``{"metrics/pixel_ap": 0.3}``); lists,
+  strings and booleans are left out."""
+  out: dict[str, float] = {}
+  if isinstance(record, dict):
+    for k, v in record.items():
+      out.update(flat_scalars(v, f"{prefix}{k}/"))
+  elif (isinstance(record, (int, float, np.integer, np.floating))
+        and not isinstance(record, (bool, np.bool_)) and np.isfinite(record)):
+    out[prefix.rstrip("/")] = float(record)
+  return out
+
+
+class TensorBoardWriter:
+  """Scalars for TensorBoard, one TensorBoard run (sub-folder of ``logdir``) per name.
+
+  Written with tensorboardX, which brings neither TensorFlow nor PyTorch:
+  ``tensorboard --logdir <workdir>`` then shows every row of every grid. Event files
+  are append-only, so a resumed run passes ``purge_step`` (the first step it will
+  log again): TensorBoard then hides the earlier files' events from that step on,
+  and the curves hold each step once, as the JSON lines do. A run's writer is
+  created at its first scalar, so a rerun that logs nothing adds no file.
+  """
+
+  def __init__(self, logdir: str | os.PathLike, names: list[str], purge_step: int | None = None):
+    self.logdir = Path(logdir)
+    self.names = list(names)
+    self.purge_step = purge_step
+    self._writers: dict[int, Any] = {}
+
+  def _writer(self, i: int):
+    if i not in self._writers:
+      from tensorboardX import SummaryWriter
+      # Event files are named by the second they were opened; a resume within the same
+      # second would reopen (and truncate) the earlier file, so the names carry the
+      # nanosecond too, which also keeps TensorBoard's name order = opening order.
+      self._writers[i] = SummaryWriter(str(self.logdir / self.names[i]),
+                                       purge_step=self.purge_step, flush_secs=30,
+                                       filename_suffix=f".{time.time_ns()}")
+    return self._writers[i]
+
+  def scalars(self, step: int, values: list[dict[str, float]]) -> None:
+    """``values[i]`` (tag -> number) for run ``names[i]`` at ``step``."""
+    for i, tags in enumerate(values):
+      for tag, v in tags.items():
+        self._writer(i).add_scalar(tag, v, global_step=int(step))
+
+  def close(self) -> None:
+    for w in self._writers.values():
+      w.close()
+    self._writers.clear()
 
 
 def read_npz(path: str | os.PathLike, error: type[Exception] = ValueError) -> dict[str, np.ndarray]:

@@ -112,6 +112,91 @@ def tail_aware_loss(nll_BxN: jax.Array, tail_weight, top_k_ratio) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
+# The per-patch NLL a PyTorch FastFlow user would rank by (the seed's likely top-k)
+# ----------------------------------------------------------------------------
+
+# (a, b) of the selection score ½‖z_i‖² − a·logdet_i − b·mean_j logdet_j + (C/2) log 2π.
+NLL_DEFINITIONS = {"exact": (1.0, 0.0), "sq_norm": (0.0, 0.0), "even_share": (0.0, 1.0)}
+
+
+def nll_definition_weights(definition) -> tuple[jax.Array, jax.Array]:
+  """(logdet_weight a, share_weight b) of a per-patch NLL definition, or of a sequence
+  of them (then two arrays [V], ready for ``jax.vmap``): "exact" (1, 0), "sq_norm"
+  (0, 0), "even_share" (0, 1) (``NLL_DEFINITIONS``)."""
+  names = [definition] if isinstance(definition, str) else list(definition)
+  bad = [n for n in names if n not in NLL_DEFINITIONS]
+  if bad:
+    raise ValueError(f"per-patch NLL definition must be one of {tuple(NLL_DEFINITIONS)}, "
+                     f"got {bad}")
+  a_V, b_V = (jnp.asarray(v, jnp.float32) for v in zip(*(NLL_DEFINITIONS[n] for n in names)))
+  return (a_V[0], b_V[0]) if isinstance(definition, str) else (a_V, b_V)
+
+
+def selection_nll(z_BxHxWxC: jax.Array, logdet_BxHxW: jax.Array, logdet_weight,
+                  share_weight) -> jax.Array:
+  """Per-patch score a tail-aware loss may rank and average, ``[B, H, W]`` (nats):
+
+    ``s_i = ½‖z_i‖² − a · logdet_i − b · (1/N) Σ_j logdet_j + (C/2) log 2π``
+
+  with a = ``logdet_weight``, b = ``share_weight`` (traceable). (a, b) = (1, 0) is the
+  exact per-location NLL (``patch_nll``, bit for bit); (0, 0) ranks by ½‖z‖² alone, and
+  (0, 1) subtracts an even share of the image log-det — what a user of anomalib/FrEIA
+  FastFlow, whose flow returns one log-det per image, can compute. The image mean
+  ``(1/N) Σ_i s_i`` equals the mean NLL whenever a + b = 1 (exact and even share), since
+  the mean of the per-patch log-dets is the even share.
+  """
+  c = z_BxHxWxC.shape[-1]
+  sq_BxHxW = jnp.sum(jnp.square(z_BxHxWxC), axis=-1)
+  a = jnp.asarray(logdet_weight, logdet_BxHxW.dtype)
+  b = jnp.asarray(share_weight, logdet_BxHxW.dtype)
+  share_Bx1x1 = jnp.mean(logdet_BxHxW, axis=(-2, -1), keepdims=True)
+  return 0.5 * sq_BxHxW - a * logdet_BxHxW - b * share_Bx1x1 + 0.5 * c * LOG_2PI
+
+
+def tail_aware_loss_from_flow(z_BxHxWxC: jax.Array, logdet_BxHxW: jax.Array, tail_weight,
+                              top_k_ratio, logdet_weight=1.0, share_weight=0.0) -> jax.Array:
+  """The tail-aware loss with the top-k chosen and averaged by a per-patch NLL definition.
+
+  ``L = mean_b [ (1−λ) · mean_i NLL_bi + λ · mean_{i ∈ top-k(s_b)} s_bi ]``
+
+  with NLL the exact per-location NLL (``patch_nll``) and s the score of
+  ``selection_nll`` (a = ``logdet_weight``, b = ``share_weight``). The mean term is
+  the image-level NLL under every definition — a FastFlow user trains on
+  ``mean ½‖z‖² − logdet_image / N``, which is ``mean_i NLL_i`` — so only the tail differs:
+  its selection (which patches are the top k) and its average. "sq_norm" (0, 0) leaves
+  the log-det out of the tail; "even_share" (0, 1) ranks exactly as "sq_norm" does (the
+  share is constant within an image) but its tail term carries ``λ · logdet / N``.
+
+  Computed as ``mean_b Σ_i w_bi NLL_bi + λ · mean_b Σ_i t_bi (s_bi − NLL_bi)`` with
+  ``w = tail_patch_weights(s, λ, r)`` and ``t = tail_patch_weights(s, 1, r)`` (the top-k
+  indicator / k), so (a, b) = (1, 0) is ``tail_aware_loss(patch_nll(z, logdet))`` bit
+  for bit. λ, r, a and b may all be traced: ``jax.vmap`` over definitions
+  (``nll_definition_weights``) runs them as one program.
+
+  Args:
+    z_BxHxWxC: latents; logdet_BxHxW: per-location log|det J|.
+    tail_weight: λ ∈ [0, 1]; top_k_ratio: r ∈ (0, 1] (k = max(1, round(r·H·W))).
+    logdet_weight, share_weight: a, b of the selection score.
+  Returns:
+    scalar loss.
+  """
+  if z_BxHxWxC.ndim != 4 or logdet_BxHxW.shape != z_BxHxWxC.shape[:3]:
+    raise ValueError(f"tail_aware_loss_from_flow expects z [B, H, W, C] and logdet [B, H, W], "
+                     f"got {z_BxHxWxC.shape} and {logdet_BxHxW.shape}")
+  validate_tail_params(tail_weight, top_k_ratio, where="tail_aware_loss_from_flow")
+  b = z_BxHxWxC.shape[0]
+  nll_BxN = patch_nll(z_BxHxWxC, logdet_BxHxW).reshape(b, -1)
+  score_BxN = selection_nll(z_BxHxWxC, logdet_BxHxW, logdet_weight, share_weight).reshape(b, -1)
+  w_BxN = tail_patch_weights(score_BxN, tail_weight, top_k_ratio)
+  t_BxN = tail_patch_weights(score_BxN, 1.0, top_k_ratio)
+  lam = jnp.asarray(tail_weight, nll_BxN.dtype)
+  tail_shift_B = jnp.sum(t_BxN * (score_BxN - nll_BxN), axis=-1)
+  # Two separate means, the first written as tail_aware_loss writes it: for the exact
+  # definition the second is exactly 0 and the compiled first term is the same reduction.
+  return jnp.mean(jnp.sum(w_BxN * nll_BxN, axis=-1)) + lam * jnp.mean(tail_shift_B)
+
+
+# ----------------------------------------------------------------------------
 # Binary cross-entropy family (bag-level MIL losses)
 # ----------------------------------------------------------------------------
 

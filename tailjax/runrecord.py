@@ -232,12 +232,26 @@ def environment() -> dict:
 # ----------------------------------------------------------------------------
 
 
+class WorkdirNotWritableError(RuntimeError):
+  """The workdir (or its file system) cannot be written."""
+
+
+def _not_writable(workdir: Path, e: OSError) -> WorkdirNotWritableError:
+  return WorkdirNotWritableError(
+      f"{workdir} is not writable ({e.strerror or e}); a run writes its record there: give "
+      "a writable --workdir")
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: Path) -> Iterator[None]:
-  """Holds ``<workdir>/.lock`` (flock) or raises ``WorkdirLockedError`` at once."""
-  workdir.mkdir(parents=True, exist_ok=True)
+  """Holds ``<workdir>/.lock`` (flock) or raises ``WorkdirLockedError`` at once
+  (``WorkdirNotWritableError`` when the workdir cannot be created or written)."""
   path = workdir / LOCK
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:   # PermissionError, a read-only file system (EROFS), ...
+    raise _not_writable(workdir, e) from None
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -247,10 +261,13 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
           f"{workdir} is in use by process {holder.get('pid', '?')} on "
           f"{holder.get('host', '?')} (since {holder.get('since', '?')}); one process per "
           "workdir. Wait for it, or use another --workdir.") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-    os.fsync(fd)
+    try:
+      os.ftruncate(fd, 0)
+      os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                               "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+      os.fsync(fd)
+    except OSError as e:
+      raise _not_writable(workdir, e) from None
     try:
       yield
     finally:
@@ -267,11 +284,6 @@ def _read_holder(path: Path) -> dict:
     return {}
 
 
-# ----------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Run:
   """An open workdir: its path, manifest and the unit files of finished work."""
@@ -279,6 +291,9 @@ class Run:
   workdir: Path
   manifest: dict
   fresh: bool          # True if this invocation started the workdir (nothing to resume)
+  # False on the processes of a distributed run other than process 0: they read the
+  # record but never write it (``save_unit`` / ``record`` do nothing there).
+  writer: bool = True
 
   def path(self, *parts: str) -> Path:
     return self.workdir.joinpath(*parts)
@@ -300,18 +315,18 @@ class Run:
       return None   # cannot happen with atomic writes; recompute rather than trust it
 
   def save_unit(self, name: str, obj) -> None:
-    io.atomic_write_json(self._unit_path(name), obj)
+    if self.writer:
+      io.atomic_write_json(self._unit_path(name), obj)
 
   def record(self, **fields) -> None:
     """Adds fields to this invocation's manifest entry (e.g. the resolved row mode)."""
     self.manifest["invocations"][-1].update(fields)
-    _write_manifest(self.workdir, self.manifest)
+    if self.writer:
+      _write_manifest(self.workdir, self.manifest)
 
 
 def _write_manifest(workdir: Path, manifest: dict) -> None:
-  import jax
-  if jax.process_index() == 0:
-    io.atomic_write_json(workdir / MANIFEST, manifest)
+  io.atomic_write_json(workdir / MANIFEST, manifest)
 
 
 def read_manifest(workdir: str | Path) -> dict:
@@ -347,6 +362,17 @@ def open_run(workdir: str | Path, cfg, *, kind: str, on_change: str = "error",
       evaluation by its step, so ``on_change="extend"`` is sound (module doc, 5.).
   Yields:
     ``Run`` (``run.workdir`` is the branch's path when branching).
+
+  A fresh workdir whose run fails before it has written any result (e.g. while
+  loading data) is left as it was found: its manifest and config are removed, so the
+  corrected command runs there without ``--restart``.
+
+  Several processes (``tailjax.distributed``): every process first checks that it
+  has the same config, code version and packages as process 0
+  (``ProcessMismatchError`` names the field otherwise). Process 0 alone then locks
+  the workdir, checks and writes the record as above; the others wait for it, read
+  the manifest it wrote (so the workdir must be on a file system they all see) and
+  never write. Leaving the block waits until every process is done.
   """
   if on_change not in ("error", "restart", "branch", "extend"):
     raise ValueError(f"on_change must be 'error', 'restart', 'branch' or 'extend', got "
@@ -356,80 +382,180 @@ def open_run(workdir: str | Path, cfg, *, kind: str, on_change: str = "error",
                      "whose evaluations are keyed by step); use --branch or --restart")
   if allowed_fields is not None:
     check_fields(cfg, allowed_fields)
-  workdir = Path(workdir)
+  from tailjax import distributed
   fields = results_fields(cfg, not_results)
   digest = config_hash(fields)
+  code = code_version()
+  distributed.check_same("config", {
+      "kind": kind, **{f"config {k}": v for k, v in fields.items()},
+      **{f"code {k}": v for k, v in code.items() if k != "git_dirty"},
+      **{f"package {k}": v for k, v in package_versions().items()}})
+  if not distributed.is_lead():
+    opened = distributed.from_lead("open_run", lambda: None)
+    yield _follow_lead(Path(opened["workdir"]), digest, bool(opened["fresh"]))
+    distributed.from_lead("close_run", lambda: None)   # raises if process 0 failed after us
+    return
+  with contextlib.ExitStack() as stack:
+    box: list[Run] = []
+
+    def open_as_writer():
+      box.append(_open_as_writer(stack, Path(workdir), cfg, kind, on_change, fields, digest,
+                                 code, extendable))
+      # The other processes learn where the run lives (a branch moves it), and if it is new.
+      return {"workdir": str(box[0].workdir), "fresh": box[0].fresh}
+
+    distributed.from_lead("open_run", open_as_writer)
+    run = box[0]
+    try:
+      yield run
+    except BaseException as e:
+      if run.fresh:
+        _forget_if_empty(run.workdir)
+      with contextlib.suppress(BaseException):   # tell processes still waiting for us
+        distributed.from_lead("close_run", lambda: _raise(e))
+      raise
+    distributed.from_lead("close_run", lambda: None)
+
+
+def _raise(e: BaseException):
+  raise e
+
+
+def _follow_lead(workdir: Path, digest: str, fresh: bool) -> Run:
+  """A non-lead process's view of the run process 0 opened: its manifest, read-only."""
+  path = workdir / MANIFEST
+  try:
+    manifest = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError):
+    manifest = None
+  if manifest is None or manifest.get("config_hash") != digest:
+    import jax
+    raise ConfigMismatchError(
+        f"process {jax.process_index()} cannot read the {MANIFEST} process 0 wrote in {workdir}"
+        " (or it holds another config): the workdir must be on a file system every process "
+        "sees, at the same path")
+  return Run(workdir=workdir, manifest=manifest, fresh=fresh, writer=False)
+
+
+def _forget_if_empty(workdir: Path) -> None:
+  """Removes the record of a fresh run that wrote no result (only manifest, config and
+  empty folders): a failed first attempt must not pin the workdir to its config."""
+  record = {MANIFEST, "config.json", LOCK}
+  files = [p for p in workdir.rglob("*") if p.is_file() and p.relative_to(workdir).as_posix()
+           not in record]
+  if files:
+    return
+  for name in (MANIFEST, "config.json"):
+    (workdir / name).unlink(missing_ok=True)
+  for d in sorted((p for p in workdir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+    with contextlib.suppress(OSError):
+      d.rmdir()
+
+
+def _refusal(workdir: Path, old: dict, fields: Mapping[str, Any], kind: str,
+             extendable: bool) -> ConfigMismatchError:
+  """The one-line refusal of a changed config (every differing field, both values)."""
+  old_fields = old.get("results_fields", {})
+  parts = [f"{k}: ran with {json.dumps(a)}, now {json.dumps(b)}"
+           for k, a, b in diff_fields(old_fields, fields)]
+  if old.get("kind") != kind:
+    parts.insert(0, f"kind: ran {old.get('kind')!r}, now {kind!r}")
+  shown = parts[:8] + ([f"… and {len(parts) - 8} more"] if len(parts) > 8 else [])
+  hint = (" --extend (train on to the new step count, keeping what ran),"
+          if extendable and old.get("kind") == kind
+          and not extension_problems(old_fields, fields) else "")
+  return ConfigMismatchError(
+      f"{workdir} ran a different config; nothing was changed. Differing fields: "
+      + "; ".join(shown)
+      + f". Rerun with the original values,{hint} --restart (discard this workdir's "
+        "results), --branch (run in a new workdir) or another --workdir.")
+
+
+def _open_as_writer(stack: contextlib.ExitStack, workdir: Path, cfg, kind: str, on_change: str,
+                    fields: dict, digest: str, code: dict, extendable: bool) -> Run:
+  """Process 0's part of ``open_run``: branch, lock, check, write the record."""
   existing = workdir / MANIFEST
   if on_change == "branch" and existing.is_file():
     old = json.loads(existing.read_text())
     if old.get("config_hash") != digest or old.get("kind") != kind:
       workdir = workdir.with_name(f"{workdir.name}-{digest[:8]}")
       print(f"config differs from {existing.parent}'s: running in {workdir}")
-  with workdir_lock(workdir):
-    fresh = True
-    invocations: list[dict] = []
-    extended: list[dict] = []
-    extension = None
-    manifest_path = workdir / MANIFEST
-    if manifest_path.is_file():
-      old = json.loads(manifest_path.read_text())
-      same = old.get("config_hash") == digest and old.get("kind") == kind
-      old_fields = old.get("results_fields", {})
-      if not same and on_change == "extend" and old.get("kind") == kind:
-        problems = extension_problems(old_fields, fields)
-        if problems:
-          raise ConfigMismatchError(
-              f"{workdir} cannot be extended to this config; nothing was changed:\n"
-              + "\n".join(f"  {p}" for p in problems[:12])
-              + "\nRerun with the original values, --branch (run in a new workdir) or "
-                "another --workdir.")
-        extension = {"at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                     "from_config_hash": old.get("config_hash"),
-                     **{f"from_{k}": old_fields.get(k) for k in EXTENDABLE if k in old_fields},
-                     **{f"to_{k}": fields.get(k) for k in EXTENDABLE if k in fields}}
-      elif not same and on_change in ("error", "extend"):
-        lines = [f"  {k}: ran with {json.dumps(a)}, now {json.dumps(b)}"
-                 for k, a, b in diff_fields(old_fields, fields)]
-        if old.get("kind") != kind:
-          lines.insert(0, f"  kind: ran {old.get('kind')!r}, now {kind!r}")
-        shown = lines[:12] + ([f"  … and {len(lines) - 12} more"] if len(lines) > 12 else [])
-        hint = (" --extend (train on to the new step count, keeping what ran),"
-                if extendable and old.get("kind") == kind
-                and not extension_problems(old_fields, fields) else "")
+  stack.enter_context(workdir_lock(workdir))
+  fresh = True
+  invocations: list[dict] = []
+  extended: list[dict] = []
+  extension = None
+  manifest_path = workdir / MANIFEST
+  if manifest_path.is_file():
+    old = json.loads(manifest_path.read_text())
+    same = old.get("config_hash") == digest and old.get("kind") == kind
+    old_fields = old.get("results_fields", {})
+    if not same and on_change == "extend" and old.get("kind") == kind:
+      problems = extension_problems(old_fields, fields)
+      if problems:
         raise ConfigMismatchError(
-            f"{workdir} ran a different config; nothing was changed. Differing fields:\n"
-            + "\n".join(shown)
-            + f"\nRerun with the original values,{hint} --restart (discard this workdir's "
-              "results), --branch (run in a new workdir) or another --workdir.")
-      if not same and extension is None:   # restart
-        _clear_results(workdir)
-      else:
-        fresh = False
-        invocations = old.get("invocations", [])
-        extended = old.get("extended", [])
-    elif any(p.name != LOCK for p in workdir.iterdir()):
-      # Files but no manifest: written by something else (or an older tailjax). Refuse
-      # rather than guess what they are.
-      if on_change != "restart":
-        raise ConfigMismatchError(
-            f"{workdir} holds files but no {MANIFEST}: it was not written by this version "
-            "of tailjax, so its contents cannot be checked. Use --restart to discard them "
-            "or another --workdir.")
+            f"{workdir} cannot be extended to this config; nothing was changed: "
+            + "; ".join(problems[:8])
+            + ". Rerun with the original values, --branch (run in a new workdir) or "
+              "another --workdir.")
+      extension = {"at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "from_config_hash": old.get("config_hash"),
+                   **{f"from_{k}": old_fields.get(k) for k in EXTENDABLE if k in old_fields},
+                   **{f"to_{k}": fields.get(k) for k in EXTENDABLE if k in fields}}
+    elif not same and on_change in ("error", "extend"):
+      raise _refusal(workdir, old, fields, kind, extendable)
+    if not same and extension is None:   # restart
       _clear_results(workdir)
-    from tailjax import _lock
-    invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version(),
-                        **environment(), "packages": package_versions(),
-                        "lock": _lock.lock_info()})
-    if extension is not None:
-      invocations[-1]["extended"] = extension
-      extended = [*extended, extension]
-      print(f"extending {workdir}: train.num_steps {extension.get('from_train.num_steps')} -> "
-            f"{extension.get('to_train.num_steps')} (recorded in {MANIFEST})")
-    manifest = {"kind": kind, "config_hash": digest, "results_fields": fields,
-                "config": to_plain(cfg), "invocations": invocations,
-                **({"extended": extended} if extended else {})}
+    else:
+      fresh = False
+      invocations = old.get("invocations", [])
+      extended = old.get("extended", [])
+  elif any(p.name != LOCK for p in workdir.iterdir()):
+    # Files but no manifest: written by something else (or an older tailjax). Refuse
+    # rather than guess what they are.
+    if on_change != "restart":
+      raise ConfigMismatchError(
+          f"{workdir} holds files but no {MANIFEST}: it was not written by this version "
+          "of tailjax, so its contents cannot be checked. Use --restart to discard them "
+          "or another --workdir.")
+    _clear_results(workdir)
+  from tailjax import _lock
+  invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code,
+                      **environment(), "packages": package_versions(),
+                      "lock": _lock.lock_info()})
+  if extension is not None:
+    invocations[-1]["extended"] = extension
+    extended = [*extended, extension]
+    print(f"extending {workdir}: train.num_steps {extension.get('from_train.num_steps')} -> "
+          f"{extension.get('to_train.num_steps')} (recorded in {MANIFEST})")
+  manifest = {"kind": kind, "config_hash": digest, "results_fields": fields,
+              "config": to_plain(cfg), "invocations": invocations,
+              **({"extended": extended} if extended else {})}
+  try:
     _write_manifest(workdir, manifest)
-    import jax
-    if jax.process_index() == 0:
-      io.atomic_write_json(workdir / "config.json", to_plain(cfg))
-    yield Run(workdir=workdir, manifest=manifest, fresh=fresh)
+    io.atomic_write_json(workdir / "config.json", to_plain(cfg))
+  except OSError as e:
+    raise _not_writable(workdir, e) from None
+  return Run(workdir=workdir, manifest=manifest, fresh=fresh)
+
+
+def read_run(workdir: str | Path, *, kind: str) -> dict:
+  """The manifest of a finished ``kind`` run, checked, for callers that only read the run
+  (``predict``, the analyses' config): no lock is taken and nothing is written, so a
+  read-only workdir (or mount) works.
+
+  Checks that the manifest exists and parses, that the run is of ``kind``, and that its
+  stored config still hashes to its ``config_hash`` (a hand-edited manifest would
+  otherwise pass for the run it no longer describes). Manifests are replaced atomically,
+  so a run writing concurrently is read either before or after its update.
+  """
+  path = Path(workdir) / MANIFEST
+  manifest = read_manifest(workdir)  # FileNotFoundError naming the file
+  if not isinstance(manifest, dict) or "config" not in manifest or "config_hash" not in manifest:
+    raise ValueError(f"{path}: not a tailjax run manifest (no config / config_hash)")
+  if manifest.get("kind") != kind:
+    raise ValueError(f"{workdir} holds a {manifest.get('kind')!r} run, not a {kind!r} run")
+  if config_hash(results_fields(manifest["config"])) != manifest["config_hash"]:
+    raise ConfigMismatchError(f"{path}: the stored config does not match its config_hash "
+                              "(edited by hand?); the run record cannot be trusted")
+  return manifest

@@ -28,6 +28,12 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict:
 # ----------------------------------------------------------------------------
 
 
+# The ranges of an AUC (or a share) and of a paired difference of two: the
+# intervals are built on their logit scale (``seed_test_interval``).
+AUC_BOUNDS = (0.0, 1.0)
+AUC_DIFF_BOUNDS = (-1.0, 1.0)
+
+
 class AucCounts(NamedTuple):
   """Pair counts of an AUC, aggregated by cluster (e.g. bag).
 
@@ -96,40 +102,88 @@ def bootstrap_weights(strata_K, n_boot: int, seed: int) -> np.ndarray:
   return w_RxK
 
 
-def seed_test_interval(values_S, replicates_SxR, confidence: float = 0.95) -> dict:
+def _bounded_interval(mean: float, se: float, q: float, bounds) -> tuple[float, float]:
+  """``mean ± q·se`` on the logit scale of ``bounds = (a, b)``, mapped back (None: raw scale).
+
+  With ``p = (x̄ − a)/(b − a)`` and ``u = logit p``, the delta method gives
+  ``se_u = se / ((b − a)·p·(1 − p))``; the interval is ``a + (b − a)·expit(u ± q·se_u)``,
+  inside (a, b) whatever se is, and nearly ``x̄ ± q·se`` when x̄ is far from a bound. A
+  mean on a bound with se = 0 (e.g. every seed's AUC is 1, and so is every resample's)
+  gives ``[x̄, x̄]``.
+  """
+  if not (np.isfinite(mean) and np.isfinite(se)):
+    return float("nan"), float("nan")
+  if se == 0 or q == 0:
+    return mean, mean
+  if bounds is None:
+    return mean - q * se, mean + q * se
+  a, b = (float(v) for v in bounds)
+  p = float(np.clip((mean - a) / (b - a), 1e-12, 1 - 1e-12))
+  u, se_u = np.log(p / (1 - p)), se / ((b - a) * p * (1 - p))
+  expit = lambda z: float(0.5 * (1 + np.tanh(z / 2)))   # = 1/(1+e^-z), no overflow
+  return a + (b - a) * expit(u - q * se_u), a + (b - a) * expit(u + q * se_u)
+
+
+def seed_test_interval(values_S, replicates_SxR, confidence: float = 0.95, *,
+                       bounds: tuple[float, float] | None = None) -> dict:
   """Interval for the mean over seeds of a statistic that also varies with the test set.
 
   ``values_S``: the statistic of each seed on the observed test set;
   ``replicates_SxR``: the same on R bootstrap resamples of the test set (the
-  same resamples for every seed). With ``x̄`` the seed mean,
+  same resamples for every seed); ``bounds``: the statistic's range, (0, 1) for an
+  AUC or a share, (−1, 1) for a difference of two (None: unbounded).
 
-  * seed component ``se_seed = sd(values_S) / √S`` (0 for one seed),
-  * test component ``se_test = sd_r(mean_s replicates[s, r])``,
-  * ``se = √(se_seed² + se_test²)``, degrees of freedom by
-    Welch–Satterthwaite ``ν = se⁴ / (se_seed⁴ / (S − 1))`` (∞ without seed
-    spread), interval ``x̄ ± t_ν · se``.
+  Model: seed s on a test set scores ``v_s = θ + a_s + b + c_s`` — a_s the seed's
+  own effect (variance σ_a²), b the test set's effect shared by every seed (σ_b²),
+  c_s the seed × test-set interaction (σ_c²). The seed mean x̄ has
+  ``Var x̄ = σ_a²/S + σ_b² + σ_c²/S``. The estimates, with ``r̄_r = mean_s
+  replicates[s, r]`` and ``d_sr = replicates[s, r] − r̄_r``:
 
-  The seed term is estimated on one test set and the test term on the seed
-  mean, so a seed × test-set interaction is counted in both: slightly
-  conservative. Also returns ``seed_ci`` (t-interval over seeds alone, the
-  old report's interval) and ``test_ci`` (``x̄ ± z · se_test``).
+  * ``se_test² = var_r(r̄_r)`` estimates ``σ_b² + σ_c²/S`` (the test set's whole share);
+  * ``se_seed² = var(values_S)/S`` estimates ``(σ_a² + σ_c²)/S``: the seed spread on
+    one test set holds the interaction too;
+  * ``se_inter² = Σ_s var_r(d_s·) / (S − 1) / S`` estimates ``σ_c²/S`` (the
+    resamples' seed-to-seed deviations, which carry no a_s);
+  * ``se² = max(se_seed² − se_inter², 0) + se_test²``: each component once.
+
+  Degrees of freedom by Welch–Satterthwaite with the seed component
+  ``g = max(se_seed² − se_inter², 0)`` as the only estimated-with-few-df term,
+  ``ν = se⁴ / (g² / (S − 1))`` (∞, a normal quantile, when g = 0). The interval is
+  ``x̄ ± t_ν·se`` on the logit scale of ``bounds`` (``_bounded_interval``), so an AUC
+  interval never leaves [0, 1]. ``seed_ci`` (seeds alone: se_seed, S − 1 df) and
+  ``test_ci`` (test set alone: se_test, normal) are built the same way, so with no
+  seed spread the interval is ``test_ci`` and with no test-set noise it is ``seed_ci``.
   """
   v_S = np.asarray(values_S, np.float64).reshape(-1)
   rep_SxR = np.asarray(replicates_SxR, np.float64).reshape(len(v_S), -1)
   s = len(v_S)
   mean = float(v_S.mean())
+  rep_SxR = rep_SxR[:, np.isfinite(rep_SxR).all(0)]   # a resample missing a class has no AUC
+  r = rep_SxR.shape[1]
   se_seed = float(v_S.std(ddof=1) / np.sqrt(s)) if s > 1 else 0.0
   rep_R = rep_SxR.mean(0)
-  rep_R = rep_R[np.isfinite(rep_R)]
-  se_test = float(rep_R.std(ddof=1)) if rep_R.size > 1 else float("nan")
-  se = float(np.hypot(se_seed, se_test))
-  df = float(se ** 4 / (se_seed ** 4 / (s - 1))) if se_seed > 0 else float("inf")
-  q = float(stats.t.ppf(0.5 + confidence / 2, df)) if np.isfinite(df) else float(stats.norm.ppf(0.5 + confidence / 2))
+  se_test = float(rep_R.std(ddof=1)) if r > 1 else float("nan")
+  if s > 1 and r > 1:
+    se_inter = float(np.sqrt((rep_SxR - rep_R).var(axis=1, ddof=1).sum() / (s - 1) / s))
+  else:
+    se_inter = 0.0
+  seed_var = max(se_seed ** 2 - se_inter ** 2, 0.0)
+  se = float(np.sqrt(seed_var + se_test ** 2))
+  df = float(se ** 4 / (seed_var ** 2 / (s - 1))) if seed_var > 0 else float("inf")
   z = float(stats.norm.ppf(0.5 + confidence / 2))
-  return {"mean": mean, "lo": mean - q * se, "hi": mean + q * se, "se": se, "se_seed": se_seed,
-          "se_test": se_test, "df": df, "n_seeds": s, "n_boot": int(rep_R.size),
-          "seed_ci": mean_ci(v_S, confidence) if s > 1 else {"mean": mean, "lo": float("nan"), "hi": float("nan")},
-          "test_ci": {"mean": mean, "lo": mean - z * se_test, "hi": mean + z * se_test},
+  q = float(stats.t.ppf(0.5 + confidence / 2, df)) if np.isfinite(df) else z
+  lo, hi = _bounded_interval(mean, se, q, bounds)
+  if s > 1:
+    q_seed = float(stats.t.ppf(0.5 + confidence / 2, s - 1))
+    s_lo, s_hi = _bounded_interval(mean, se_seed, q_seed, bounds)
+    seed_ci = {"mean": mean, "std": float(v_S.std(ddof=1)), "lo": s_lo, "hi": s_hi, "n": s}
+  else:
+    seed_ci = {"mean": mean, "lo": float("nan"), "hi": float("nan")}
+  t_lo, t_hi = _bounded_interval(mean, se_test, z, bounds)
+  return {"mean": mean, "lo": lo, "hi": hi, "se": se, "se_seed": se_seed, "se_test": se_test,
+          "se_interaction": se_inter, "df": df, "n_seeds": s, "n_boot": int(r),
+          "bounds": None if bounds is None else [float(b) for b in bounds],
+          "seed_ci": seed_ci, "test_ci": {"mean": mean, "lo": t_lo, "hi": t_hi},
           "values": v_S.tolist()}
 
 
@@ -144,7 +198,8 @@ def auc_interval(scores_SxN, positive_N, *, minus_SxN=None, cluster_N=None, stra
   (``cluster_N``, default: each item alone) within strata (``strata_K``,
   default: the label of each cluster when clusters are single items, else
   one stratum); pass ``weights_RxK`` to share resamples across calls. See
-  ``seed_test_interval`` for the interval. BLAS runs single-threaded here:
+  ``seed_test_interval`` for the interval (inside [0, 1] for an AUC, [−1, 1] for a
+  difference). BLAS runs single-threaded here:
   these are many small products, which a multi-threaded BLAS on a busy
   machine slows down by orders of magnitude.
   """
@@ -172,13 +227,13 @@ def _auc_interval(scores_SxN, positive_N, minus_SxN, cluster_N, strata_K, weight
             np.stack([weighted_auc(c, weights_RxK) for c in counts]))
 
   v_S, rep_SxR = arm(a_SxN)
-  if minus_SxN is not None:
-    b_SxN = np.atleast_2d(np.asarray(minus_SxN, np.float64))
-    if len(b_SxN) not in (1, len(a_SxN)):
-      raise ValueError(f"auc_interval: minus has {len(b_SxN)} rows, scores {len(a_SxN)}")
-    bv_S, brep_SxR = arm(b_SxN)
-    v_S, rep_SxR = v_S - bv_S, rep_SxR - brep_SxR
-  return seed_test_interval(v_S, rep_SxR, confidence)
+  if minus_SxN is None:
+    return seed_test_interval(v_S, rep_SxR, confidence, bounds=AUC_BOUNDS)
+  b_SxN = np.atleast_2d(np.asarray(minus_SxN, np.float64))
+  if len(b_SxN) not in (1, len(a_SxN)):
+    raise ValueError(f"auc_interval: minus has {len(b_SxN)} rows, scores {len(a_SxN)}")
+  bv_S, brep_SxR = arm(b_SxN)
+  return seed_test_interval(v_S - bv_S, rep_SxR - brep_SxR, confidence, bounds=AUC_DIFF_BOUNDS)
 
 
 def linear_combination_interval(cis, coefs, confidence: float = 0.95) -> dict:

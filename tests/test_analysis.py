@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from configs import fastflow_mvtec
+from tailjax.configs import fastflow_mvtec
 from tailjax.analysis import hypotheses as H
 from tailjax.data import pipeline, textures
 from tailjax.studies import analysis as report

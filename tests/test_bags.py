@@ -154,7 +154,6 @@ def test_errors_stay_short_with_many_offenders(tmp_path):
   msg = str(err.value)
   assert len(msg) < 300, len(msg)
   assert msg.startswith("bags[10p/train]: 400 of 400 identities") and "(and 395 more)" in msg
-  assert bags.first_few(range(3)) == "0, 1, 2" and bags.first_few(range(9), 2) == "0, 1 (and 7 more)"
 
   bad = emb.copy()
   bad[::2, 0] = np.nan  # 2,400 bad rows

@@ -61,3 +61,34 @@ def test_engine_table_shows_the_peers_own_flops_and_the_flop_ratio():
   lines, targets = run_all._engine_md({"peak_gflops": 350.0, "rows": [row]})
   assert "| 8 | 100.0 | 7 | 70 | 20.0 % | 110.0 | 8.19 | 74.5 | 1.10× |" in "\n".join(lines)
   assert "FLOP ratio 1.17×" in targets[0][2] and targets[0][3] == "yes"
+
+
+def test_bench_study_compares_records_and_verdicts(tmp_path):
+  """The GPU script's check against the CPU run: the largest difference over every number
+  of every unit, units the reference lacks, and verdicts that differ; then its table."""
+  import json
+  from benchmarks import bench_study
+  a, b = tmp_path / "gpu", tmp_path / "cpu"
+  for w, x, verdict in ((a, 0.5004, "SUPPORTED"), (b, 0.5, "NOT SUPPORTED")):
+    (w / "units" / "brick" / "eval").mkdir(parents=True)
+    (w / "units" / "brick" / "eval" / "10.json").write_text(json.dumps(
+        [{"metrics": {"pixel_ap": x, "image_auroc": 0.9}, "val": {"p50": [1.0, 2.0]}}]))
+    (w / "conclusions.json").write_text(json.dumps({"links": {"L2": {"verdict": verdict,
+                                                                     "p": x}}}))
+  (a / "units" / "brick" / "eval" / "30.json").write_text("[]")
+  c = bench_study.compare_runs(a, b)
+  assert c["units_compared"] == 1 and c["units_missing"] == ["units/brick/eval/30.json"]
+  assert abs(c["max_abs_diff"] - 4e-4) < 1e-12
+  assert c["max_abs_diff_at"] == "units/brick/eval/10.json:0/metrics/pixel_ap"
+  assert c["labels_differ"] == {"links/L2/verdict": ("SUPPORTED", "NOT SUPPORTED")}
+  res = {"device": "X", "backend": "gpu", "jax": "0", "device_count": 1, "config": "c.py",
+         "workdir": "w", "reference": "r", "wall_s": 12.0, "matmul_precision": "highest",
+         "phases": {"features": 1.0, "training": 2.0, "evaluation": 3.0},
+         "reference_phases": {"features": 10.0, "training": 40.0, "evaluation": 30.0},
+         "train_flops": 4e12, "steps": 100, "categories": 2, "ms_per_step": 10.0,
+         "peak_flops": 50e12, "atol": 1e-3, "compare": c}
+  text = "\n".join(bench_study.markdown(res))
+  assert "| training | 2.0 | 40.0 | 20.0× |" in text
+  assert "| **total** | 6.0 | 80.0 | 13.3× |" in text
+  assert "2.000 TFLOP/s = 4.0 % of the 50.0 TFLOP/s float32 peak" in text
+  assert "tolerance 0.001: within" in text and "verdicts DIFFER" in text

@@ -119,13 +119,31 @@ def test_unknown_errors_keep_their_traceback(monkeypatch, tmp_path):
 
 
 def test_cli_imports_fast_and_configs_import_from_any_cwd(tmp_path):
-  """No sys.path edits: the installed `configs` package (configs importing configs) loads
-  from an unrelated directory, and importing the CLI pulls in no JAX."""
-  code = ("import sys, tailjax.cli; assert 'jax' not in sys.modules, 'cli imports jax';"
-          "from configs import fastflow_textures, fastflow_mvtec, sweep_top_k;"
-          "assert sweep_top_k.get_config('smoke').sweep.seeds")
+  """No sys.path edits: the packaged configs (configs importing configs) load from an
+  unrelated directory, nothing named `configs` is installed top-level (it would shadow
+  any other project's), and importing the CLI pulls in no JAX."""
+  code = ("import sys, importlib.util, tailjax.cli; assert 'jax' not in sys.modules, 'cli imports jax';"
+          "from tailjax.configs import fastflow_textures, fastflow_mvtec, sweep_top_k;"
+          "assert sweep_top_k.get_config('smoke').sweep.seeds;"
+          "assert importlib.util.find_spec('configs') is None, 'a top-level configs is installed'")
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=120)
+
+
+def test_config_paths_map_to_the_packaged_configs_unless_the_file_exists_here(tmp_path, monkeypatch):
+  packaged = Path(cli.__file__).resolve().parent / "configs"
+  for cwd in (REPO, tmp_path):   # the README's commands, from the repository root and elsewhere
+    monkeypatch.chdir(cwd)
+    assert cli._resolve_config_args(["--config=configs/sweep_top_k.py:smoke", "--workdir=w"]) == [
+        f"--config={packaged / 'sweep_top_k.py'}:smoke", "--workdir=w"]
+    assert cli._resolve_config_args(["--config", "configs/toy_flow.py"]) == [
+        "--config", str(packaged / "toy_flow.py")]
+  assert cli._default_config("toy_flow.py") == str(packaged / "toy_flow.py")
+  # A configs/ folder of your own in the current directory wins; other paths are untouched.
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "toy_flow.py").write_text("")
+  assert cli._resolve_config_args(["--config=configs/toy_flow.py", "--config=mine/x.py"]) == [
+      "--config=configs/toy_flow.py", "--config=mine/x.py"]
 
 
 def test_lock_info_names_the_checkout_lock():
@@ -143,3 +161,17 @@ def test_read_pins(tmp_path):
   f.write_text("# c\nScikit_Learn==1.9.1 \\\n    --hash=sha256:ab\n    # via x\n"
                "numpy==2.4.6 ; python_version >= '3.11'\n")
   assert _lock.read_pins(f) == {"scikit-learn": "1.9.1", "numpy": "2.4.6"}
+
+
+def test_a_run_that_fails_loading_data_can_be_rerun_corrected(tmp_path, capsys):
+  """A wrong data path fails in one line and leaves no run record, so the corrected
+  command (another data.path) is not refused as a changed config."""
+  work = tmp_path / "run"
+  base = ["train", "--config=configs/fastflow_features.py", f"--workdir={work}"]
+  assert cli.main(base + [f"--config.data.path={tmp_path / 'nope'}"]) == 2
+  first = capsys.readouterr().err.strip().splitlines()
+  assert len(first) == 1 and "nope" in first[0]
+  assert not (work / "manifest.json").exists() and not (work / "config.json").exists()
+  assert cli.main(base + [f"--config.data.path={tmp_path / 'still_nope'}"]) == 2
+  second = capsys.readouterr().err.strip()
+  assert "still_nope" in second and "ran a different config" not in second

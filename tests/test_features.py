@@ -149,7 +149,8 @@ def test_npz_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["nan", "inf", "no_labels", "rank", "label_count",
-                                  "label_values", "mask_values", "mask_count", "good_mask"])
+                                  "label_values", "mask_values", "mask_count", "good_mask",
+                                  "non_square"])
 def test_npz_bad_content_names_the_file(tmp_path, case):
   a = _valid(np.random.default_rng(1))
   if case == "nan":
@@ -170,6 +171,8 @@ def test_npz_bad_content_names_the_file(tmp_path, case):
     a["masks"] = a["masks"][:2]
   elif case == "good_mask":
     a["masks"][0, 0, 0] = 255
+  elif case == "non_square":
+    a["masks"] = a["masks"][:, :, :6]
   path = _npz(tmp_path / f"{case}.npz", **a)
   with pytest.raises(DatasetError, match=re.escape(str(path))):
     F.load_feature_npz(path)

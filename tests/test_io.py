@@ -50,3 +50,17 @@ def test_jsonl_truncate_after(tmp_path):
     w.write({"step": s})
   w.truncate_after(20)
   assert [r["step"] for r in io.read_jsonl(tmp_path / "m.jsonl")] == [10, 20]
+
+
+def test_first_few_lists_a_few_then_counts_the_rest():
+  assert io.first_few(range(3)) == "0, 1, 2" and io.first_few(range(9), 2) == "0, 1 (and 7 more)"
+
+
+def test_tensorboard_writers_opened_in_the_same_second_keep_both_files(tmp_path):
+  from tailjax import io as tio
+  for step in (1, 2):
+    w = tio.TensorBoardWriter(tmp_path, ["run"], purge_step=step)
+    w.scalars(step, [{"x": float(step)}])
+    w.close()
+  files = sorted((tmp_path / "run").glob("events.out.tfevents.*"))
+  assert len(files) == 2 and all(f.stat().st_size > 0 for f in files)

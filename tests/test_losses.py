@@ -165,3 +165,120 @@ def test_tail_weights_break_ties_by_index_like_the_double_argsort(r):
   many = jax.vmap(lambda r_: losses.tail_patch_weights(nll, 0.7, r_))(jnp.asarray([r, 0.3]))
   np.testing.assert_allclose(many[0], by_rank(r), rtol=1e-6)
   np.testing.assert_allclose(many[1], by_rank(0.3), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Per-patch NLL definitions of the tail (exact | sq_norm | even_share)
+# ----------------------------------------------------------------------------
+
+
+def _flow_outputs(seed=0, b=3, h=7, w=7, c=6):
+  kz, kl = jax.random.split(jax.random.key(seed))
+  z = jax.random.normal(kz, (b, h, w, c))
+  # Per-location log-dets that vary a lot, so the three rankings differ.
+  logdet = 4.0 * jax.random.normal(kl, (b, h, w))
+  return z, logdet
+
+
+def _np_variant_loss(z, logdet, lam, r, definition):
+  """Brute force: scores, their top-k by a full descending sort (stable, ties by index),
+  mean term from the exact NLL."""
+  z, logdet = np.asarray(z, np.float64), np.asarray(logdet, np.float64)
+  b, h, w, c = z.shape
+  n = h * w
+  sq = 0.5 * (z ** 2).sum(-1).reshape(b, n)
+  ld = logdet.reshape(b, n)
+  const = 0.5 * c * np.log(2 * np.pi)
+  nll = sq - ld + const
+  score = {"exact": nll, "sq_norm": sq + const,
+           "even_share": sq - ld.mean(1, keepdims=True) + const}[definition]
+  k = max(1, int(round(r * n)))
+  top = np.argsort(-score, axis=1, kind="stable")[:, :k]
+  tail = np.take_along_axis(score, top, 1).mean(1)
+  return float(np.mean((1 - lam) * nll.mean(1) + lam * tail)), top
+
+
+@pytest.mark.parametrize("lam,r", GRID)
+def test_exact_definition_is_the_existing_loss_bit_for_bit(lam, r):
+  z, logdet = _flow_outputs(1)
+  nll_BxN = losses.patch_nll(z, logdet).reshape(z.shape[0], -1)
+  want = losses.tail_aware_loss(nll_BxN, lam, r)
+  a, b = losses.nll_definition_weights("exact")
+  got = losses.tail_aware_loss_from_flow(z, logdet, lam, r, a, b)
+  assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+  # Compiled, both from the flow's outputs (as the training step computes the loss).
+  jit_got = jax.jit(losses.tail_aware_loss_from_flow)(z, logdet, lam, r, a, b)
+  jit_want = jax.jit(lambda z, ld: losses.tail_aware_loss(
+      losses.patch_nll(z, ld).reshape(z.shape[0], -1), lam, r))(z, logdet)
+  assert np.asarray(jit_got).tobytes() == np.asarray(jit_want).tobytes()
+  s = losses.selection_nll(z, logdet, 1.0, 0.0)
+  assert np.asarray(s).tobytes() == np.asarray(losses.patch_nll(z, logdet)).tobytes()
+
+
+@pytest.mark.parametrize("definition", ["exact", "sq_norm", "even_share"])
+@pytest.mark.parametrize("lam,r", [(0.7, 0.02), (1.0, 0.1), (0.3, 0.5), (0.0, 0.1)])
+def test_definitions_match_brute_force_including_selection(definition, lam, r):
+  z, logdet = _flow_outputs(2)
+  want, top_np = _np_variant_loss(z, logdet, lam, r, definition)
+  a, b = losses.nll_definition_weights(definition)
+  got = float(losses.tail_aware_loss_from_flow(z, logdet, lam, r, a, b))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  score = losses.selection_nll(z, logdet, a, b).reshape(z.shape[0], -1)
+  chosen = np.asarray(losses.tail_patch_weights(score, 1.0, r) > 0)
+  expect = np.zeros_like(chosen)
+  np.put_along_axis(expect, top_np, True, axis=1)
+  np.testing.assert_array_equal(chosen, expect)
+
+
+def test_definitions_really_select_different_patches_and_share_the_mean_term():
+  z, logdet = _flow_outputs(3)
+  r = 0.1
+  tops = {}
+  for d in losses.NLL_DEFINITIONS:
+    _, tops[d] = _np_variant_loss(z, logdet, 1.0, r, d)
+  # sq_norm and even_share rank identically (the share is constant per image) ...
+  np.testing.assert_array_equal(tops["sq_norm"], tops["even_share"])
+  # ... and differently from the exact NLL when log-dets vary across locations.
+  assert (np.sort(tops["exact"], 1) != np.sort(tops["sq_norm"], 1)).any()
+  # λ = 0: the loss is the mean NLL under every definition.
+  base = float(jnp.mean(losses.patch_nll(z, logdet)))
+  for d in losses.NLL_DEFINITIONS:
+    a, b = losses.nll_definition_weights(d)
+    np.testing.assert_allclose(float(losses.tail_aware_loss_from_flow(z, logdet, 0.0, r, a, b)),
+                               base, rtol=1e-6)
+
+
+def test_vmap_over_definitions_equals_separate_calls():
+  z, logdet = _flow_outputs(4)
+  names = list(losses.NLL_DEFINITIONS)
+  a_V, b_V = losses.nll_definition_weights(names)
+  lam_V = jnp.asarray([0.7, 0.5, 1.0])
+  sweep = jax.jit(jax.vmap(losses.tail_aware_loss_from_flow, in_axes=(None, None, 0, None, 0, 0)))
+  got = sweep(z, logdet, lam_V, 0.05, a_V, b_V)
+  want = [float(losses.tail_aware_loss_from_flow(z, logdet, float(l), 0.05,
+                                                 *losses.nll_definition_weights(n)))
+          for l, n in zip(lam_V, names)]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_definition_gradients_are_finite_and_follow_the_definition():
+  z, logdet = _flow_outputs(5)
+  r, lam = 0.1, 1.0
+  grads = {}
+  for d in losses.NLL_DEFINITIONS:
+    a, b = losses.nll_definition_weights(d)
+    gz, gl = jax.grad(losses.tail_aware_loss_from_flow, argnums=(0, 1))(z, logdet, lam, r, a, b)
+    assert np.isfinite(gz).all() and np.isfinite(gl).all()
+    grads[d] = np.asarray(gl)
+  bsz, h, w = logdet.shape
+  n, k = h * w, max(1, round(r * h * w))
+  # λ = 1: sq_norm's tail has no log-det, even_share's gives every location −1/(B·N).
+  np.testing.assert_allclose(grads["sq_norm"], 0.0, atol=0)
+  np.testing.assert_allclose(grads["even_share"], -1.0 / (bsz * n), rtol=1e-6)
+  # exact: −1/(B·k) on the top-k locations, 0 elsewhere.
+  assert set(np.unique(np.round(grads["exact"] * bsz * k, 6)).tolist()) <= {-1.0, 0.0}
+
+
+def test_unknown_definition_raises():
+  with pytest.raises(ValueError, match="per-patch NLL definition"):
+    losses.nll_definition_weights("logdet_only")

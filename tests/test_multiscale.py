@@ -11,12 +11,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import fastflow_mvtec_resnet18
+from tailjax.configs import fastflow_mvtec_resnet18
 from tailjax import anomaly, engine, evaluation, flows, losses, runrecord, sharding
 from tailjax import train as train_lib
 from tailjax.backbones import resnet as rn
 from tailjax.data import pipeline, textures
 from tailjax.studies import study_a
+from tailjax.studies import study_a_run
 
 from test_torch_pickle import tensor, write_zip_checkpoint
 
@@ -174,7 +175,7 @@ def test_study_a_runs_on_two_resnet_scales(tmp_path):
   for r in res["rows"]:
     assert all(np.isfinite(v) for v in r["metrics"].values())
   assert "strides 4, 8" in (tmp_path / "run" / "report.md").read_text()
-  tc = study_a.load_trained(tmp_path / "run")["gravel"]
+  tc = study_a_run.load_trained(tmp_path / "run")["gravel"]
   assert tc.data.multiscale and tc.data.layers == (4, 8)
   assert [f.shape[1:] for f in tc.data.flow_feats("train")] == [(8, 8, 64), (4, 4, 128)]
   assert tc.data.train_feats.shape[1:] == (4, 4, 128)

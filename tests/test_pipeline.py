@@ -10,7 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from configs import fastflow_features, fastflow_mvtec_resnet18, fastflow_mvtec_wrn50
+from tailjax.configs import (fastflow_features, fastflow_mvtec_resnet18, fastflow_mvtec_wrn50,
+                            fastflow_textures)
 from tailjax import backbones, runrecord
 from tailjax.backbones import resnet as rn
 from tailjax.data import pipeline, textures
@@ -163,6 +164,10 @@ def _break(a: dict, case: str) -> tuple[dict, str]:
   if case == "mask_count":
     a["test_masks"] = a["test_masks"][:6]
     return a, "'test_masks' must be \\[8, h, w\\]"
+  if case == "non_square":
+    a["test_masks"] = np.zeros((8, 32, 48), np.uint8)
+    a["test_masks"][4:, 10:20, 12:21] = 255
+    return a, re.escape("'test_masks' must hold square masks [8, S, S], got shape (8, 32, 48)")
   if case == "mask_values":
     a["test_masks"][5, 0, 0] = 128
     return a, "'test_masks' is not binary"
@@ -176,7 +181,7 @@ def _break(a: dict, case: str) -> tuple[dict, str]:
 
 
 CASES = ("missing", "unknown", "rank", "nan", "inf", "grid", "channels", "too_few",
-         "label_values", "label_count", "one_class", "mask_count", "mask_values",
+         "label_values", "label_count", "one_class", "mask_count", "non_square", "mask_values",
          "label_without_mask", "good_with_mask")
 
 
@@ -222,6 +227,75 @@ def test_field_allow_lists_per_kind_and_backbone():
   cfg.backbone.name = "vgg16"
   with pytest.raises(ValueError, match="config.backbone.name"):
     pipeline.backbone_fields(cfg)
+
+
+# ----------------------------------------------------------------------------
+# data.kind = textures: which categories, which build
+# ----------------------------------------------------------------------------
+
+
+def _textures_cfg(root, categories):
+  cfg = fastflow_textures.get_config("smoke")
+  cfg.data.root = str(root)
+  cfg.data.categories = categories
+  cfg.data.image_size, cfg.data.n_train, cfg.data.n_test = 32, 3, 3
+  return cfg
+
+
+def test_texture_categories_choose_tiers_and_builds(tmp_path):
+  root = tmp_path / "tex"
+  default = pipeline.Dataset(_textures_cfg(root, ""))
+  assert default.root == root and default.categories == ["brick", "grass", "gravel"]
+  assert textures.read_manifest(root)["params"]["categories"] == list(textures.SOURCE_PHOTOS)
+  marker = (root / "COMPLETE").read_bytes()
+  assert pipeline.Dataset(_textures_cfg(root, "gravel,brick")).categories == ["gravel", "brick"]
+  hard = pipeline.Dataset(_textures_cfg(root, "hard"))
+  assert hard.root == root and hard.categories == list(textures.SOURCE_PHOTOS)
+  # Reaching the calibrated tier builds all nine beside the default build, never over it.
+  mixed = pipeline.Dataset(_textures_cfg(root, "moon,hard,brick"))
+  assert mixed.root == tmp_path / "tex-all"
+  assert mixed.categories == ["moon", "brick", "grass", "gravel"]     # order kept, no duplicate
+  assert textures.read_manifest(mixed.root)["params"]["categories"] == list(textures.CATEGORIES)
+  assert (root / "COMPLETE").read_bytes() == marker
+  assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["brick", "grass", "gravel"]
+  cal = pipeline.Dataset(_textures_cfg(root, "calibrated"))
+  assert cal.root == mixed.root and cal.categories == list(textures.CALIBRATED_CATEGORIES)
+  assert [textures.category_tier(c) for c in cal.categories] == ["calibrated"] * 6
+  both = pipeline.requested_categories(_textures_cfg(root, "hard,calibrated"))
+  assert both == list(textures.CATEGORIES)
+  # A calibrated category's split is read like any other: good and defective test images.
+  train, test = cal._splits["coins"]
+  assert len(train.image_paths) == 3 and set(test.labels) == {0, 1}
+
+
+def test_textures_tiers_variant_reads_both_tiers_and_leaves_the_demo_alone():
+  demo, smoke = fastflow_textures.get_config(), fastflow_textures.get_config("smoke")
+  tiers = fastflow_textures.get_config("tiers")
+  assert pipeline.requested_categories(demo) is None and demo.data.categories == ""
+  assert pipeline.texture_build(demo)[1] == textures.SOURCE_PHOTOS
+  assert pipeline.texture_build(smoke)[1] == textures.SOURCE_PHOTOS   # smoke's brick: same build
+  cats = pipeline.requested_categories(tiers)
+  assert [textures.category_tier(c) for c in cats] == ["hard"] * 2 + ["calibrated"] * 2
+  root, built = pipeline.texture_build(tiers)
+  assert built == textures.CATEGORIES and root.name == "textures-all"
+  assert pipeline.texture_build(demo)[0] == root.with_name("textures")
+  tiers.data.categories = demo.data.categories                    # only the categories differ
+  assert tiers.to_json(sort_keys=True) == demo.to_json(sort_keys=True)
+  with pytest.raises(ValueError, match="unknown variant 'tier'"):
+    fastflow_textures.get_config("tier")
+
+
+def test_texture_category_errors_name_the_field(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.data\.categories: \['carpet'\] are neither"):
+    pipeline.Dataset(_textures_cfg(tmp_path / "tex", "brick,carpet"))
+  assert not (tmp_path / "tex").exists() and not (tmp_path / "tex-all").exists()  # nothing built
+  # Tier names are a textures notion: another kind looks them up as folders.
+  root = textures.build_texture_benchmark(tmp_path / "tree", seed=3, image_size=32, n_train=2,
+                                          n_test=2, categories=("brick",))
+  cfg = fastflow_mvtec_resnet18.get_config("smoke")
+  cfg.data.root, cfg.data.categories = str(root), "hard"
+  with pytest.raises(ValueError, match=r"config\.data\.categories: \['hard'\] not found"):
+    pipeline.category_splits(cfg, root)
 
 
 # ----------------------------------------------------------------------------

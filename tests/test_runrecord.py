@@ -172,3 +172,79 @@ def test_extend_accepts_only_a_longer_run_and_records_it(tmp_path):
                           extendable=True):
     pass
   assert len(runrecord.read_manifest(w)["extended"]) == 1
+
+
+def test_read_run_verifies_the_manifest_without_writing(tmp_path):
+  w = tmp_path / "w"
+  with runrecord.open_run(w, _cfg(), kind="t"):
+    pass
+  listing = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(w.rglob("*"))}
+  m = runrecord.read_run(w, kind="t")
+  assert m == runrecord.read_manifest(w) and m["config"]["optim"]["learning_rate"] == 1e-3
+  with pytest.raises(ValueError, match="holds a 't' run, not a 'mil' run"):
+    runrecord.read_run(w, kind="mil")
+  assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(w.rglob("*"))} == listing
+  # A hand-edited config no longer matches the hash the run was recorded under.
+  m["config"]["optim"]["learning_rate"] = 0.5
+  (w / "manifest.json").write_text(json.dumps(m))
+  with pytest.raises(runrecord.ConfigMismatchError, match="manifest.json: the stored config does not"):
+    runrecord.read_run(w, kind="t")
+  with pytest.raises(FileNotFoundError, match="manifest.json not found"):
+    runrecord.read_run(tmp_path / "absent", kind="t")
+
+
+def test_unwritable_workdir_is_one_line_naming_it(tmp_path, monkeypatch):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(runrecord.WorkdirNotWritableError, match=r"file/w is not writable"):
+    with runrecord.open_run(blocker / "w", _cfg(), kind="t"):
+      pass
+  # A read-only mount (root ignores chmod here, so the file system's answer is simulated).
+  import errno
+  import os
+  real_open = os.open
+
+  def read_only(path, *a, **k):
+    if str(path).endswith(runrecord.LOCK):
+      raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return real_open(path, *a, **k)
+
+  monkeypatch.setattr(runrecord.os, "open", read_only)
+  with pytest.raises(runrecord.WorkdirNotWritableError) as err:
+    with runrecord.open_run(tmp_path / "ro", _cfg(), kind="t"):
+      pass
+  assert str(err.value) == (f"{tmp_path / 'ro'} is not writable (Read-only file system); a run "
+                            "writes its record there: give a writable --workdir")
+
+
+def test_a_fresh_run_that_fails_before_any_result_leaves_no_record(tmp_path):
+  w = tmp_path / "w"
+  with pytest.raises(FileNotFoundError):
+    with runrecord.open_run(w, _cfg(), kind="t") as run:
+      (run.path("cat")).mkdir()                          # an empty folder is no result
+      raise FileNotFoundError("data.root: /nope does not exist")
+  assert sorted(p.name for p in w.iterdir()) == [".lock"]
+  # The corrected command runs there as new, without --restart.
+  with runrecord.open_run(w, _cfg(lr=5e-3), kind="t") as run:
+    assert run.fresh
+    run.save_unit("u", {"x": 1})
+  # Once a result exists, a failure keeps the record (the run resumes).
+  with pytest.raises(RuntimeError):
+    with runrecord.open_run(w, _cfg(lr=5e-3), kind="t"):
+      raise RuntimeError("later failure")
+  assert runrecord.read_manifest(w)["results_fields"]["optim.learning_rate"] == 5e-3
+
+
+def test_refusals_are_one_line(tmp_path):
+  w = tmp_path / "w"
+  with runrecord.open_run(w, _cfg(), kind="t", extendable=True):
+    pass
+  cases = ((_cfg(lr=1e-2, steps=20), "error", "optim.learning_rate: ran with 0.001, now 0.01"),
+           (_cfg(lr=1e-2, steps=20), "extend", "only train.num_steps and eval.budgets can be"),
+           (_cfg(steps=5), "extend", "train.num_steps: ran with 10, now 5; an extension trains"))
+  for cfg, on_change, part in cases:
+    with pytest.raises(runrecord.ConfigMismatchError) as err:
+      with runrecord.open_run(w, cfg, kind="t", on_change=on_change, extendable=True):
+        pass
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(w)), on_change
+    assert part in str(err.value)

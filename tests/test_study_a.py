@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from configs import fastflow_mvtec
+from tailjax.configs import fastflow_mvtec
 from tailjax import engine, evaluation, runrecord
 from tailjax.data import pipeline, textures
 from tailjax.studies import study_a
+from tailjax.studies import study_a_run
 
 from config_reads import track_reads, unread
 
@@ -105,7 +106,7 @@ def test_rerun_with_another_row_mode_restores_and_reproduces(trained, monkeypatc
   for cat in ("brick", "gravel"):
     assert ([r["metrics"] for r in again["results"][cat]["rows"]] ==
             [r["metrics"] for r in out["results"][cat]["rows"]])
-  loaded = study_a.load_trained(run, "gravel")["gravel"]
+  loaded = study_a_run.load_trained(run, "gravel")["gravel"]
   assert [r["variant"] for r in loaded.rows] == ["mean_only"] * 2 + ["tail_aware"] * 2
   import jax
   for i, row in enumerate(out["results"]["gravel"]["rows"]):
@@ -185,7 +186,7 @@ def test_summary_pairs_differences_by_seed():
 
 def test_validation_split_comes_from_training_images_only(trained):
   cfg, run, _, _ = trained
-  data = pipeline.Dataset(study_a.load_config(run)).load("gravel")
+  data = pipeline.Dataset(study_a_run.load_config(run)).load("gravel")
   n = len(data.train_index) + len(data.val_index)
   assert len(data.val_index) == round(cfg.data.val_fraction * n) > 0
   assert set(data.train_index).isdisjoint(data.val_index)

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import sweep_tail_weight
+from tailjax.configs import sweep_tail_weight
 from tailjax import runrecord
 from tailjax.data import textures
 from tailjax.studies import sweeps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -199,3 +200,195 @@ def test_bad_arguments_are_rejected(tmp_path):
     T.build_texture_benchmark(tmp_path / "x", categories=("carpet",))
   with pytest.raises(ValueError, match="test_good_fraction"):
     T.build_texture_benchmark(tmp_path / "x", test_good_fraction=0.9)
+
+
+# ----------------------------------------------------------------------------
+# Tiers: the hard tier unchanged, the calibrated tier's exact masks and calibration
+# ----------------------------------------------------------------------------
+
+# sha256 over "path:sha256\n" of every PNG of the TINY-like build below, made with the
+# builder before the tiers existed (BUILDER_VERSION 1): the hard tier must not move.
+HARD_TIER_GOLDEN = "4001578048ef447ff61d2b0ae581918964e4767dcc0afe137fb6612d4ca310fc"
+
+
+def test_hard_tier_images_are_byte_identical_to_the_pre_tier_builder(tmp_path):
+  root = T.build_texture_benchmark(tmp_path / "t", seed=3, image_size=64, n_train=3, n_test=10,
+                                   categories=T.HARD_CATEGORIES, crop_range=(64, 80))
+  pngs = {k: v for k, v in _digests(root).items() if k.endswith(".png")}
+  listing = "".join(f"{k}:{v}\n" for k, v in sorted(pngs.items()))
+  assert hashlib.sha256(listing.encode()).hexdigest() == HARD_TIER_GOLDEN
+
+
+def test_catalogue_has_two_tiers_and_every_photo_loads_offline():
+  assert len(T.CATEGORIES) >= 8
+  assert T.HARD_CATEGORIES == ("brick", "grass", "gravel") == T.SOURCE_PHOTOS
+  assert {T.category_tier(c) for c in T.CATEGORIES} == set(T.TIERS)
+  for c in T.CATEGORIES:
+    photo = T.load_photo(c)
+    assert photo.ndim == 2 and photo.dtype == np.float32 and photo.std() > 10, c
+    cells = T.split_regions(photo.shape, "train", T.CATEGORY_SPECS[c].cells)
+    # every cell holds the largest default crop
+    assert min(min(y1 - y0, x1 - x0) for y0, x0, y1, x1 in cells) >= 160, c
+
+
+@pytest.mark.parametrize("cells", [2, 3, 4])
+def test_checkerboard_splits_are_disjoint_and_cover_the_photo(cells):
+  shape = (301, 407)
+  cover = np.zeros(shape, int)
+  for split in ("train", "test"):
+    for y0, x0, y1, x1 in T.split_regions(shape, split, cells):
+      cover[y0:y1, x0:x1] += 1
+  assert (cover == 1).all()
+  assert T.split_regions((512, 512), "train", 2) == ((0, 0, 256, 256), (256, 256, 512, 512))
+
+
+@pytest.fixture(scope="module")
+def all_photos():
+  return T.load_photos(T.CATEGORIES)
+
+
+@pytest.mark.parametrize("category", T.CALIBRATED_CATEGORIES)
+def test_calibrated_masks_are_exact(category, all_photos):
+  # On the float image (before noise and rounding): the defect changes no pixel outside
+  # its mask (tolerance 0) and every mask pixel by at least s·τ/f (τ = CHANGE_TOL =
+  # 0.5 grey levels, f = the 2 px feather: the edge weight), so no mask pixel is unchanged.
+  photo = all_photos[category]
+  regions = T.split_regions(photo.shape, "test", T.CATEGORY_SPECS[category].cells)
+  for j, defect in enumerate(T.DEFECT_TYPES):
+    for s in (0.3, 2.0):
+      rng = np.random.default_rng([11, j])
+      image, _ = T._random_view(photo, regions, (128, 160), 256, rng)
+      out, mask, params = T.synthesize_defect(image, defect, rng, all_photos, category,
+                                              strength=s)
+      change = np.abs(out.astype(np.float64) - image)
+      assert (change[~mask] == 0).all(), (category, defect)
+      assert change[mask].min() >= s * T.CHANGE_TOL / 2.0 * (1 - 1e-5), (category, defect)
+      assert T.MIN_DEFECT_AREA <= mask.mean() <= T.MAX_DEFECT_AREA
+      assert params["strength"] == s
+
+
+def test_strength_scales_the_change_and_keeps_the_draw(all_photos):
+  # Common random numbers: the mask and geometry do not depend on s; the change is
+  # linear in s (before clipping).
+  photo = all_photos["moon"]
+  image, _ = T._random_view(photo, [(0, 0, 256, 256)], (128, 128), 128, np.random.default_rng(0))
+  outs = {}
+  for s in (0.5, 1.0):
+    outs[s] = T.synthesize_defect(image, "stain", np.random.default_rng(4), all_photos, "moon",
+                                  strength=s)
+  np.testing.assert_array_equal(outs[0.5][1], outs[1.0][1])
+  np.testing.assert_allclose(outs[1.0][0] - image, 2 * (outs[0.5][0] - image), atol=1e-3)
+
+
+CAL = dict(image_size=64, n_train=3, n_test=10, crop_range=(64, 80))
+
+
+def test_calibrated_build_records_tiers_and_strengths(tmp_path):
+  cats = ("brick", "moon", "retina")
+  root = T.build_texture_benchmark(tmp_path / "c", seed=5, categories=cats,
+                                   strengths={"moon": 0.7, "retina": 1.3}, **CAL)
+  manifest = T.read_manifest(root)
+  info = manifest["categories"]
+  assert info["brick"]["tier"] == "hard" and info["brick"]["strength"] is None
+  assert info["moon"]["tier"] == "calibrated" and info["moon"]["strength"] == 0.7
+  assert info["moon"]["calibration"] is None  # not the committed strength
+  assert manifest["params"]["strengths"] == {"moon": 0.7, "retina": 1.3}
+  assert {r["tier"] for r in manifest["images"] if r["category"] == "retina"} == {"calibrated"}
+  for rec in manifest["images"]:
+    if rec["mask"] is not None and rec["tier"] == "calibrated":
+      assert rec["defect_params"]["strength"] == info[rec["category"]]["strength"]
+  # the reader sees an MVTec layout
+  train, test = mvtec.scan_category(root, "moon")
+  assert len(train) == CAL["n_train"] and len(test) == CAL["n_test"]
+
+
+def test_committed_calibration_is_recorded_in_the_manifest(tmp_path):
+  assert set(T.CALIBRATED_STRENGTHS) == set(T.CALIBRATED_CATEGORIES)
+  lo, hi = T.CALIBRATION_SETTINGS.band
+  for c in T.CALIBRATED_CATEGORIES:
+    assert lo <= T.CALIBRATION_RESULTS[c]["image_auroc"] <= hi, c
+  root = T.build_texture_benchmark(tmp_path / "c", seed=5, categories=("coins",), **CAL)
+  cal = T.read_manifest(root)["categories"]["coins"]["calibration"]
+  assert cal["settings"]["seed"] == T.CALIBRATION_SETTINGS.seed
+  assert cal["settings"]["band"] == list(T.CALIBRATION_SETTINGS.band)
+  assert cal["image_auroc"] == T.CALIBRATION_RESULTS["coins"]["image_auroc"]
+  assert T.read_manifest(root)["categories"]["coins"]["strength"] == T.CALIBRATED_STRENGTHS["coins"]
+
+
+def test_calibrated_build_is_deterministic_and_strength_moves_only_defects(tmp_path):
+  kw = dict(seed=5, categories=("moon",), **CAL)
+  a = _digests(T.build_texture_benchmark(tmp_path / "a", strengths={"moon": 0.7}, **kw))
+  b = _digests(T.build_texture_benchmark(tmp_path / "b", strengths={"moon": 0.7}, **kw))
+  c = _digests(T.build_texture_benchmark(tmp_path / "c", strengths={"moon": 1.4}, **kw))
+  assert a == b
+  pngs = [k for k in a if k.endswith(".png")]
+  moved = {k for k in pngs if a[k] != c[k]}
+  assert moved and all("/test/" in k and "/good/" not in k for k in moved)
+  assert not any("ground_truth" in k for k in moved)  # masks do not depend on s
+
+
+def test_validation_defects_come_from_their_own_seed(tmp_path, all_photos):
+  # The calibration split ("validation defects") draws from settings.seed on its own
+  # split ids: no image equals a built test image, and another seed gives other defects.
+  settings = T.CalibrationSettings(image_size=64, n_fit=2, n_good=2, n_defective=5,
+                                   crop_range=(64, 80))
+  root = T.build_texture_benchmark(tmp_path / "t", seed=settings.seed, categories=("moon",),
+                                   strengths={"moon": 1.0}, **{**CAL, "n_test": 10})
+  built = {hashlib.sha256(np.asarray(Image.open(p)).tobytes()).hexdigest()
+           for p in (root / "moon" / "test").rglob("*.png")}
+  images, masks, kinds = T.calibration_defects("moon", 1.0, settings, all_photos)
+  assert kinds == list(T.DEFECT_TYPES)
+  assert not built & {hashlib.sha256(i.tobytes()).hexdigest() for i in images}
+  again, masks2, _ = T.calibration_defects("moon", 1.0, settings, all_photos)
+  np.testing.assert_array_equal(images, again)
+  other, masks3, _ = T.calibration_defects(
+      "moon", 1.0, dataclasses.replace(settings, seed=settings.seed + 1), all_photos)
+  assert all((m2 != m3).any() for m2, m3 in zip(masks2, masks3))
+  assert not (images == other).all(axis=(1, 2)).any()
+
+
+def _cell_features(paths):
+  """A cheap stand-in backbone: per 8x8-pixel cell, mean, std, min, max and mean
+  absolute gradients ([N, S/8, S/8, 6]); enough for PaDiM to see a defect."""
+  out = []
+  for p in paths:
+    x = np.asarray(Image.open(p), np.float32)
+    gy, gx = np.abs(np.diff(x, axis=0, append=x[-1:])), np.abs(np.diff(x, axis=1, append=x[:, -1:]))
+    s = x.shape[0] // 8
+    cells = lambda a: a.reshape(s, 8, s, 8).transpose(0, 2, 1, 3).reshape(s, s, 64)
+    c, cgy, cgx = cells(x), cells(gy), cells(gx)
+    out.append(np.stack([c.mean(-1), c.std(-1), c.min(-1), c.max(-1), cgy.mean(-1),
+                         cgx.mean(-1)], -1) / 64.0)
+  return np.stack(out).astype(np.float32)
+
+
+SMALL_CAL = T.CalibrationSettings(image_size=64, n_fit=24, n_good=16, n_defective=20,
+                                  crop_range=(64, 80), eval_size=64, smoothing_sigma=1.0,
+                                  padim_n_channels=None, band=(0.62, 0.8), tol=0.03,
+                                  bounds=(1 / 64, 16.0))
+
+
+def test_calibration_lands_in_its_band_and_is_reproducible(tmp_path):
+  r = T.calibrate_strength("moon", _cell_features, SMALL_CAL, workdir=tmp_path / "w")
+  lo, hi = SMALL_CAL.band
+  assert lo <= r["image_auroc"] <= hi
+  assert r["seed"] == SMALL_CAL.seed and r["n_defective"] == SMALL_CAL.n_defective
+  # Re-measuring at the found strength gives the recorded AUROC (deterministic split).
+  again = T.calibration_auroc("moon", r["strength"], _cell_features, SMALL_CAL)
+  assert again == r["image_auroc"]
+  # The search moved the right way: the AUROCs seen rise with the strength.
+  seen = sorted(r["iterations"])
+  assert seen[0][1] <= seen[-1][1]
+  table = T.format_calibration_table({"moon": r})
+  assert "CALIBRATED_STRENGTHS" in table and repr(r["strength"]) in table
+
+
+def test_calibration_out_of_reach_is_an_error(tmp_path):
+  # Strengths capped far below what PaDiM needs: the band cannot be reached.
+  tiny = dataclasses.replace(SMALL_CAL, bounds=(1e-4, 2e-4), max_iter=2)
+  with pytest.raises(ValueError, match="calibration of 'moon'.*no strength"):
+    T.calibrate_strength("moon", _cell_features, tiny, workdir=tmp_path)
+  with pytest.raises(ValueError, match="hard"):
+    T.calibrate_strength("brick", _cell_features, tiny)
+  with pytest.raises(ValueError, match="strengths"):
+    T.build_texture_benchmark(tmp_path / "x", categories=("moon",), strengths={"brick": 1.0})

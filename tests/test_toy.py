@@ -1,7 +1,7 @@
 """The toy density: the engine really fits a density (held-out NLL falls well below the
 untrained identity flow's), evaluated through the engine's hook at step 0 and later."""
 
-from configs import toy_flow
+from tailjax.configs import toy_flow
 from tailjax import io, toy
 
 from config_reads import track_reads, unread

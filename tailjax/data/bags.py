@@ -35,6 +35,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from tailjax import io as tio
+from tailjax.io import first_few
 
 RATIOS: dict[str, float] = {"5p": 0.05, "10p": 0.10, "20p": 0.20, "30p": 0.30, "50p": 0.50}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -46,14 +47,6 @@ def ratio_value(name: str) -> float:
   if not m or not 0 < float(m.group(1)) < 100:
     raise ValueError(f"ratio must be named like '5p' (percent, then 'p'); got {name!r}")
   return float(m.group(1)) / 100.0
-
-
-def first_few(items, n: int = 5) -> str:
-  """``"a, b, c (and 397 more)"``: the first ``n`` items, then a count, so an
-  error message stays short however many offenders there are."""
-  items = list(items)
-  shown = ", ".join(str(x) for x in items[:n])
-  return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
 def contamination_count(ratio: float, n: int) -> int:

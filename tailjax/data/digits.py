@@ -40,7 +40,7 @@ import numpy as np
 from tailjax import io as tio
 from tailjax import losses
 from tailjax import train as train_lib
-from tailjax.data.bags import first_few
+from tailjax.io import first_few
 
 DEFAULT_TRAIN_CLASSES = (0, 1, 2, 3, 4, 5)
 DEFAULT_HELDOUT_CLASSES = (6, 7, 8, 9)

@@ -28,12 +28,13 @@ names the file and the array.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -86,6 +87,23 @@ def _read_entry(path: Path, key: str, layers: Sequence[Hashable], n: int):
   return out
 
 
+_cache_only: dict[str, str | None] = {"reason": None}
+
+
+@contextlib.contextmanager
+def cache_only(reason: str) -> Iterator[None]:
+  """Within the block ``cached_features`` reads the cache and never extracts: a miss is
+  a ``MissingDataError`` ending with ``reason``. The processes of a distributed run
+  other than process 0 read the features process 0 extracted this way, so they are
+  extracted once (and a cache folder not shared between processes is named)."""
+  before = _cache_only["reason"]
+  _cache_only["reason"] = reason
+  try:
+    yield
+  finally:
+    _cache_only["reason"] = before
+
+
 def cached_features(image_paths: Sequence[str | os.PathLike], extractor: Extractor,
                     extractor_id: str, resolution: int, layers: Sequence[Hashable],
                     cache_dir: str | os.PathLike, *, batch_size: int = 64,
@@ -118,6 +136,8 @@ def cached_features(image_paths: Sequence[str | os.PathLike], extractor: Extract
   cached = _read_entry(entry, key, layers, len(image_paths))
   if cached is not None:
     return cached
+  if _cache_only["reason"]:
+    raise MissingDataError(f"feature cache entry {entry} is missing: {_cache_only['reason']}")
 
   chunks: dict[Hashable, list[np.ndarray]] = {layer: [] for layer in layers}
   starts = range(0, len(image_paths), batch_size)
@@ -160,7 +180,7 @@ def cached_features(image_paths: Sequence[str | os.PathLike], extractor: Extract
 @dataclasses.dataclass(frozen=True, eq=False)
 class FeatureSet:
   """Pre-extracted features: ``features [N, H, W, C]`` float32, ``labels [N]`` int32
-  (0 good, 1 defective) and optional ``masks [N, h, w]`` uint8 in {0, 1}."""
+  (0 good, 1 defective) and optional ``masks [N, S, S]`` uint8 in {0, 1} (square)."""
   features: np.ndarray
   labels: np.ndarray
   masks: np.ndarray | None
@@ -215,6 +235,11 @@ def _check_masks(path: Path, name: str, masks: np.ndarray, labels: np.ndarray,
                        f"entry), got shape {masks.shape}")
   if 0 in masks.shape[1:]:
     raise DatasetError(f"{path}: {name!r} has empty masks (shape {masks.shape})")
+  if masks.shape[1] != masks.shape[2]:
+    # Maps are scored on the square eval.size grid: a non-square mask would be stretched
+    # onto it and every pixel metric computed against distorted defects.
+    raise DatasetError(f"{path}: {name!r} must hold square masks [{n}, S, S], got shape "
+                       f"{masks.shape}; crop or pad them to square (as the features were)")
   values = set(np.unique(masks).tolist())
   if not (values <= {0, 1} or values <= {0, 255}):
     raise DatasetError(f"{path}: {name!r} is not binary, values {sorted(values)[:8]} "
@@ -239,7 +264,7 @@ def load_feature_npz(path: str | os.PathLike) -> FeatureSet:
 
   Checks: the file opens; ``features`` is a finite real array of rank 4;
   ``labels`` has shape [N] with values in {0, 1}; ``masks`` (if present) has
-  shape [N, h, w] with values in {0, 1} or {0, 255}. Every failure raises
+  shape [N, S, S] (square) with values in {0, 1} or {0, 255}. Every failure raises
   ``DatasetError`` naming the file and the field.
   """
   path, arrays = _read(path, ("features", "labels"))
@@ -262,7 +287,7 @@ class FeatureCategory:
     train_features: float32 [N, H, W, C], defect-free training samples.
     test_features: float32 [M, H, W, C], same grid and channels.
     test_labels: int32 [M], 0 good / 1 defective.
-    test_masks: uint8 [M, S_h, S_w] in {0, 1}; all-zero exactly for the good samples.
+    test_masks: uint8 [M, S, S] in {0, 1}; all-zero exactly for the good samples.
     path: the file.
   """
   train_features: np.ndarray
@@ -278,7 +303,7 @@ def load_feature_category(path: str | os.PathLike) -> FeatureCategory:
   ``train_features [N, H, W, C]`` and ``test_features [M, H, W, C]`` (any grid H×W,
   any channel count C, the same in both; real, finite; N ≥ 2), ``test_labels [M]``
   in {0, 1} with at least one good and one defective sample (the metrics need both),
-  ``test_masks [M, S_h, S_w]`` with values {0, 1} or {0, 255} (any mask size): empty
+  ``test_masks [M, S, S]`` with values {0, 1} or {0, 255} (any square size): empty
   for every good sample, non-empty for every defective one. Any failure, and any
   other array in the file, raises ``DatasetError`` naming the file and the array.
   """

@@ -82,6 +82,23 @@ def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
   return h, w
 
 
+# PIL modes of single-channel files (``read_image`` replicates them to 3 channels).
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def image_channels_of(path: str | os.PathLike) -> int:
+  """1 for a grayscale image file, 3 for a colour one (palette files count as colour),
+  read from its header only."""
+  try:
+    with Image.open(path) as im:
+      mode = im.mode
+  except FileNotFoundError as e:
+    raise MissingDataError(f"image {path} does not exist") from e
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise DatasetError(f"cannot read image {path}: {e}") from e
+  return 1 if mode in GRAYSCALE_MODES else 3
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
   """Decodes an image file to uint8 RGB ``[H, W, 3]``; grayscale is replicated.
 

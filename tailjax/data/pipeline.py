@@ -8,6 +8,14 @@ Data kinds (``data.kind``) and the fields each reads (``DATA_FIELDS``):
 
 * ``textures`` / ``mvtec`` / ``visa``: image folders; features come from the
   frozen backbone of ``backbone.*`` through the content-hashed feature cache.
+  ``textures`` builds (or reuses) the embedded benchmark (``tailjax.data.textures``);
+  ``data.categories`` chooses among all its categories, both tiers, and also takes
+  tier names (``hard``, ``calibrated``) for the tier's categories, e.g.
+  ``data.categories=hard,calibrated`` runs all nine (``requested_categories``).
+  Empty = the hard tier (brick, grass, gravel), built at ``data.root`` exactly as
+  before the tiers; a selection within the hard tier reads that same build; one that
+  reaches the calibrated tier builds all nine categories beside it, at
+  ``<data.root>-all`` (``texture_build``), so neither build ever replaces the other.
 * ``features``: features extracted elsewhere (any backbone, grid and channel
   count), ``data.path`` = one ``.npz`` per category (a folder of
   ``<category>.npz``) or one file (one category, named by the file stem), holding
@@ -146,14 +154,53 @@ def parse_categories(value) -> list[str] | None:
   return items or None
 
 
+def requested_categories(cfg) -> list[str] | None:
+  """The categories ``data.categories`` asks for, or None (empty: all the source has).
+
+  ``parse_categories`` of the field; for ``data.kind=textures`` a tier name (``hard``,
+  ``calibrated``: ``textures.TIERS``) stands for the tier's categories, duplicates are
+  dropped (first occurrence kept), and a name that is neither a texture category nor a
+  tier is refused here, before anything is built."""
+  wanted = parse_categories(cfg.data.categories)
+  if wanted is None or cfg.data.kind != "textures":
+    return wanted
+  from tailjax.data import textures
+  tiers = {t: [c for c in textures.CATEGORIES if textures.category_tier(c) == t]
+           for t in textures.TIERS}
+  bad = [c for c in wanted if c not in textures.CATEGORIES and c not in tiers]
+  if bad:
+    raise ValueError(f"config.data.categories: {bad} are neither texture categories "
+                     f"({', '.join(textures.CATEGORIES)}) nor tiers ({', '.join(tiers)})")
+  expanded = [c for w in wanted for c in tiers.get(w, [w])]
+  return list(dict.fromkeys(expanded))
+
+
+def texture_build(cfg) -> tuple[Path, tuple[str, ...]]:
+  """``(root, categories)`` of the texture build a ``data.kind=textures`` config reads.
+
+  The hard tier (``textures.SOURCE_PHOTOS``) at ``data.root`` (default
+  ``textures.default_benchmark_root()``) when every requested category is in it (or
+  none is requested): the build of the pre-tier releases, unchanged. Otherwise all of
+  ``textures.CATEGORIES`` at the sibling ``<root>-all``, whatever subset is requested,
+  so that any selection reuses one build and the default build is never replaced."""
+  from tailjax.data import textures
+  base = Path(cfg.data.root).expanduser() if cfg.data.root else textures.default_benchmark_root()
+  wanted = requested_categories(cfg) or []
+  if all(c in textures.SOURCE_PHOTOS for c in wanted):
+    return base, tuple(textures.SOURCE_PHOTOS)
+  return base.with_name(base.name + "-all"), tuple(textures.CATEGORIES)
+
+
 def dataset_root(cfg) -> Path:
-  """The MVTec-layout root; builds (or reuses) the embedded texture benchmark if asked."""
+  """The MVTec-layout root; builds (or reuses) the embedded texture benchmark if asked
+  (``texture_build``: which categories, where)."""
   d = cfg.data
   if d.kind == "textures":
     from tailjax.data import textures
+    root, categories = texture_build(cfg)
     return textures.build_texture_benchmark(
-        d.root or None, seed=d.benchmark_seed, image_size=d.image_size,
-        n_train=d.n_train, n_test=d.n_test, verbose=True)
+        root, seed=d.benchmark_seed, image_size=d.image_size, n_train=d.n_train,
+        n_test=d.n_test, categories=categories, verbose=True)
   if d.kind in ("mvtec", "visa"):
     if not d.root:
       raise ValueError(f"config.data.root must point to the {d.kind} folder "
@@ -167,7 +214,7 @@ def dataset_root(cfg) -> Path:
 
 
 def _select(cfg, available: list[str], where: Path) -> list[str]:
-  wanted = parse_categories(cfg.data.categories)
+  wanted = requested_categories(cfg)
   cats = wanted or available
   missing = [c for c in cats if c not in available]
   if missing:
@@ -512,3 +559,31 @@ def load_feature_category(cfg, name: str, path: Path) -> CategoryData:
 def default_cache_dir() -> Path:
   from tailjax.backbones import torch_pickle
   return Path(torch_pickle.default_cache_dir()) / "features"
+
+
+# ----------------------------------------------------------------------------
+# Several processes (tailjax.distributed): data prepared once, by process 0
+# ----------------------------------------------------------------------------
+
+
+def open_dataset(cfg) -> Dataset:
+  """``Dataset(cfg)``; with several processes, process 0 builds what is missing (the
+  embedded benchmark) first and the others then open what it wrote."""
+  from tailjax import distributed
+  return distributed.lead_first("dataset", lambda: Dataset(cfg), lambda: Dataset(cfg))
+
+
+def load_once(dataset: Dataset, name: str) -> CategoryData:
+  """``dataset.load(name)`` with features extracted once: with several processes, process
+  0 extracts (filling the cache) while the others wait, then they read the cache
+  (``features.cache_only``: the cache folder must be shared, or a miss names it)."""
+  from tailjax import distributed
+
+  def others():
+    with feature_cache.cache_only(
+        f"process {distributed.process_index()} reads the features process 0 extracted; put "
+        "the feature cache (data.cache_dir or $TAILJAX_CACHE) on a file system every process "
+        "sees"):
+      return dataset.load(name)
+
+  return distributed.lead_first(f"features/{name}", lambda: dataset.load(name), others)

@@ -1,6 +1,6 @@
 """Mechanism analyses of a finished study-A run: H1, H3, H4, H7 → JSON, figures, report.
 
-  analyze_run(workdir)      reloads the run (``study_a.load_trained``), analyses every
+  analyze_run(workdir)      reloads the run (``study_a_run.load_trained``), analyses every
                             category, writes <workdir>/analysis/{analysis.json, report.md,
                             *.png, <category>_per_patch.npz} and returns the results;
   append_to_report(workdir) adds (or replaces) a short "Mechanism analyses" section
@@ -30,7 +30,7 @@ import numpy as np
 
 from tailjax import evaluation, io, reporting, runrecord
 from tailjax.stats import mean_ci
-from tailjax.studies import study_a
+from tailjax.studies import study_a_run
 from tailjax.analysis import causal, gradients
 from tailjax.analysis import hypotheses as hyp
 
@@ -95,7 +95,7 @@ def _calibration_by_row(tc, normal_feats) -> list[dict]:
   return cals
 
 
-def _l1(tc: study_a.TrainedCategory, i: int, feats, top_k_ratio: float | None = None) -> dict:
+def _l1(tc: study_a_run.TrainedCategory, i: int, feats, top_k_ratio: float | None = None) -> dict:
   """L1 for row i under its own training loss: per-image share of the update made by its
   top-k patches vs the construction null λ + (1 − λ)·k/N (``causal.l1_excess``)."""
   row = tc.rows[i]
@@ -112,7 +112,7 @@ def _l1(tc: study_a.TrainedCategory, i: int, feats, top_k_ratio: float | None = 
           "top_k_ratio": r}
 
 
-def analyze_category(tc: study_a.TrainedCategory, images_train: np.ndarray | None, *,
+def analyze_category(tc: study_a_run.TrainedCategory, images_train: np.ndarray | None, *,
                      num_images: int = 32, num_param_images: int | None = None, method: str = "auto",
                      patch_chunk: int | None = None, image_chunk: int = 1, sweep_rows: Sequence[dict] = (),
                      run_rows_metrics: Sequence[dict] = (), seed: int = 0) -> dict:
@@ -275,8 +275,8 @@ def analyze_run(workdir: str | Path, categories=None, num_images: int = 32,
                 image_chunk=image_chunk, seed=seed, write=write, verbose=verbose)
   if run is not None or not write:
     return _analyze_run(workdir, **kwargs)
-  cfg = study_a.load_config(workdir)
-  with runrecord.open_run(workdir, cfg, kind=study_a.KIND):
+  cfg = study_a_run.load_config(workdir)
+  with runrecord.open_run(workdir, cfg, kind=study_a_run.KIND):
     return _analyze_run(workdir, **kwargs)
 
 
@@ -287,7 +287,7 @@ def _analyze_run(workdir, *, categories, num_images, sweeps, num_param_images, m
   if isinstance(sweeps, str):
     sweeps = [s for s in sweeps.split(",") if s.strip()]
   sweep_rows = hyp.load_sweep_rows(sweeps) if sweeps else []
-  trained = study_a.load_trained(workdir, categories)
+  trained = study_a_run.load_trained(workdir, categories)
   t_load = time.time() - t0
   out: dict[str, Any] = {
       "workdir": str(workdir),

@@ -5,13 +5,19 @@
 
 1. **Model.** The run's trained row (variant, seed) — by default the
    ``report.treatment`` variant's first seed — restored from its final
-   checkpoint (``study_a.load_trained``); nothing is trained. The workdir is
-   opened with ``runrecord.open_run``: it is locked, and this invocation and
-   what it did are recorded in its manifest.
+   checkpoint (``study_a_run.load_trained``); nothing is trained. The run is only
+   read: its manifest is verified without a lock (``runrecord.read_run``) and
+   nothing is written under the workdir, so a read-only workdir works; everything
+   predict writes goes to ``out_dir``.
 2. **Features.** Each image is read, resized and passed through the run's
    backbone exactly as its training images were (``pipeline.Dataset.image_features``:
    ``mvtec.load_images`` at ``backbone.resolution``, grayscale replicated to RGB,
-   the run's extractor and feature cache).
+   the run's extractor and feature cache). The run's input is square, so an image
+   whose sides differ by more than ``MAX_ASPECT_RATIO``:1 is refused, naming it and
+   its size (resizing would stretch it past recognition; crop or tile it first). An
+   image whose channels differ from the run's training images (grayscale scored by a
+   model trained on colour, or the reverse) is scored — grayscale is replicated to
+   RGB — with a warning, and recorded per image (``channels``) and in ``warnings``.
 3. **Scores.** Per-patch scores (``evaluation.patch_scores``), pixel maps at
    ``eval.size`` (``anomaly.anomaly_maps``: bilinear upsampling, Gaussian σ) and
    image scores (``anomaly.image_scores``), all with the run's ``eval.*``
@@ -34,10 +40,13 @@
      with the run's test split, or with the images it trained on, is refused.
 
    The threshold record (mode, quantile, the data's file list, values) goes to
-   ``results.json`` and to the run as the unit
-   ``<workdir>/units/<category>/predict/threshold-<variant>-seed<s>-<key>.json``.
+   ``threshold.json`` and ``results.json`` in ``out_dir``.
 5. **Outputs** in ``out_dir`` (``<name>`` = the file stem, under ``<type>/`` for
-   an MVTec-layout folder):
+   an MVTec-layout folder), all or nothing: they are built in a hidden sibling
+   folder and renamed onto ``out_dir`` only when complete, so a failed predict
+   leaves ``out_dir`` as it was (absent, or a previous predict's complete outputs)
+   and says why on one line. ``out_dir`` must be absent, empty or a previous
+   predict's outputs (anything else is refused rather than replaced):
 
    * ``overlays/<name>.png``: the image with its anomaly map (inferno, 50 %
      blend; one colour scale for every image: from the median pixel score of the
@@ -48,8 +57,10 @@
      image, then thresholded);
    * ``results.csv`` / ``results.json``: one row per image — path, defect type and
      label (MVTec layout only), image score, decision, anomalous pixel fraction,
-     mask and overlay paths (relative to ``out_dir``); the JSON adds the
-     threshold record, the model row, the eval settings and a summary.
+     mask and overlay paths (relative to ``out_dir``), channels; the JSON adds the
+     threshold record, the model row, the eval settings, warnings, a summary and
+     the record of this invocation (arguments, code version, the run's
+     ``config_hash``; ``kind: "predict"``).
 
 ``images`` is an image file, a folder of images (its image files), or — when the
 folder holds no image files — an MVTec-layout test split (one subfolder per
@@ -63,6 +74,7 @@ import dataclasses
 import hashlib
 import io as _io
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -74,12 +86,16 @@ from PIL import Image
 from tailjax import anomaly, evaluation, io, runrecord
 from tailjax.data import features as feature_cache
 from tailjax.data import mvtec, pipeline
-from tailjax.studies import study_a
+from tailjax.studies import study_a_run
 
 THRESHOLDS = ("val_quantile", "f1")
 GROUND_TRUTH = "ground_truth"
 CSV_COLUMNS = ("path", "defect_type", "label", "image_score", "image_threshold", "decision",
-               "anomalous_pixel_fraction", "mask", "overlay")
+               "anomalous_pixel_fraction", "mask", "overlay", "channels")
+KIND = "predict"          # results.json's "kind": marks a folder predict may replace
+# Longest / shortest side beyond which an image is refused: the backbone sees a square,
+# and 4:1 is already a 4× stretch of one axis (a 16:9 photo is 1.8:1).
+MAX_ASPECT_RATIO = 4.0
 
 
 # ----------------------------------------------------------------------------
@@ -201,7 +217,7 @@ def _digest(paths) -> str:
 # ----------------------------------------------------------------------------
 
 
-def _scorer(cfg, tc: study_a.TrainedCategory, row: int):
+def _scorer(cfg, tc: study_a_run.TrainedCategory, row: int):
   params = jax.tree.map(lambda a: a[row], tc.params_R)
   e = cfg.eval
 
@@ -284,6 +300,63 @@ def _summary(rows: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# Input and output checks (before anything is scored)
+# ----------------------------------------------------------------------------
+
+
+def check_aspect_ratios(paths, side: int) -> None:
+  """Refuses an image whose longer side exceeds ``MAX_ASPECT_RATIO`` × its shorter one,
+  naming the file and its size (header reads only)."""
+  for p in paths:
+    h, w = mvtec.image_size_of(p)
+    ratio = max(h, w) / max(min(h, w), 1)
+    if ratio > MAX_ASPECT_RATIO:
+      raise mvtec.DatasetError(
+          f"{p}: {w}×{h} pixels (aspect ratio {ratio:.3g}:1); the run scores images resized to "
+          f"its square {side}×{side} input, which would stretch this one beyond the "
+          f"{MAX_ASPECT_RATIO:g}:1 limit — crop or tile it first")
+
+
+def _channels_name(c: int) -> str:
+  return "grayscale" if c == 1 else "colour"
+
+
+def channel_warnings(paths, names, trained_channels: set[int]) -> tuple[list[int], list[str]]:
+  """(channels per image, warnings): one warning when some images' channels differ from
+  every training image's (the run has seen only grayscale, or only colour)."""
+  channels = [mvtec.image_channels_of(p) for p in paths]
+  if len(trained_channels) != 1:
+    return channels, []
+  (trained,) = trained_channels
+  odd = [n for n, c in zip(names, channels) if c != trained]
+  if not odd:
+    return channels, []
+  other = _channels_name(3 if trained == 1 else 1)
+  how = ("replicated to 3 channels" if trained == 3 else "scored through the RGB backbone")
+  return channels, [f"{len(odd)} of {len(names)} images are {other} but the run trained on "
+                    f"{_channels_name(trained)} images only ({io.first_few(odd)}); they are {how} "
+                    "and scored anyway, so their scores may not be comparable"]
+
+
+def _check_out_dir(out_dir: Path, workdir: Path) -> None:
+  """``out_dir`` may be absent, empty, or a previous predict's outputs; it is replaced
+  whole, so anything else (someone's folder) is refused rather than deleted."""
+  if out_dir.resolve() == workdir.resolve():
+    raise ValueError(f"out_dir {out_dir} is the run's workdir; predict never writes into the "
+                     "run itself: pass another --out (e.g. <workdir>/predict)")
+  if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+    return
+  try:
+    previous = json.loads((out_dir / "results.json").read_text()).get("kind")
+  except (OSError, ValueError, AttributeError):
+    previous = None
+  if not out_dir.is_dir() or previous != KIND:
+    raise ValueError(f"out_dir {out_dir} exists and is not a previous predict's output (no "
+                     "results.json of kind 'predict'); predict replaces its out_dir whole, "
+                     "so choose a new or empty folder")
+
+
+# ----------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------
 
@@ -307,9 +380,10 @@ def predict(workdir: str | Path, images: str | Path, out_dir: str | Path, *,
     quantile: in (0, 1], for "val_quantile".
     labelled_dir: MVTec-test-layout folder with masks, for "f1" only.
   Returns:
-    what ``results.json`` holds: ``{"workdir", "out_dir", "category", "images_from",
-    "row", "threshold", "eval", "images", "summary", "seconds"}``; ``images`` is one dict
-    per image (``CSV_COLUMNS``), ``threshold`` the record also saved as the run's unit.
+    what ``results.json`` holds: ``{"kind", "workdir", "out_dir", "category", "images_from",
+    "row", "threshold", "eval", "images", "summary", "warnings", "invocation", "seconds"}``;
+    ``images`` is one dict per image (``CSV_COLUMNS``), ``threshold`` the record also saved
+    as ``threshold.json``.
   """
   t0 = time.time()
   if threshold not in THRESHOLDS:
@@ -322,86 +396,98 @@ def predict(workdir: str | Path, images: str | Path, out_dir: str | Path, *,
   elif labelled_dir is None:
     raise ValueError("threshold='f1' needs labelled_dir: a labelled validation folder "
                      "(MVTec test layout with masks)")
-  workdir, out_dir = Path(workdir), Path(out_dir)
-  cfg = study_a.load_config(workdir)
+  workdir, out_dir = Path(workdir), Path(out_dir).expanduser()
+  started = time.strftime("%Y-%m-%d %H:%M:%S")
+  manifest = runrecord.read_run(workdir, kind=study_a_run.KIND)   # verified, no lock, no write
+  cfg = study_a_run.load_config(workdir)
   if cfg.data.kind == "features":
     raise ValueError(f"{workdir} was trained on pre-extracted features (data.kind=features): "
                      "it has no backbone to extract features of new images")
+  _check_out_dir(out_dir, workdir)
   to_score = scan_images(images)
   labelled = scan_images(labelled_dir) if labelled_dir is not None else None
   split = _labelled_split(labelled) if labelled is not None else None
+  check_aspect_ratios(to_score.paths, int(cfg.backbone.resolution))
+  if split is not None:
+    check_aspect_ratios(split.image_paths, int(cfg.backbone.resolution))
 
-  with runrecord.open_run(workdir, cfg, kind=study_a.KIND) as run:
-    trained = _trained_categories(run.workdir)
-    if category is None:
-      if len(trained) != 1:
-        raise ValueError(f"{workdir} holds the categories {trained}: pass category=...")
-      category = trained[0]
-    elif category not in trained:
-      raise ValueError(f"category {category!r} was not trained in {workdir} "
-                       f"(trained: {', '.join(trained)})")
-    if len(pipeline.scale_layers(cfg)) > 1:
-      raise ValueError(f"{workdir} is a multi-scale run (config.backbone.layers="
-                       f"{tuple(cfg.backbone.layers)}); predict scores single-scale runs only")
-    tc = study_a.load_trained(run.workdir, [category])[category]
-    i = _select_row(cfg, tc.rows, variant, seed)
-    row = tc.rows[i]
-    score = _scorer(cfg, tc, i)
-    paths = tc.dataset.split_paths(category)
+  trained = _trained_categories(workdir)
+  if category is None:
+    if len(trained) != 1:
+      raise ValueError(f"{workdir} holds the categories {trained}: pass category=...")
+    category = trained[0]
+  elif category not in trained:
+    raise ValueError(f"category {category!r} was not trained in {workdir} "
+                     f"(trained: {', '.join(trained)})")
+  if len(pipeline.scale_layers(cfg)) > 1:
+    raise ValueError(f"{workdir} is a multi-scale run (config.backbone.layers="
+                     f"{tuple(cfg.backbone.layers)}); predict scores single-scale runs only")
+  tc = study_a_run.load_trained(workdir, [category])[category]
+  i = _select_row(cfg, tc.rows, variant, seed)
+  row = tc.rows[i]
+  score = _scorer(cfg, tc, i)
+  paths = tc.dataset.split_paths(category)
+  channels, warnings = channel_warnings(
+      to_score.paths, to_score.names,
+      {mvtec.image_channels_of(q) for q in [*paths["train"], *paths["val"]]})
+  for w in warnings:
+    print(f"warning: {w}", file=sys.stderr)
 
-    if threshold == "val_quantile":
-      if len(tc.data.val_feats) == 0:
-        raise ValueError(
-            f"{workdir} holds no held-out normal images (data.val_fraction = "
-            f"{cfg.data.get('val_fraction', 0.0)}): retrain with --config.data.val_fraction=0.2, "
-            "or use threshold='f1' with a labelled validation folder")
-      ref_maps, ref_scores = score(tc.data.val_feats)
-      data = [str(p) for p in paths["val"]]
-      thr = {"mode": threshold, "quantile": float(quantile),
-             "source": f"the run's held-out normal training images (data.val_fraction = "
-                       f"{cfg.data.val_fraction}, data.split_seed = {cfg.data.split_seed})",
-             "image": float(np.quantile(ref_scores, quantile)),
-             "pixel": float(np.quantile(ref_maps, quantile))}
-      colour_ref = ref_maps
-      key = f"val-q{float(quantile):g}"
-    else:
-      seen = {**{feature_cache.file_digest(p): ("training image", p) for p in paths["train"]},
-              **{feature_cache.file_digest(p): ("test image", p) for p in paths["test"]}}
-      for p in split.image_paths:
-        what, q = seen.get(feature_cache.file_digest(p), (None, None))
-        if what == "test image":
-          raise ValueError(f"labelled_dir: {p} is the run's test image {q}; thresholds must "
-                           "not be chosen on the test split")
-        if what:
-          raise ValueError(f"labelled_dir: {p} is the run's training image {q}; its scores "
-                           "are optimistic (trained on), so it cannot choose thresholds")
-      ref_maps, ref_scores = score(tc.dataset.image_features(split.image_paths, progress))
-      masks = split.load_masks(cfg.eval.size)
-      image_thr, image_f1 = f1_threshold(ref_scores, split.labels)
-      pixel_thr, pixel_f1 = f1_threshold(ref_maps, masks)
-      data = [str(p) for p in split.image_paths]
-      thr = {"mode": threshold, "quantile": None,
-             "source": f"labelled validation folder {Path(labelled_dir).expanduser()}",
-             "image": image_thr, "pixel": pixel_thr,
-             "image_f1": image_f1, "pixel_f1": pixel_f1}
-      colour_ref = ref_maps[split.labels == 0]
-      key = "f1-" + _digest([*split.image_paths, *(m for m in split.mask_paths if m)])[:12]
-    lo = float(np.median(colour_ref))
-    hi = thr["pixel"] + (thr["pixel"] - lo)
-    thr.update({"data": data, "n_images": len(data), "category": category,
-                "variant": row["variant"], "seed": row["seed"],
-                "rule": "anomalous iff score >= threshold (image: image score, pixel: map value)",
-                "colour_scale": [lo, hi if hi > lo else lo + 1e-6],
-                "unit": f"{category}/predict/threshold-{row['variant']}-seed{row['seed']}-{key}"})
-    run.save_unit(thr["unit"], thr)
+  if threshold == "val_quantile":
+    if len(tc.data.val_feats) == 0:
+      raise ValueError(
+          f"{workdir} holds no held-out normal images (data.val_fraction = "
+          f"{cfg.data.get('val_fraction', 0.0)}): retrain with --config.data.val_fraction=0.2, "
+          "or use threshold='f1' with a labelled validation folder")
+    ref_maps, ref_scores = score(tc.data.val_feats)
+    data = [str(q) for q in paths["val"]]
+    thr = {"mode": threshold, "quantile": float(quantile),
+           "source": f"the run's held-out normal training images (data.val_fraction = "
+                     f"{cfg.data.val_fraction}, data.split_seed = {cfg.data.split_seed})",
+           "image": float(np.quantile(ref_scores, quantile)),
+           "pixel": float(np.quantile(ref_maps, quantile))}
+    colour_ref = ref_maps
+    key = f"val-q{float(quantile):g}"
+  else:
+    seen = {**{feature_cache.file_digest(q): ("training image", q) for q in paths["train"]},
+            **{feature_cache.file_digest(q): ("test image", q) for q in paths["test"]}}
+    for q in split.image_paths:
+      what, other = seen.get(feature_cache.file_digest(q), (None, None))
+      if what == "test image":
+        raise ValueError(f"labelled_dir: {q} is the run's test image {other}; thresholds must "
+                         "not be chosen on the test split")
+      if what:
+        raise ValueError(f"labelled_dir: {q} is the run's training image {other}; its scores "
+                         "are optimistic (trained on), so it cannot choose thresholds")
+    ref_maps, ref_scores = score(tc.dataset.image_features(split.image_paths, progress))
+    masks = split.load_masks(cfg.eval.size)
+    image_thr, image_f1 = f1_threshold(ref_scores, split.labels)
+    pixel_thr, pixel_f1 = f1_threshold(ref_maps, masks)
+    data = [str(q) for q in split.image_paths]
+    thr = {"mode": threshold, "quantile": None,
+           "source": f"labelled validation folder {Path(labelled_dir).expanduser()}",
+           "image": image_thr, "pixel": pixel_thr,
+           "image_f1": image_f1, "pixel_f1": pixel_f1}
+    colour_ref = ref_maps[split.labels == 0]
+    key = "f1-" + _digest([*split.image_paths, *(m for m in split.mask_paths if m)])[:12]
+  lo = float(np.median(colour_ref))
+  hi = thr["pixel"] + (thr["pixel"] - lo)
+  thr.update({"data": data, "n_images": len(data), "category": category,
+              "variant": row["variant"], "seed": row["seed"],
+              "rule": "anomalous iff score >= threshold (image: image score, pixel: map value)",
+              "colour_scale": [lo, hi if hi > lo else lo + 1e-6],
+              "id": f"{category}/threshold-{row['variant']}-seed{row['seed']}-{key}"})
 
-    maps, scores = score(tc.dataset.image_features(to_score.paths, progress))
+  maps, scores = score(tc.dataset.image_features(to_score.paths, progress))
+  # Everything goes into a staging folder renamed onto out_dir when complete: a failure
+  # anywhere below leaves out_dir as it was.
+  with io.atomic_directory(out_dir) as stage:
     rows = []
     for j, path in enumerate(to_score.paths):
       name = to_score.names[j]
       mask_rel, overlay_rel = f"masks/{name}_mask.png", f"overlays/{name}.png"
       fraction = _outputs(path, maps[j], thr["pixel"], tuple(thr["colour_scale"]),
-                          out_dir / mask_rel, out_dir / overlay_rel)
+                          stage / mask_rel, stage / overlay_rel)
       anomalous = bool(scores[j] >= thr["image"])
       rows.append({"path": str(path),
                    "defect_type": to_score.types[j] if to_score.types else None,
@@ -409,17 +495,22 @@ def predict(workdir: str | Path, images: str | Path, out_dir: str | Path, *,
                    "image_score": float(scores[j]), "image_threshold": thr["image"],
                    "decision": "anomalous" if anomalous else "normal",
                    "anomalous_pixel_fraction": fraction, "mask": mask_rel,
-                   "overlay": overlay_rel})
-    result = {"workdir": str(run.workdir), "out_dir": str(out_dir), "category": category,
+                   "overlay": overlay_rel, "channels": channels[j]})
+    invocation = {"started": started, "seconds": time.time() - t0,
+                  "code": runrecord.code_version(),
+                  "run": {"workdir": str(workdir), "config_hash": manifest["config_hash"],
+                          "invocations": len(manifest.get("invocations", []))},
+                  "arguments": {"images": str(images), "out_dir": str(out_dir),
+                                "category": category, "variant": variant, "seed": seed,
+                                "threshold": threshold, "quantile": quantile,
+                                "labelled_dir": None if labelled_dir is None else str(labelled_dir)}}
+    result = {"kind": KIND, "workdir": str(workdir), "out_dir": str(out_dir), "category": category,
               "images_from": str(to_score.root), "row": row, "threshold": thr,
               "eval": dict(cfg.eval), "images": rows, "summary": _summary(rows),
-              "seconds": time.time() - t0}
-    io.atomic_write_json(out_dir / "results.json", result)
-    _write_csv(out_dir / "results.csv", rows)
-    run.record(predict={"images": str(to_score.root), "out_dir": str(out_dir),
-                        "category": category, "variant": row["variant"], "seed": row["seed"],
-                        "threshold_unit": thr["unit"], "image_threshold": thr["image"],
-                        "pixel_threshold": thr["pixel"], "n_images": len(rows)})
+              "warnings": warnings, "invocation": invocation, "seconds": time.time() - t0}
+    io.atomic_write_json(stage / "threshold.json", thr)
+    io.atomic_write_json(stage / "results.json", result)
+    _write_csv(stage / "results.csv", rows)
   return result
 
 

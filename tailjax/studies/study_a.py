@@ -27,7 +27,6 @@ returns that scale's flow and parameters).
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -36,14 +35,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from tailjax import anomaly, engine, evaluation, flows, io, losses, reporting, runrecord
+from tailjax import anomaly, distributed, engine, evaluation, io, reporting, runrecord
 from tailjax import train as train_lib
 from tailjax.analysis import causal
 from tailjax.data import pipeline
 from tailjax.evaluation import METRIC_KEYS, METRIC_NAMES
 from tailjax.stats import mean_ci
-
-KIND = "study_a"
+from tailjax.studies.study_a_run import KIND, reference_scale, variant_rows
 
 # Every field study A reads (``runrecord.check_fields``): anything else is an error.
 # data.* and backbone.* fields depend on the data kind and backbone (``pipeline.input_fields``).
@@ -66,20 +64,6 @@ FIELDS = (
 # ----------------------------------------------------------------------------
 # Rows and evaluation
 # ----------------------------------------------------------------------------
-
-
-def variant_rows(cfg) -> engine.Rows:
-  """Row table: variant-major, seeds ``seed, seed+1, ...`` per variant."""
-  out = []
-  for name, v in cfg.variants.items():
-    losses.validate_tail_params(float(v.tail_weight), float(v.top_k_ratio),
-                                where=f"config.variants.{name}")
-    for s in range(int(cfg.num_seeds)):
-      out.append({"variant": name, "tail_weight": float(v.tail_weight),
-                  "top_k_ratio": float(v.top_k_ratio),
-                  "learning_rate": float(v.get("learning_rate", cfg.optim.learning_rate)),
-                  "seed": int(cfg.seed) + s})
-  return engine.Rows.from_dicts(out, where="config.variants")
 
 
 def _eval_cfg(cfg) -> dict:
@@ -131,11 +115,6 @@ def evaluate_rows(cfg, program: train_lib.FlowProgram, params_R, data: pipeline.
     return list(ex.map(host_metrics, scored))
 
 
-def reference_scale(cfg, data: pipeline.CategoryData) -> int:
-  """Index of ``backbone.layer`` among a multi-scale run's scales."""
-  return data.layers.index(int(cfg.backbone.layer))
-
-
 def eval_steps(cfg) -> tuple[int, ...]:
   """The budget ladder (``eval.budgets``, always ending at ``train.num_steps``)."""
   total = int(cfg.train.num_steps)
@@ -147,10 +126,40 @@ def eval_steps(cfg) -> tuple[int, ...]:
 
 
 def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData,
-                 progress: bool = True) -> dict:
-  """Trains every row on one category (resuming) and evaluates it; writes ``<cat>/metrics.json``."""
-  out_dir = run.path(data.name)
+                 progress: bool = True) -> dict | None:
+  """Trains every row on one category (resuming) and evaluates it; writes ``<cat>/metrics.json``.
+
+  With several processes all of them train (``engine.run_rows``); process 0 alone
+  evaluates, fits PaDiM and writes, and only it returns the results (the others: None).
+  """
   t0 = time.time()
+  rows = variant_rows(cfg)
+  flow_train = data.flow_feats("train")
+  program = train_lib.make_flow_program(cfg, train_lib.feats_shape_of(flow_train))  # the engine's
+  evaluate = lambda step, params_R: evaluate_rows(cfg, program, params_R, data)
+  res = engine.run_rows(cfg, run, data.name, flow_train, rows, eval_steps=eval_steps(cfg),
+                        evaluate=evaluate, progress=progress, desc=data.name)
+  _add_seconds(run, training=res.seconds.get("train", 0.0),
+               evaluation=res.seconds.get("eval", 0.0))
+  t_ref = time.time()
+  out = distributed.lead_first(f"{data.name}/results",
+                               lambda: _category_results(cfg, run, data, rows, res, t0))
+  _add_seconds(run, reference_and_figures=time.time() - t_ref)
+  return out
+
+
+def _add_seconds(run: runrecord.Run, **phases: float) -> None:
+  """Adds wall seconds per phase to this invocation's ``phase_seconds`` in the manifest
+  (features, training, evaluation, reference_and_figures, analyses, report)."""
+  rec = run.manifest["invocations"][-1].setdefault("phase_seconds", {})
+  for k, v in phases.items():
+    rec[k] = round(rec.get(k, 0.0) + float(v), 3)
+
+
+def _category_results(cfg, run: runrecord.Run, data: pipeline.CategoryData, rows: engine.Rows,
+                      res: engine.RowsResult, t0: float) -> dict:
+  """PaDiM, every row's records at every budget, ``metrics.json`` and the examples figure."""
+  out_dir = run.path(data.name)
   result: dict[str, Any] = {"category": data.name, "n_train": len(data.train_feats),
                             "n_test": len(data.test_feats),
                             "n_defective": int(np.sum(data.test_labels)),
@@ -159,13 +168,7 @@ def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData,
   padim_scores = np.asarray(anomaly.padim_score(padim, data.test_feats))
   result["padim"], padim_maps = evaluation.evaluate_scores(_eval_cfg(cfg), padim_scores,
                                                            data.test_masks, data.test_labels)
-  rows = variant_rows(cfg)
   total = int(cfg.train.num_steps)
-  flow_train = data.flow_feats("train")
-  program = train_lib.make_flow_program(cfg, train_lib.feats_shape_of(flow_train))  # the engine's
-  evaluate = lambda step, params_R: evaluate_rows(cfg, program, params_R, data)
-  res = engine.run_rows(cfg, run, data.name, flow_train, rows, eval_steps=eval_steps(cfg),
-                        evaluate=evaluate, progress=progress, desc=data.name)
   result["rows"] = [{**rows.row(i), "metrics": res.evals[total][i]["metrics"]}
                     for i in range(rows.num_rows)]
   # Every row's record at every budget: {step: [record per row]} (JSON keys are strings).
@@ -188,74 +191,6 @@ def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData,
                              data.test_types, {**maps, "PaDiM": padim_maps},
                              n_examples=cfg.report.n_examples, title=data.name)
   return result
-
-
-# ----------------------------------------------------------------------------
-# Reloading a finished run (analyses)
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class TrainedCategory:
-  """A finished study-A category, reloaded from its workdir (for analyses)."""
-  cfg: Any
-  data: pipeline.CategoryData
-  model: flows.FastFlow2d
-  program: train_lib.FlowProgram
-  params_R: Any                 # every leaf has a leading row axis (host arrays)
-  rows: list[dict]              # per row: variant, seed, tail_weight, top_k_ratio, learning_rate
-  dataset: pipeline.Dataset     # for image-space analyses (``dataset.train_images``)
-  # Multi-scale runs: model/program/params_R above are the reference scale's flow
-  # (``backbone.layer``); these hold every scale (None for a single-scale run).
-  full_program: train_lib.FlowProgram | None = None
-  full_params_R: Any = None
-
-
-def load_config(workdir: str | Path):
-  """The config a workdir ran, from its manifest."""
-  import ml_collections
-  manifest = runrecord.read_manifest(workdir)
-  if manifest.get("kind") != KIND:
-    raise ValueError(f"{workdir} holds a {manifest.get('kind')!r} run, not a study-A run")
-  return ml_collections.ConfigDict(manifest["config"])
-
-
-def load_trained(workdir: str | Path, categories=None) -> dict[str, TrainedCategory]:
-  """Reloads features, masks and the trained rows of every (or the given) category.
-
-  Nothing is trained: the rows are restored from their final checkpoints (whatever row
-  mode or backend trained them); an unfinished category is an error. For a multi-scale
-  run (``backbone.layers``), ``model``, ``program`` and ``params_R`` are those of the
-  reference scale ``backbone.layer`` alone (the flow of that scale is exactly the
-  sub-module ``scale_<s>`` of the multi-scale model), so the per-patch analyses run on
-  it with ``data.train_feats`` unchanged; ``full_program`` / ``full_params_R`` hold all
-  scales.
-  """
-  workdir = Path(workdir)
-  cfg = load_config(workdir)
-  dataset = pipeline.Dataset(cfg)
-  wanted = pipeline.parse_categories(categories) or dataset.categories
-  rows = variant_rows(cfg)
-  out = {}
-  for name in wanted:
-    data = dataset.load(name)
-    program, params_R, step = engine.load_rows(
-        cfg, workdir, name, train_lib.feats_shape_of(data.flow_feats("train")), rows)
-    if step != int(cfg.train.num_steps):
-      raise ValueError(f"category {name!r} in {workdir} stopped at step {step} of "
-                       f"{cfg.train.num_steps}: rerun the training command to finish it")
-    if not data.multiscale:
-      out[name] = TrainedCategory(cfg, data, program.model, program, params_R, rows.to_json(),
-                                  dataset)
-      continue
-    s = reference_scale(cfg, data)
-    ref_program = train_lib.make_flow_program(cfg, data.train_feats.shape,
-                                              conv_impl=program.conv_impl)
-    ref_params_R = {"params": params_R["params"][f"scale_{s}"]}
-    out[name] = TrainedCategory(cfg, data, ref_program.model, ref_program, ref_params_R,
-                                rows.to_json(), dataset, full_program=program,
-                                full_params_R=params_R)
-  return out
 
 
 # ----------------------------------------------------------------------------
@@ -317,6 +252,7 @@ def write_report(cfg, workdir: Path, results: dict[str, dict], summary: dict, se
   n_val = next(iter(results.values())).get("n_val", 0)
   lines = [f"# Study A: tail-aware vs mean-only flow training ({cfg.data.kind})", ""]
   lines += ["## Answer", ""] + reporting.bullets(rep.answer_lines(cfg, results, con)) + [""]
+  lines += rep.regime_section(cfg, con)
   lines += ["![budget curve](budget_curve.png)", ""]
   extended = runrecord.read_manifest(workdir).get("extended", [])
   history = "".join(f" It was trained to {e.get('from_train.num_steps')} steps first, then "
@@ -380,17 +316,26 @@ def write_report(cfg, workdir: Path, results: dict[str, dict], summary: dict, se
 
 
 def train_and_evaluate(cfg, run: runrecord.Run, progress: bool = True) -> dict:
-  """Every category of ``cfg`` in the open run ``run``; resumable."""
+  """Every category of ``cfg`` in the open run ``run``; resumable. With several processes,
+  only process 0 (``run.writer``) gets the results; the others return ``results=None``."""
   t0 = time.time()
-  dataset = pipeline.Dataset(cfg)
+  dataset = pipeline.open_dataset(cfg)
   results = {}
+  _add_seconds(run, features=time.time() - t0)   # building the benchmark, if needed
   for name in dataset.categories:
-    data = dataset.load(name)
+    t_feats = time.time()
+    data = pipeline.load_once(dataset, name)
+    _add_seconds(run, features=time.time() - t_feats)
     results[name] = run_category(cfg, run, data, progress=progress)
+    if not run.writer:
+      continue
     print(f"[{name}] " + ", ".join(
         f"{v} pixel AP {100 * np.mean([r['metrics']['pixel_ap'] for r in results[name]['rows'] if r['variant'] == v]):.2f}"
         for v in cfg.variants)
         + f", PaDiM {100 * results[name]['padim']['pixel_ap']:.2f} ({results[name]['seconds']:.0f} s)")
+  if not run.writer:
+    return {"results": None, "summary": None, "seconds": time.time() - t0,
+            "workdir": run.workdir}
   summary = summarize(results, cfg.report.baseline, cfg.report.treatment)
   seconds = time.time() - t0
   io.atomic_write_json(run.path("metrics.json"), {"categories": results, "summary": summary,
@@ -417,16 +362,23 @@ def main(cfg, workdir: str | Path, *, on_change: str = "error", progress: bool =
   t0 = time.time()
   with runrecord.open_run(workdir, cfg, kind=KIND, on_change=on_change, extendable=True) as run:
     out = train_and_evaluate(cfg, run, progress=progress)
+    if not run.writer:   # trained with process 0, which analyses and reports
+      return out
     res = None
+    t_phase = time.time()
     if cfg.analysis.enabled:
       from tailjax.studies import analysis
       res = analysis.analyze_run(run.workdir, num_images=cfg.analysis.num_images,
                                  num_param_images=cfg.analysis.num_param_images,
                                  sweeps=cfg.analysis.sweeps or None, run=run)
       out["analysis"] = res
+    _add_seconds(run, analyses=time.time() - t_phase)
+    t_phase = time.time()
     text = write_report(cfg, run.workdir, out["results"], out["summary"], time.time() - t0, res)
     if res is not None:
       analysis.append_to_report(run.workdir, res)
       text = (run.workdir / "report.md").read_text()
+    _add_seconds(run, report=time.time() - t_phase)
+    run.record()   # the phase times, into manifest.json
     print(text)
   return out

@@ -23,6 +23,18 @@ Rules, fixed before any run (they are printed in the report):
   pooled paired difference of border-band pixel AP lies above 0 *and* exceeds the
   interior's; L4 = the pooled pixel-AP reading. The link p-values are
   Holm-corrected together; everything else in the report is descriptive.
+* **By regime** (``by_regime``; runs with ≥ 2 categories): per category, per tier
+  (texture tiers ``hard`` / ``calibrated``; one tier "—" for other data kinds) and
+  pooled, the tail − mean pixel AP and image AUROC at the primary point. Pooled two
+  ways: the seed-paired estimate (mean over categories per seed, t-interval over seeds)
+  and a random-effects estimate across categories (REML τ², HKSJ 95 % CI; τ² and I² shown) on
+  per-category (mean difference, its seed variance / S); "tail-aware better" / "worse"
+  iff that CI lies above / below 0. A meta-regression of the per-category effect on the
+  mean-only model's image AUROC (its detectability) gives the slope: "the tail-aware
+  effect grows with detectability" iff the slope's 95 % CI (HKSJ) lies above 0,
+  "shrinks" iff below, else "no dependence on detectability shown". With k < 3
+  categories (in the scope) these rows read "not estimable (k < 3)"; they are
+  descriptive, outside the Holm families above.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from tailjax import reporting
+from tailjax import metaanalysis, reporting
 from tailjax.analysis import causal
 from tailjax.evaluation import METRIC_KEYS, METRIC_NAMES
 from tailjax.stats import mean_ci
@@ -221,6 +233,134 @@ def conclusions(cfg, results: dict, analysis: dict | None = None) -> dict:
   out["link_holm"] = dict(zip(names, (float(x) for x in causal.holm(ps))))
   out["links"] = links
   out["n_seeds"] = len({r["seed"] for r in next(iter(results.values()))["rows"]})
+  if len(cats) >= 2:
+    out["by_regime"] = by_regime(cfg, primary)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The answer by regime: categories, tiers, random effects, meta-regression
+# ----------------------------------------------------------------------------
+
+REGIME_METRICS = ("pixel_ap", "image_auroc")
+MIN_META_K = 3        # categories a random-effects / meta-regression row needs
+COVARIATE = "mean-only image AUROC"
+
+
+def category_regime(cfg, category: str) -> str:
+  """The tier of a category: ``textures.category_tier`` for ``data.kind=textures``
+  ("hard" / "calibrated"); "—" (one tier) for every other data kind."""
+  data = cfg.get("data") if hasattr(cfg, "get") else None
+  if data is not None and data.get("kind") == "textures":
+    from tailjax.data import textures
+    return textures.category_tier(category)
+  return reporting.DASH
+
+
+def _not_estimable(reason: str) -> dict:
+  return {"estimable": False, "reason": f"not estimable ({reason})"}
+
+
+def _meta_inputs(diffs: dict[str, np.ndarray]):
+  """(y_K, v_K) = ``metaanalysis.effects_from_seeds`` of the finite per-seed differences,
+  or the reason why not (k < 3, a category with < 2 seeds or zero seed variance)."""
+  if len(diffs) < MIN_META_K:
+    return _not_estimable(f"k < {MIN_META_K}")
+  rows = {c: d[np.isfinite(d)] for c, d in diffs.items()}
+  few = [c for c, d in rows.items() if d.size < 2]
+  if few:
+    return _not_estimable(f"< 2 seeds in {', '.join(few)}")
+  y_K, v_K = metaanalysis.effects_from_seeds(list(rows.values()))
+  flat = [c for c, v in zip(rows, v_K) if v <= 0]
+  if flat:
+    return _not_estimable(f"zero seed variance in {', '.join(flat)}")
+  return y_K, v_K
+
+
+def _ci(mean, se, ci, p) -> dict:
+  return {"mean": float(mean), "se": float(se), "lo": float(ci[0]), "hi": float(ci[1]),
+          "p": float(p)}
+
+
+def regime_random_effects(diffs: dict[str, np.ndarray]) -> dict:
+  """Random-effects pooled tail − mean over the categories of ``diffs`` (per category,
+  per-seed differences): ``metaanalysis.random_effects`` (REML, HKSJ) on
+  ``y_i = mean_s d_is``, ``v_i = var_s(d_is) / S``, and its verdict (CI vs 0)."""
+  inputs = _meta_inputs(diffs)
+  if isinstance(inputs, dict):
+    return inputs
+  re = metaanalysis.random_effects(*inputs, method="reml", ci="hksj")
+  out = {"estimable": True, **_ci(re.mu, re.se, re.ci, re.p_value), "tau2": re.tau2,
+         "tau2_lo": re.tau2_ci[0], "tau2_hi": re.tau2_ci[1], "i2": re.i2, "q": re.q,
+         "q_df": re.q_df, "q_p": re.q_p_value, "k": re.k, "method": re.method,
+         "ci_method": re.ci_method}
+  out["verdict"] = reporting.difference_verdict(out, "tail-aware better", "tail-aware worse")
+  return out
+
+
+def regime_meta_regression(diffs: dict[str, np.ndarray], x: dict[str, float]) -> dict:
+  """Random-effects meta-regression ``y_i = a + b · x_i`` of the per-category tail − mean
+  on ``x`` (the mean-only model's image AUROC): ``metaanalysis.meta_regression`` (REML,
+  HKSJ on k − 2 df). ``b`` is in effect units per covariate unit (pp per pp). Verdict:
+  "grows" iff b's CI lies above 0, "shrinks" iff below, else no dependence shown."""
+  inputs = _meta_inputs(diffs)
+  if isinstance(inputs, dict):
+    return inputs
+  x_K = np.array([x[c] for c in diffs], np.float64)
+  if not np.isfinite(x_K).all() or np.ptp(x_K) == 0:
+    return _not_estimable(f"{COVARIATE} undefined or equal in every category")
+  mr = metaanalysis.meta_regression(*inputs, x_K, method="reml", ci="hksj")
+  slope = _ci(mr.slope, mr.se_slope, mr.ci_slope, mr.p_slope)
+  side = reporting.side_of_zero(slope)
+  verdict = {1: "the tail-aware effect grows with detectability (slope CI above 0)",
+             -1: "the tail-aware effect shrinks with detectability (slope CI below 0)"
+             }.get(side, "no dependence on detectability shown (slope CI contains 0)")
+  return {"estimable": True, "slope": slope,
+          "intercept": _ci(mr.intercept, mr.se_intercept, mr.ci_intercept, np.nan),
+          "tau2": mr.tau2, "i2": mr.i2, "q_e": mr.q_e, "q_df": mr.q_df, "q_p": mr.q_p_value,
+          "k": mr.k, "method": mr.method, "ci_method": mr.ci_method, "verdict": verdict}
+
+
+def by_regime(cfg, primary: dict) -> dict:
+  """The answer by regime, from ``primary`` = ``view(results, steps)`` at the primary
+  point (``conclusions``: the validation-selected step of each row).
+
+  Per category ``c`` with seeds s: ``d_cs`` = tail − mean (``paired``) of pixel AP and
+  image AUROC, its ``causal.paired_test`` and the covariate ``x_c`` = the mean over
+  seeds of the mean-only rows' image AUROC. Per tier T (``category_regime``) and for
+  all categories: the seed-paired estimate ``paired_test(pooled(d over c ∈ T))`` and
+  ``regime_random_effects``; for all categories also ``regime_meta_regression`` of
+  the per-category effect on ``x``. (The covariate is the baseline's own test metric:
+  its noise enters Δ image AUROC with a minus sign, biasing that slope downwards
+  — regression to the mean — so the pixel-AP slope is the cleaner reading.)
+
+  Returns ``{"covariate", "categories": {c: {"tier", "covariate", metric: test}},
+  "tiers": {T: {"categories", metric: {"seed_paired", "random_effects"}}},
+  "pooled": {metric: {"seed_paired", "random_effects", "meta_regression"}}}``.
+  """
+  base, treat = cfg.report.baseline, cfg.report.treatment
+  cats = list(primary)
+  tier = {c: category_regime(cfg, c) for c in cats}
+  diffs = {k: paired(primary, base, treat, lambda r, k=k: r["metrics"][k])
+           for k in REGIME_METRICS}
+  x = {c: float(np.mean([r["metrics"]["image_auroc"] for r in primary[c]["rows"]
+                         if r["variant"] == base])) for c in cats}
+  out = {"covariate": f"image AUROC of the {base} rows at their selected step, mean over seeds",
+         "categories": {c: {"tier": tier[c], "covariate": x[c],
+                            **{k: causal.paired_test(diffs[k][c]) for k in REGIME_METRICS}}
+                        for c in cats},
+         "tiers": {}, "pooled": {}}
+  for t in dict.fromkeys(tier.values()):
+    members = [c for c in cats if tier[c] == t]
+    out["tiers"][t] = {"categories": members}
+    for k in REGIME_METRICS:
+      d = {c: diffs[k][c] for c in members}
+      out["tiers"][t][k] = {"seed_paired": causal.paired_test(pooled(d)),
+                            "random_effects": regime_random_effects(d)}
+  for k in REGIME_METRICS:
+    out["pooled"][k] = {"seed_paired": causal.paired_test(pooled(diffs[k])),
+                        "random_effects": regime_random_effects(diffs[k]),
+                        "meta_regression": regime_meta_regression(diffs[k], x)}
   return out
 
 
@@ -275,9 +415,84 @@ def answer_lines(cfg, results: dict, con: dict) -> list[str]:
   if int(cfg.flow.num_steps) != STUDY_COUPLING_STEPS:
     lines.append(f"This run uses {cfg.flow.num_steps} coupling steps; the study used "
                  f"{STUDY_COUPLING_STEPS} (`make study` runs that architecture).")
+  if "by_regime" in con:
+    lines.append(regime_answer(con["by_regime"]))
   lines.append("The study reported +9.94 pp pixel AP (45.86 → 55.80 %) and image AUROC "
                "96.62 → 98.05 % on its own data, from single runs.")
   return lines
+
+
+def _re_text(re: dict) -> str:
+  if not re["estimable"]:
+    return re["reason"]
+  return (f"{_pp(re)} (τ² = {1e4 * re['tau2']:.3g} pp², I² = {100 * re['i2']:.0f} %)")
+
+
+def _slope_text(mr: dict) -> str:
+  if not mr["estimable"]:
+    return mr["reason"]
+  return (f"slope {reporting.interval(mr['slope'], signed=True)} pp per pp (HKSJ, "
+          f"{mr['k'] - 2} df)")
+
+
+def regime_answer(br: dict) -> str:
+  """One answer bullet: pixel AP across categories by random effects and its slope on
+  detectability (``by_regime``), with the verdicts."""
+  ap = br["pooled"]["pixel_ap"]
+  re, mr = ap["random_effects"], ap["meta_regression"]
+  tiers = ", ".join(f"{t} {len(v['categories'])}" for t, v in br["tiers"].items())
+  text = (f"{_pp(re)} pp (τ² = {1e4 * re['tau2']:.3g} pp², I² = {100 * re['i2']:.0f} %)"
+          if re["estimable"] else re["reason"])
+  head = (f"**By regime** ({len(br['categories'])} categories; tiers: {tiers}): pixel AP "
+          f"random-effects pooled (REML, HKSJ) {text}")
+  head += f", **{re['verdict']}**" if re["estimable"] else ""
+  head += f"; on {COVARIATE}: {_slope_text(mr)}"
+  return head + (f", **{mr['verdict']}**." if mr["estimable"] else ".")
+
+
+def regime_section(cfg, con: dict) -> list[str]:
+  """"The answer by regime" (``by_regime``): a table per category, per tier (when
+  there are several) and over all categories, then the random-effects and
+  meta-regression bullets; [] for a one-category run."""
+  br = con.get("by_regime")
+  if not br:
+    return []
+  cats = br["categories"]
+  x = lambda members: f"{100 * np.mean([cats[c]['covariate'] for c in members]):.2f}"
+  body = [[c, v["tier"], 1, x([c]), _pp(v["pixel_ap"]), _pp(v["image_auroc"])]
+          for c, v in cats.items()]
+  scopes = [(t, v["categories"], v) for t, v in br["tiers"].items()] if len(br["tiers"]) > 1 else []
+  scopes.append(("all", list(cats), br["pooled"]))
+  for name, members, v in scopes:
+    body.append([f"{name}: seed-paired", name, len(members), x(members),
+                 _pp(v["pixel_ap"]["seed_paired"]), _pp(v["image_auroc"]["seed_paired"])])
+    body.append([f"{name}: random effects", name, len(members), x(members),
+                 _re_text(v["pixel_ap"]["random_effects"]),
+                 _re_text(v["image_auroc"]["random_effects"])])
+  lines = ["## The answer by regime", "",
+           f"{cfg.report.treatment} − {cfg.report.baseline} at the primary point, pp with 95 % "
+           f"CI. Seed-paired: the mean over the scope's categories per seed, t-interval over "
+           f"{con['n_seeds']} seeds. Random effects: across the scope's categories, each "
+           "(mean difference, seed variance / S), REML τ², HKSJ interval. Detectability: "
+           f"{br['covariate']}.", ""]
+  lines += reporting.table(["scope", "tier", "k", f"{COVARIATE} (%)", "Δ pixel AP (pp)",
+                            "Δ image AUROC (pp)"], body)
+  items = []
+  for k in REGIME_METRICS:
+    re, mr = br["pooled"][k]["random_effects"], br["pooled"][k]["meta_regression"]
+    name = METRIC_NAMES[k]
+    if re["estimable"]:
+      items.append(f"Δ {name} across all {re['k']} categories, random effects: {_pp(re)} pp, "
+                   f"τ² = {1e4 * re['tau2']:.3g} pp² (Q-profile "
+                   f"[{1e4 * re['tau2_lo']:.3g}, {1e4 * re['tau2_hi']:.3g}]), "
+                   f"I² = {100 * re['i2']:.0f} %, Cochran's Q = {re['q']:.2f} on {re['q_df']} "
+                   f"df (p = {reporting.pvalue(re['q_p'])}): **{re['verdict']}**.")
+    else:
+      items.append(f"Δ {name} across categories, random effects: {re['reason']}.")
+    items.append(f"Does Δ {name} depend on detectability? Meta-regression on {COVARIATE}: "
+                 + (f"{_slope_text(mr)}, residual τ² = {1e4 * mr['tau2']:.3g} pp²: "
+                    f"**{mr['verdict']}**." if mr["estimable"] else f"{mr['reason']}."))
+  return lines + [""] + reporting.bullets(items) + [""]
 
 
 def budget_table(cfg, results: dict, con: dict) -> list[str]:

@@ -18,7 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from tailjax import engine, io, losses, reporting, runrecord
@@ -169,19 +168,20 @@ def run_and_evaluate(cfg, workdir: str | Path, *, on_change: str = "error",
   grid = grid_from_config(cfg.sweep)
   with runrecord.open_run(workdir, cfg, kind=KIND, on_change=on_change, extendable=True) as run:
     t0 = time.time()
-    dataset = pipeline.Dataset(cfg)
+    dataset = pipeline.open_dataset(cfg)
     all_rows: list[dict] = []
     n_patches = None
     for cat in dataset.categories:
       t_cat = time.time()
-      data = dataset.load(cat)
+      data = pipeline.load_once(dataset, cat)
       n_patches = int(np.prod(data.train_feats.shape[1:3]))
       all_rows += run_category(cfg, run, data, grid, progress=progress)
-      print(f"[{cat}] {grid.num_rows} rows trained and evaluated ({time.time() - t_cat:.0f} s)")
+      if run.writer:
+        print(f"[{cat}] {grid.num_rows} rows trained and evaluated ({time.time() - t_cat:.0f} s)")
     rows = [{k: r[k] for k in RESULT_KEYS} for r in all_rows]
     text = results_markdown(cfg, rows, grid, n_patches)
-    if jax.process_index() == 0:
+    if run.writer:   # process 0; the others read the same evaluation units and agree
       io.atomic_write_json(run.path("results.json"), {"rows": rows})
       io.atomic_write_text(run.path("results.md"), text + "\n")
-    print(text)
+      print(text)
     return {"rows": rows, "markdown": text, "seconds": time.time() - t0, "workdir": run.workdir}

@@ -45,7 +45,7 @@ GFLOPs at 224 px): use a GPU for the full MVTec AD.
 
 import ml_collections
 
-from configs import fastflow_mvtec_resnet18
+from tailjax.configs import fastflow_mvtec_resnet18
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

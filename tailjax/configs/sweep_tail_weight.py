@@ -24,7 +24,7 @@ the run (λ ∈ {0, 0.7}, 2 seeds, 10 steps, small benchmark) to a minute.
 
 import ml_collections
 
-from configs import fastflow_textures
+from tailjax.configs import fastflow_textures
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

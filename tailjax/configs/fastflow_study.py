@@ -21,7 +21,7 @@ smoke run with 8 coupling steps.
 
 import ml_collections
 
-from configs import fastflow_textures
+from tailjax.configs import fastflow_textures
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

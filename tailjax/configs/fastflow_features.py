@@ -31,7 +31,7 @@ coupling steps) for a quick check of a features file.
 
 import ml_collections
 
-from configs import fastflow_textures
+from tailjax.configs import fastflow_textures
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -15,7 +15,7 @@ patch), a built-in control. `configs/sweep_top_k.py:smoke`: r ∈ {0.02, 1.0},
 
 import ml_collections
 
-from configs import sweep_tail_weight
+from tailjax.configs import sweep_tail_weight
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

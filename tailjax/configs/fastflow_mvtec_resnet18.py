@@ -47,7 +47,7 @@ weight file.
 
 import ml_collections
 
-from configs import fastflow_mvtec
+from tailjax.configs import fastflow_mvtec
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -15,7 +15,7 @@ steps) for a quick check of a data folder.
 
 import ml_collections
 
-from configs import fastflow_textures
+from tailjax.configs import fastflow_textures
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

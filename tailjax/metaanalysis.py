@@ -1,0 +1,295 @@
+"""Random-effects meta-analysis and meta-regression over categories.
+
+Each category i contributes an effect estimate ``y_i`` (e.g. tail − mean pixel AP,
+averaged over seeds) with a within-category sampling variance ``v_i`` (e.g. the
+seeds' variance / number of seeds), treated as known. The random-effects model is
+
+  y_i = x_i^T β + u_i + e_i,   u_i ~ N(0, τ²),   e_i ~ N(0, v_i),
+
+with ``x_i = 1`` (pooled effect, β = μ) or ``x_i = (1, covariate_i)`` (meta-regression:
+intercept and slope). For a given τ² the estimate is weighted least squares with
+weights ``w_i = 1 / (v_i + τ²)``:
+
+  β̂(τ²) = (X^T W X)^{-1} X^T W y,   Cov_normal(β̂) = (X^T W X)^{-1}.
+
+τ² estimators (``method``):
+
+* ``"dl"`` — method of moments: DerSimonian–Laird (1986) for the pooled effect, its
+  generalisation to regression (Raudenbush 2009) otherwise. With fixed-effect weights
+  ``a_i = 1/v_i``, ``A = diag(a)`` and ``P = A − A X (X^T A X)^{-1} X^T A``,
+  ``Q_E = y^T P y`` (Cochran's Q for p = 1) and
+
+    τ̂²_DL = max(0, (Q_E − (k − p)) / tr(P)),
+    tr(P) = Σ a_i − tr((X^T A X)^{-1} X^T A² X)   (= Σa − Σa²/Σa for p = 1).
+
+* ``"reml"`` — restricted maximum likelihood: τ̂² maximises over τ² ≥ 0
+
+    ℓ_R(τ²) = −½ Σ log(v_i + τ²) − ½ log det(X^T W X) − ½ (y − X β̂)^T W (y − X β̂),
+
+  found with ``scipy.optimize.minimize_scalar`` (bounded Brent) on [0, U], U = 10·(the
+  sample variance of y + max v), far above any τ² the data support (the result is
+  checked against a brute-force grid in the tests); the boundary τ² = 0 is taken when
+  it scores at least as well. scipy has no random-effects meta-analysis (statsmodels'
+  ``combine_effects`` is not a dependency here), hence these few lines.
+
+Intervals for β (``ci``):
+
+* ``"hksj"`` (default) — Hartung–Knapp–Sidik–Jonkman: ``Cov = q · (X^T W X)^{-1}`` with
+  ``q = (y − Xβ̂)^T W (y − Xβ̂) / (k − p)`` and t quantiles on k − p degrees of freedom
+  (the unmodified form, as metafor's ``test="knha"``; ``q`` may be < 1). With few
+  categories (k = 8 here) the normal interval below under-covers; HKSJ keeps near
+  nominal coverage (tested).
+* ``"normal"`` — Wald: ``Cov = (X^T W X)^{-1}``, normal quantiles.
+
+τ² gets a Q-profile interval (Viechtbauer 2007): the τ² at which the generalised
+``Q(τ²) = (y − Xβ̂(τ²))^T W(τ²) (y − Xβ̂(τ²))`` (decreasing in τ²) equals the
+χ²_{k−p} quantiles 1 − α/2 (lower end) and α/2 (upper end), clipped at 0.
+Heterogeneity: Cochran's ``Q_E`` with its χ²_{k−p} p-value, and
+``I² = τ̂² / (τ̂² + s̃²)`` with the typical within-category variance
+``s̃² = (k − p) / tr(P)`` (Higgins–Thompson; equal to ``(Q − df)/Q`` under DL).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import scipy.optimize
+import scipy.stats
+
+METHODS = ("dl", "reml")
+CI_METHODS = ("hksj", "normal")
+
+
+class PooledEffect(NamedTuple):
+  """Random-effects pooled effect μ (``random_effects``)."""
+  mu: float
+  se: float
+  ci: tuple[float, float]
+  p_value: float          # two-sided, H0: μ = 0 (t on k − 1 df for HKSJ, normal otherwise)
+  tau2: float
+  tau2_ci: tuple[float, float]   # Q-profile
+  q: float                # Cochran's Q
+  q_df: int
+  q_p_value: float
+  i2: float               # in [0, 1]
+  k: int
+  method: str
+  ci_method: str
+  weights_K: np.ndarray   # 1 / (v_i + τ̂²), normalised to sum to 1
+
+
+class MetaRegression(NamedTuple):
+  """Random-effects meta-regression ``y = intercept + slope · x`` (``meta_regression``)."""
+  intercept: float
+  slope: float
+  se_intercept: float
+  se_slope: float
+  ci_intercept: tuple[float, float]
+  ci_slope: tuple[float, float]
+  p_slope: float          # two-sided, H0: slope = 0
+  tau2: float             # residual between-category variance
+  tau2_ci: tuple[float, float]
+  q_e: float              # residual heterogeneity Q_E on k − 2 df
+  q_df: int
+  q_p_value: float
+  i2: float               # residual I²
+  k: int
+  method: str
+  ci_method: str
+
+
+# ----------------------------------------------------------------------------
+# Shared pieces (any design X: the pooled effect is X = 1)
+# ----------------------------------------------------------------------------
+
+
+def _check(y_K, v_K, x_K=None, *, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  y = np.asarray(y_K, np.float64)
+  v = np.asarray(v_K, np.float64)
+  if y.ndim != 1 or v.shape != y.shape:
+    raise ValueError(f"effects y and variances v must be 1-D of equal length, got shapes "
+                     f"{y.shape} and {v.shape}")
+  if not (np.isfinite(y).all() and np.isfinite(v).all()):
+    raise ValueError("effects y and variances v must be finite (a category with NaN/Inf)")
+  if (v <= 0).any():
+    raise ValueError(f"within-category variances v must be > 0, got min {v.min():g} "
+                     f"(category {int(np.argmin(v))})")
+  if len(y) < p + 1:
+    raise ValueError(f"need at least {p + 1} categories for {p} coefficient(s), got {len(y)}")
+  cols = [np.ones_like(y)]
+  if x_K is not None:
+    x = np.asarray(x_K, np.float64)
+    if x.shape != y.shape or not np.isfinite(x).all():
+      raise ValueError(f"covariate x must be finite and of shape {y.shape}, got {x.shape}")
+    if np.ptp(x) == 0:
+      raise ValueError("covariate x is constant across categories: the slope is not identified")
+    cols.append(x)
+  return y, v, np.stack(cols, axis=1)
+
+
+def _wls(y_K, v_K, X_KxP, tau2: float):
+  """β̂, (X^T W X)^{-1} and the weighted residual sum (y − Xβ̂)^T W (y − Xβ̂) at τ²."""
+  w_K = 1.0 / (v_K + tau2)
+  xtwx_PxP = X_KxP.T @ (w_K[:, None] * X_KxP)
+  inv_PxP = np.linalg.inv(xtwx_PxP)
+  beta_P = inv_PxP @ (X_KxP.T @ (w_K * y_K))
+  r_K = y_K - X_KxP @ beta_P
+  return beta_P, inv_PxP, float(np.sum(w_K * r_K * r_K)), w_K
+
+
+def _arrays(y_K, v_K, X_KxP=None):
+  y = np.asarray(y_K, np.float64)
+  v = np.asarray(v_K, np.float64)
+  X = np.ones((len(y), 1)) if X_KxP is None else np.asarray(X_KxP, np.float64)
+  return y, v, X
+
+
+def _trace_p(v_K, X_KxP) -> float:
+  """tr(P) = Σ a − tr((X^T A X)^{-1} X^T A² X), a = 1/v."""
+  a_K = 1.0 / v_K
+  xtax_PxP = X_KxP.T @ (a_K[:, None] * X_KxP)
+  xta2x_PxP = X_KxP.T @ ((a_K * a_K)[:, None] * X_KxP)
+  return float(a_K.sum() - np.trace(np.linalg.solve(xtax_PxP, xta2x_PxP)))
+
+
+def tau2_dl(y_K, v_K, X_KxP=None) -> float:
+  """Method-of-moments τ² (DerSimonian–Laird; Raudenbush's form for a design X, which
+  defaults to the intercept only)."""
+  y, v, X = _arrays(y_K, v_K, X_KxP)
+  k, p = X.shape
+  _, _, q_e, _ = _wls(y, v, X, 0.0)
+  return max(0.0, (q_e - (k - p)) / _trace_p(v, X))
+
+
+def restricted_loglik(tau2: float, y_K, v_K, X_KxP=None) -> float:
+  """ℓ_R(τ²) up to a constant (module docstring); X defaults to the intercept only."""
+  y, v, X = _arrays(y_K, v_K, X_KxP)
+  _, inv_PxP, rss, w_K = _wls(y, v, X, float(tau2))
+  # log det(X^T W X) = −log det((X^T W X)^{-1})
+  return float(-0.5 * np.sum(np.log(v + tau2)) + 0.5 * np.linalg.slogdet(inv_PxP)[1]
+               - 0.5 * rss)
+
+
+def tau2_reml(y_K, v_K, X_KxP=None) -> float:
+  """REML τ²: the maximiser of ``restricted_loglik`` over τ² ≥ 0 (bounded Brent)."""
+  y, v, X = _arrays(y_K, v_K, X_KxP)
+  upper = 10.0 * (float(np.var(y, ddof=1)) + float(v.max()))
+  neg = lambda t: -restricted_loglik(t, y, v, X)
+  res = scipy.optimize.minimize_scalar(neg, bounds=(0.0, upper), method="bounded",
+                                       options={"xatol": 1e-10 * upper})
+  return 0.0 if neg(0.0) <= res.fun else float(res.x)
+
+
+def _tau2_q_profile(y, v, X, alpha: float) -> tuple[float, float]:
+  k, p = X.shape
+  df = k - p
+  q_of = lambda t: _wls(y, v, X, t)[2]
+  upper = 100.0 * (float(np.var(y, ddof=1)) + float(v.max())) + 1e-12
+
+  def solve(target):
+    if q_of(0.0) <= target:  # Q is decreasing in τ²: already below at 0
+      return 0.0
+    hi = upper
+    while q_of(hi) > target:
+      hi *= 10.0
+    return float(scipy.optimize.brentq(lambda t: q_of(t) - target, 0.0, hi, xtol=1e-12))
+
+  return (solve(scipy.stats.chi2.ppf(1 - alpha / 2, df)),
+          solve(scipy.stats.chi2.ppf(alpha / 2, df)))
+
+
+def _fit(y, v, X, method: str, ci: str, alpha: float):
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if ci not in CI_METHODS:
+    raise ValueError(f"ci must be one of {CI_METHODS}, got {ci!r}")
+  if not 0 < alpha < 1:
+    raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+  k, p = X.shape
+  df = k - p
+  tau2 = tau2_dl(y, v, X) if method == "dl" else tau2_reml(y, v, X)
+  beta, inv, rss, w = _wls(y, v, X, tau2)
+  if ci == "hksj":
+    cov = (rss / df) * inv
+    crit = scipy.stats.t.ppf(1 - alpha / 2, df)
+    pval = lambda z: float(2 * scipy.stats.t.sf(abs(z), df))
+  else:
+    cov = inv
+    crit = scipy.stats.norm.ppf(1 - alpha / 2)
+    pval = lambda z: float(2 * scipy.stats.norm.sf(abs(z)))
+  se = np.sqrt(np.diag(cov))
+  _, _, q_e, _ = _wls(y, v, X, 0.0)
+  trace_p = _trace_p(v, X)
+  typical_v = df / trace_p
+  return dict(beta=beta, se=se, crit=crit, pval=pval, tau2=tau2,
+              tau2_ci=_tau2_q_profile(y, v, X, alpha), q=q_e, df=df,
+              q_p=float(scipy.stats.chi2.sf(q_e, df)),
+              i2=tau2 / (tau2 + typical_v), w=w)
+
+
+# ----------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------
+
+
+def random_effects(y_K, v_K, *, method: str = "reml", ci: str = "hksj",
+                   alpha: float = 0.05) -> PooledEffect:
+  """Random-effects pooled effect μ of per-category effects ``y_K`` with known
+  within-category variances ``v_K``.
+
+  ``μ̂ = Σ w_i y_i / Σ w_i``, ``w_i = 1/(v_i + τ̂²)``; τ̂² by ``method`` ("reml" or "dl",
+  DerSimonian–Laird); the interval for μ by ``ci`` ("hksj": ``SE² = Σ w_i (y_i − μ̂)² /
+  ((k − 1) Σ w_i)`` with t_{k−1}; "normal": ``SE² = 1/Σ w_i`` with z). Formulas of τ²,
+  its Q-profile interval, Q and I² in the module docstring.
+  """
+  y, v, X = _check(y_K, v_K, p=1)
+  f = _fit(y, v, X, method, ci, alpha)
+  mu, se = float(f["beta"][0]), float(f["se"][0])
+  return PooledEffect(mu=mu, se=se, ci=(mu - f["crit"] * se, mu + f["crit"] * se),
+                      p_value=f["pval"](mu / se) if se > 0 else float("nan"),
+                      tau2=f["tau2"], tau2_ci=f["tau2_ci"], q=f["q"], q_df=f["df"],
+                      q_p_value=f["q_p"], i2=f["i2"], k=len(y), method=method, ci_method=ci,
+                      weights_K=f["w"] / f["w"].sum())
+
+
+def meta_regression(y_K, v_K, x_K, *, method: str = "reml", ci: str = "hksj",
+                    alpha: float = 0.05) -> MetaRegression:
+  """Random-effects meta-regression of ``y_K`` on one covariate ``x_K`` (e.g. the
+  mean-only model's image AUROC per category).
+
+  Weighted least squares ``(intercept, slope) = (X^T W X)^{-1} X^T W y`` with
+  ``X = [1, x]`` and ``W = diag(1/(v_i + τ̂²))``, τ̂² the residual between-category
+  variance by ``method`` ("reml" or "dl" = method of moments); SEs and intervals by
+  ``ci`` (HKSJ: t_{k−2} with the residual scale q; normal: z), as in the module
+  docstring. Needs k >= 3 categories and a non-constant x.
+  """
+  y, v, X = _check(y_K, v_K, x_K, p=2)
+  f = _fit(y, v, X, method, ci, alpha)
+  (b0, b1), (s0, s1) = f["beta"], f["se"]
+  c = f["crit"]
+  return MetaRegression(
+      intercept=float(b0), slope=float(b1), se_intercept=float(s0), se_slope=float(s1),
+      ci_intercept=(float(b0 - c * s0), float(b0 + c * s0)),
+      ci_slope=(float(b1 - c * s1), float(b1 + c * s1)),
+      p_slope=f["pval"](b1 / s1) if s1 > 0 else float("nan"),
+      tau2=f["tau2"], tau2_ci=f["tau2_ci"], q_e=f["q"], q_df=f["df"], q_p_value=f["q_p"],
+      i2=f["i2"], k=len(y), method=method, ci_method=ci)
+
+
+def effects_from_seeds(diffs_KxS) -> tuple[np.ndarray, np.ndarray]:
+  """Per-category effect and its within-category variance from per-seed differences:
+  ``y_i = mean_s d_is``, ``v_i = var_s(d_is) / S`` (unbiased variance, S >= 2 seeds).
+  A list of per-category arrays of unequal length is accepted."""
+  rows = [np.asarray(d, np.float64).ravel() for d in diffs_KxS]
+  bad = [i for i, d in enumerate(rows) if len(d) < 2 or not np.isfinite(d).all()]
+  if bad:
+    raise ValueError(f"categories {bad}: need >= 2 finite per-seed differences each")
+  y = np.array([d.mean() for d in rows])
+  v = np.array([d.var(ddof=1) / len(d) for d in rows])
+  return y, v
+
+
+__all__ = ["PooledEffect", "MetaRegression", "random_effects", "meta_regression",
+           "effects_from_seeds", "tau2_dl", "tau2_reml", "restricted_loglik", "METHODS",
+           "CI_METHODS"]
