@@ -245,10 +245,10 @@ def test_predict_never_writes_to_the_run_and_a_failure_leaves_out_as_it_was(run,
     return real_outputs(*a, **k)
 
   monkeypatch.setattr(P, "_outputs", failing_outputs)
-  with pytest.raises(OSError, match="disk full"):
+  with pytest.raises(P.OutputNotWritableError, match=r"outputs there \(disk full\)"):
     P.predict(tmp / "run", cat / "test", out, progress=False)
   calls.clear()
-  with pytest.raises(OSError, match="disk full"):
+  with pytest.raises(P.OutputNotWritableError, match=r"outputs there \(disk full\)"):
     P.predict(tmp / "run", cat / "test", tmp_path / "fresh", progress=False)
   monkeypatch.undo()
   assert _snapshot(out) == good and not (tmp_path / "fresh").exists()
@@ -267,6 +267,17 @@ def test_out_must_be_new_empty_or_a_previous_predict(run, tmp_path):
   assert (mine / "notes.txt").read_text() == "keep me"
   with pytest.raises(ValueError, match="is the run's workdir"):
     P.predict(tmp / "run", cat / "test", tmp / "run", progress=False)
+
+
+def test_an_unwritable_out_is_one_line_naming_it(run, tmp_path, capsys):
+  tmp, cat = run
+  blocker = tmp_path / "file"
+  blocker.write_text("x")                   # --out under a file: the OS refuses to write
+  code = cli.main(["predict", f"--workdir={tmp / 'run'}", f"--images={cat / 'test'}",
+                   f"--out={blocker / 'out'}"])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1
+  assert err.startswith(f"error: --out {blocker / 'out'}: cannot write the predict outputs")
 
 
 # ----------------------------------------------------------------------------

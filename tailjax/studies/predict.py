@@ -480,38 +480,48 @@ def predict(workdir: str | Path, images: str | Path, out_dir: str | Path, *,
 
   maps, scores = score(tc.dataset.image_features(to_score.paths, progress))
   # Everything goes into a staging folder renamed onto out_dir when complete: a failure
-  # anywhere below leaves out_dir as it was.
-  with io.atomic_directory(out_dir) as stage:
-    rows = []
-    for j, path in enumerate(to_score.paths):
-      name = to_score.names[j]
-      mask_rel, overlay_rel = f"masks/{name}_mask.png", f"overlays/{name}.png"
-      fraction = _outputs(path, maps[j], thr["pixel"], tuple(thr["colour_scale"]),
-                          stage / mask_rel, stage / overlay_rel)
-      anomalous = bool(scores[j] >= thr["image"])
-      rows.append({"path": str(path),
-                   "defect_type": to_score.types[j] if to_score.types else None,
-                   "label": int(to_score.labels[j]) if to_score.labels is not None else None,
-                   "image_score": float(scores[j]), "image_threshold": thr["image"],
-                   "decision": "anomalous" if anomalous else "normal",
-                   "anomalous_pixel_fraction": fraction, "mask": mask_rel,
-                   "overlay": overlay_rel, "channels": channels[j]})
-    invocation = {"started": started, "seconds": time.time() - t0,
-                  "code": runrecord.code_version(),
-                  "run": {"workdir": str(workdir), "config_hash": manifest["config_hash"],
-                          "invocations": len(manifest.get("invocations", []))},
-                  "arguments": {"images": str(images), "out_dir": str(out_dir),
-                                "category": category, "variant": variant, "seed": seed,
-                                "threshold": threshold, "quantile": quantile,
-                                "labelled_dir": None if labelled_dir is None else str(labelled_dir)}}
-    result = {"kind": KIND, "workdir": str(workdir), "out_dir": str(out_dir), "category": category,
-              "images_from": str(to_score.root), "row": row, "threshold": thr,
-              "eval": dict(cfg.eval), "images": rows, "summary": _summary(rows),
-              "warnings": warnings, "invocation": invocation, "seconds": time.time() - t0}
-    io.atomic_write_json(stage / "threshold.json", thr)
-    io.atomic_write_json(stage / "results.json", result)
-    _write_csv(stage / "results.csv", rows)
+  # anywhere below leaves out_dir as it was. Only writes happen inside (the images were
+  # read above), so an OSError there is about out_dir: one line naming it.
+  try:
+    with io.atomic_directory(out_dir) as stage:
+      rows = []
+      for j, path in enumerate(to_score.paths):
+        name = to_score.names[j]
+        mask_rel, overlay_rel = f"masks/{name}_mask.png", f"overlays/{name}.png"
+        fraction = _outputs(path, maps[j], thr["pixel"], tuple(thr["colour_scale"]),
+                            stage / mask_rel, stage / overlay_rel)
+        anomalous = bool(scores[j] >= thr["image"])
+        rows.append({"path": str(path),
+                     "defect_type": to_score.types[j] if to_score.types else None,
+                     "label": int(to_score.labels[j]) if to_score.labels is not None else None,
+                     "image_score": float(scores[j]), "image_threshold": thr["image"],
+                     "decision": "anomalous" if anomalous else "normal",
+                     "anomalous_pixel_fraction": fraction, "mask": mask_rel,
+                     "overlay": overlay_rel, "channels": channels[j]})
+      invocation = {"started": started, "seconds": time.time() - t0,
+                    "code": runrecord.code_version(),
+                    "run": {"workdir": str(workdir), "config_hash": manifest["config_hash"],
+                            "invocations": len(manifest.get("invocations", []))},
+                    "arguments": {"images": str(images), "out_dir": str(out_dir),
+                                  "category": category, "variant": variant, "seed": seed,
+                                  "threshold": threshold, "quantile": quantile,
+                                  "labelled_dir": None if labelled_dir is None else str(labelled_dir)}}
+      result = {"kind": KIND, "workdir": str(workdir), "out_dir": str(out_dir), "category": category,
+                "images_from": str(to_score.root), "row": row, "threshold": thr,
+                "eval": dict(cfg.eval), "images": rows, "summary": _summary(rows),
+                "warnings": warnings, "invocation": invocation, "seconds": time.time() - t0}
+      io.atomic_write_json(stage / "threshold.json", thr)
+      io.atomic_write_json(stage / "results.json", result)
+      _write_csv(stage / "results.csv", rows)
+  except OSError as e:
+    raise OutputNotWritableError(
+        f"--out {out_dir}: cannot write the predict outputs there ({e.strerror or e}); give "
+        "a writable --out (predict only reads the run)") from None
   return result
+
+
+class OutputNotWritableError(RuntimeError):
+  """``--out`` (or its parent) cannot be written."""
 
 
 def main(workdir: str, images: str, out_dir: str, *, category: str | None = None,
