@@ -206,11 +206,14 @@ def test_sweep_with_the_batch_split_across_processes_equals_one_process(shared, 
   work = shared / "sweep2"
   batch4 = "--config.train.batch_devices=4"         # each row's batch over all 4 devices
   _ok(_finish(_start(shared, ["sweep", f"--config={SWEEP}", f"--workdir={work}", batch4, *SMALL])))
-  one_dev = shared / "sweep1x1"
-  _ok(_finish(_start(shared, ["sweep", f"--config={SWEEP}", f"--workdir={one_dev}", *SMALL], n=0,
-                     devices=1)))
   monkeypatch.chdir(shared)
   monkeypatch.setenv("TAILJAX_CACHE", str(shared / "cache"))
+  # 1 process: the full batch on 1 device (this process's first), and the same 4-device
+  # batch split (this process's 4 fake devices).
+  from tailjax import sharding
+  one_dev = shared / "sweep1x1"
+  sweeps.run_and_evaluate(_small(sweep_tail_weight.get_config("smoke")), one_dev, progress=False,
+                          mesh=sharding.make_mesh(devices=jax.devices()[:1]))
   four_dev = shared / "sweep1x4"
   cfg = _small(sweep_tail_weight.get_config("smoke"))
   cfg.train.batch_devices = 4

@@ -146,7 +146,7 @@ def _row_id(row) -> tuple:
 
 
 def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData, grid: Grid,
-                 progress: bool = True) -> list[dict]:
+                 progress: bool = True, mesh=None) -> list[dict]:
   """Trains every grid row of one category (resuming) and evaluates it at the last step."""
   rows = engine.Rows.from_dicts([{"category": data.name, **r} for r in grid.rows()],
                                 where="config.sweep")
@@ -155,15 +155,16 @@ def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData, grid: Gri
   program = train_lib.make_flow_program(cfg, train_lib.feats_shape_of(feats))  # the engine's model
   evaluate = lambda step, params_R: study_a.evaluate_rows(cfg, program, params_R, data)
   res = engine.run_rows(cfg, run, data.name, feats, rows, eval_steps=(total,),
-                        evaluate=evaluate, progress=progress, desc=data.name)
+                        evaluate=evaluate, progress=progress, desc=data.name, mesh=mesh)
   return [{**rows.row(i), "metrics": res.evals[total][i]["metrics"]}
           for i in range(rows.num_rows)]
 
 
 def run_and_evaluate(cfg, workdir: str | Path, *, on_change: str = "error",
-                     progress: bool = True) -> dict:
+                     progress: bool = True, mesh=None) -> dict:
   """The whole sweep: every category's grid trained (resumable) and evaluated; writes
-  ``results.json`` (``{"rows": [...]}``) and ``results.md`` in the workdir."""
+  ``results.json`` (``{"rows": [...]}``) and ``results.md`` in the workdir. ``mesh``:
+  the devices to train on (default: all, ``sharding.make_mesh(train.batch_devices)``)."""
   runrecord.check_fields(cfg, FIELDS + pipeline.input_fields(cfg))
   grid = grid_from_config(cfg.sweep)
   with runrecord.open_run(workdir, cfg, kind=KIND, on_change=on_change, extendable=True) as run:
@@ -175,7 +176,7 @@ def run_and_evaluate(cfg, workdir: str | Path, *, on_change: str = "error",
       t_cat = time.time()
       data = pipeline.load_once(dataset, cat)
       n_patches = int(np.prod(data.train_feats.shape[1:3]))
-      all_rows += run_category(cfg, run, data, grid, progress=progress)
+      all_rows += run_category(cfg, run, data, grid, progress=progress, mesh=mesh)
       if run.writer:
         print(f"[{cat}] {grid.num_rows} rows trained and evaluated ({time.time() - t_cat:.0f} s)")
     rows = [{k: r[k] for k in RESULT_KEYS} for r in all_rows]
