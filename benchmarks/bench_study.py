@@ -63,28 +63,17 @@ def peak_flops(override_tflops: float | None) -> float | None:
   return PEAK_FP32_TFLOPS.get(device_name(), 0) * 1e12 or None
 
 
-def flat_leaves(tree: Any, keep, prefix: str = "") -> dict[str, Any]:
-  """The leaves of a JSON tree for which ``keep(leaf)`` holds, keyed by their path
-  (dict keys and list indices joined by ``/``)."""
-  items = (tree.items() if isinstance(tree, dict) else
-           enumerate(tree) if isinstance(tree, list) else None)
-  if items is None:
-    return {prefix.rstrip("/"): tree} if keep(tree) else {}
-  out: dict[str, Any] = {}
-  for k, v in items:
-    out.update(flat_leaves(v, keep, f"{prefix}{k}/"))
-  return out
-
-
 def flat_numbers(tree: Any) -> dict[str, float]:
   """Every number of a JSON tree."""
-  return {k: float(v) for k, v in flat_leaves(
+  from tailjax import io as tj_io
+  return {k: float(v) for k, v in tj_io.flat_leaves(
       tree, lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)).items()}
 
 
 def flat_labels(tree: Any) -> dict[str, Any]:
   """Every string and boolean of a JSON tree (the verdicts, selected steps' labels)."""
-  return flat_leaves(tree, lambda x: isinstance(x, (str, bool)))
+  from tailjax import io as tj_io
+  return tj_io.flat_leaves(tree, lambda x: isinstance(x, (str, bool)))
 
 
 def compare_runs(run: Path, reference: Path) -> dict:

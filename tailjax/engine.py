@@ -354,7 +354,7 @@ class _Log:
   per row under ``<workdir>/tensorboard/<prefix>/<row>``."""
 
   def __init__(self, run: runrecord.Run, prefix: str, rows: Rows, resumed_from: int | None):
-    self.on = run.writer and jax.process_index() == 0
+    self.on = run.writer   # process 0 only
     self.jsonl = io.JsonlWriter(run.path(prefix, "metrics.jsonl"))
     self.first = 0 if resumed_from is None else int(resumed_from) + 1
     self.tb = io.TensorBoardWriter(run.path("tensorboard", prefix), row_labels(rows),

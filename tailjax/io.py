@@ -131,18 +131,30 @@ def first_few(items, n: int = 5) -> str:
   return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
-def flat_scalars(record: Any, prefix: str = "") -> dict[str, float]:
+def flat_leaves(tree: Any, keep, *, lists: bool = True, prefix: str = "") -> dict[str, Any]:
+  """The leaves of a JSON tree for which ``keep(leaf)`` holds, keyed by their path (dict
+  keys, and list indices when ``lists``, joined by ``/``); with ``lists=False`` a list is
+  a leaf like any other."""
+  items = (tree.items() if isinstance(tree, dict) else
+           enumerate(tree) if lists and isinstance(tree, list) else None)
+  if items is None:
+    return {prefix.rstrip("/"): tree} if keep(tree) else {}
+  out: dict[str, Any] = {}
+  for k, v in items:
+    out.update(flat_leaves(v, keep, lists=lists, prefix=f"{prefix}{k}/"))
+  return out
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def flat_scalars(record: Any) -> dict[str, float]:
   """The finite numbers of a nested dict, keyed by their ``/``-joined path
   (``{"metrics": {"pixel_ap": 0.3}}`` -> ``{"metrics/pixel_ap": 0.3}``); lists,
   strings and booleans are left out."""
-  out: dict[str, float] = {}
-  if isinstance(record, dict):
-    for k, v in record.items():
-      out.update(flat_scalars(v, f"{prefix}{k}/"))
-  elif (isinstance(record, (int, float, np.integer, np.floating))
-        and not isinstance(record, (bool, np.bool_)) and np.isfinite(record)):
-    out[prefix.rstrip("/")] = float(record)
-  return out
+  return {k: float(v) for k, v in flat_leaves(
+      record, lambda x: _is_number(x) and np.isfinite(x), lists=False).items()}
 
 
 class TensorBoardWriter:
