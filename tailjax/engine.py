@@ -56,6 +56,7 @@ from tailjax import train as train_lib
 PyTree = Any
 log = logging.getLogger(__name__)
 HPARAM_NAMES = train_lib.HPARAM_NAMES
+TRACED_NAMES = train_lib.TRACED_NAMES
 DEFAULT_SEGMENT_STEPS = 100
 
 
@@ -71,7 +72,9 @@ class Interrupted(KeyboardInterrupt):
 @dataclasses.dataclass(frozen=True)
 class Rows:
   """R training runs, each a dict: the hyperparameters ``HPARAM_NAMES`` (exact Python
-  floats, as the config gave them), a ``seed``, and descriptive labels (e.g.
+  floats, as the config gave them), the per-patch NLL the tail is ranked by
+  (``"tail_nll"``: exact | sq_norm | even_share, default exact; traced as the two
+  scalars ``train.TAIL_NLL_NAMES``), a ``seed``, and descriptive labels (e.g.
   ``{"variant": "tail_aware"}`` or a grid point's category)."""
 
   rows: tuple[dict, ...]
@@ -92,9 +95,15 @@ class Rows:
     seeds = [r["seed"] for r in rows]
     if any(int(s) != s or int(s) < 0 for s in seeds):
       raise ValueError(f"{where}: seeds must be non-negative integers, got {seeds}")
-    return cls(tuple({**{k: v for k, v in r.items() if k not in (*HPARAM_NAMES, "seed")},
-                      **{k: float(r[k]) for k in HPARAM_NAMES}, "seed": int(r["seed"])}
-                     for r in rows))
+    nll = [str(r.get("tail_nll", "exact")) for r in rows]
+    bad = sorted(set(nll) - set(losses.NLL_DEFINITIONS))
+    if bad:
+      raise ValueError(f"{where}: tail_nll must be one of {tuple(losses.NLL_DEFINITIONS)}, "
+                       f"got {bad}")
+    fixed = (*HPARAM_NAMES, "tail_nll", "seed")
+    return cls(tuple({**{k: v for k, v in r.items() if k not in fixed},
+                      **{k: float(r[k]) for k in HPARAM_NAMES}, "tail_nll": d,
+                      "seed": int(r["seed"])} for r, d in zip(rows, nll)))
 
   @property
   def num_rows(self) -> int:
@@ -106,7 +115,9 @@ class Rows:
 
   @property
   def hparams_R(self) -> dict[str, np.ndarray]:
-    return {k: np.asarray([r[k] for r in self.rows], np.float32) for k in HPARAM_NAMES}
+    """Every traced hyperparameter (``TRACED_NAMES``), float32 [R]."""
+    return {**{k: np.asarray([r[k] for r in self.rows], np.float32) for k in HPARAM_NAMES},
+            **train_lib.tail_nll_hparams([r["tail_nll"] for r in self.rows])}
 
   def row(self, i: int) -> dict:
     return dict(self.rows[i])
@@ -220,7 +231,7 @@ def _manager(path: Path, read_only: bool = False) -> ocp.CheckpointManager:
 
 
 def _abstract_state(program: train_lib.FlowProgram, n_rows: int):
-  h = {k: jax.ShapeDtypeStruct((n_rows,), jnp.float32) for k in HPARAM_NAMES}
+  h = {k: jax.ShapeDtypeStruct((n_rows,), jnp.float32) for k in TRACED_NAMES}
   kd = jax.ShapeDtypeStruct((n_rows, 2), jnp.uint32)
   return jax.eval_shape(jax.vmap(lambda h, kd: program.init(h, jax.random.wrap_key_data(kd))),
                         h, kd)

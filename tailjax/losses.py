@@ -76,15 +76,22 @@ def tail_patch_weights(nll_BxN: jax.Array, tail_weight, top_k_ratio) -> jax.Arra
   set as ``argsort(argsort(−NLL)) < k``, at half the sorting (tested with ties).
   """
   n = nll_BxN.shape[-1]
+  lam = jnp.asarray(tail_weight, nll_BxN.dtype)
+  return (1.0 - lam) / n + lam * top_k_indicator(nll_BxN, top_k_ratio)
+
+
+def top_k_indicator(score_BxN: jax.Array, top_k_ratio) -> jax.Array:
+  """``[rank_i < k] / k`` by descending score within each row (stable: ties by index),
+  k = max(1, round(r · N)); no gradient. ``tail_patch_weights`` at λ = 1."""
+  n = score_BxN.shape[-1]
   k = top_k_count(top_k_ratio, n)
-  v_BxN = jax.lax.stop_gradient(nll_BxN)
+  v_BxN = jax.lax.stop_gradient(score_BxN)
   order_BxN = jnp.argsort(-v_BxN, axis=-1, stable=True)
   j_Bx1 = jax.lax.dynamic_slice_in_dim(order_BxN, k - 1, 1, axis=-1)
   v_Bx1 = jnp.take_along_axis(v_BxN, j_Bx1, axis=-1)
   i_1xN = jnp.arange(n, dtype=order_BxN.dtype)[None, :]
-  in_tail_BxN = ((v_BxN > v_Bx1) | ((v_BxN == v_Bx1) & (i_1xN <= j_Bx1))).astype(nll_BxN.dtype)
-  lam = jnp.asarray(tail_weight, nll_BxN.dtype)
-  return (1.0 - lam) / n + lam * in_tail_BxN / k.astype(nll_BxN.dtype)
+  in_tail_BxN = ((v_BxN > v_Bx1) | ((v_BxN == v_Bx1) & (i_1xN <= j_Bx1))).astype(score_BxN.dtype)
+  return in_tail_BxN / k.astype(score_BxN.dtype)
 
 
 def tail_aware_loss(nll_BxN: jax.Array, tail_weight, top_k_ratio) -> jax.Array:
@@ -166,12 +173,7 @@ def tail_aware_loss_from_flow(z_BxHxWxC: jax.Array, logdet_BxHxW: jax.Array, tai
   its selection (which patches are the top k) and its average. "sq_norm" (0, 0) leaves
   the log-det out of the tail; "even_share" (0, 1) ranks exactly as "sq_norm" does (the
   share is constant within an image) but its tail term carries ``λ · logdet / N``.
-
-  Computed as ``mean_b Σ_i w_bi NLL_bi + λ · mean_b Σ_i t_bi (s_bi − NLL_bi)`` with
-  ``w = tail_patch_weights(s, λ, r)`` and ``t = tail_patch_weights(s, 1, r)`` (the top-k
-  indicator / k), so (a, b) = (1, 0) is ``tail_aware_loss(patch_nll(z, logdet))`` bit
-  for bit. λ, r, a and b may all be traced: ``jax.vmap`` over definitions
-  (``nll_definition_weights``) runs them as one program.
+  Flattens the grid and calls ``tail_aware_loss_nll``.
 
   Args:
     z_BxHxWxC: latents; logdet_BxHxW: per-location log|det J|.
@@ -183,17 +185,40 @@ def tail_aware_loss_from_flow(z_BxHxWxC: jax.Array, logdet_BxHxW: jax.Array, tai
   if z_BxHxWxC.ndim != 4 or logdet_BxHxW.shape != z_BxHxWxC.shape[:3]:
     raise ValueError(f"tail_aware_loss_from_flow expects z [B, H, W, C] and logdet [B, H, W], "
                      f"got {z_BxHxWxC.shape} and {logdet_BxHxW.shape}")
-  validate_tail_params(tail_weight, top_k_ratio, where="tail_aware_loss_from_flow")
   b = z_BxHxWxC.shape[0]
-  nll_BxN = patch_nll(z_BxHxWxC, logdet_BxHxW).reshape(b, -1)
-  score_BxN = selection_nll(z_BxHxWxC, logdet_BxHxW, logdet_weight, share_weight).reshape(b, -1)
-  w_BxN = tail_patch_weights(score_BxN, tail_weight, top_k_ratio)
-  t_BxN = tail_patch_weights(score_BxN, 1.0, top_k_ratio)
+  return tail_aware_loss_nll(patch_nll(z_BxHxWxC, logdet_BxHxW).reshape(b, -1),
+                             logdet_BxHxW.reshape(b, -1), tail_weight, top_k_ratio,
+                             logdet_weight, share_weight)
+
+
+def tail_aware_loss_nll(nll_BxN: jax.Array, logdet_BxN: jax.Array, tail_weight, top_k_ratio,
+                        logdet_weight=1.0, share_weight=0.0) -> jax.Array:
+  """``tail_aware_loss_from_flow`` from the exact per-patch NLL and log-det, ``[B, N]``
+  (what the training loss has at hand).
+
+  The selection score is written as a shift of the NLL,
+  ``s_i = NLL_i + (1 − a) · logdet_i − b · (1/N) Σ_j logdet_j`` (= ``selection_nll``),
+  and the loss as ``mean_b Σ_i w_bi NLL_bi + λ · mean_b Σ_i t_bi (s_bi − NLL_bi)`` with
+  ``w = tail_patch_weights(s, λ, r)`` and ``t = top_k_indicator(s, r)`` (the
+  top-k indicator / k). For the exact definition (a, b) = (1, 0) the shift is exactly
+  0.0, so s is NLL bit for bit, the first term is ``tail_aware_loss`` and the second
+  (and its gradient) exactly zero: one compiled program serves every definition
+  (λ, r, a, b may all be traced; ``nll_definition_weights``) without changing the
+  exact loss's numbers.
+  """
+  if nll_BxN.ndim != 2 or logdet_BxN.shape != nll_BxN.shape:
+    raise ValueError(f"tail_aware_loss_nll expects nll and logdet of one shape [B, N], "
+                     f"got {nll_BxN.shape} and {logdet_BxN.shape}")
+  validate_tail_params(tail_weight, top_k_ratio, where="tail_aware_loss_nll")
+  a = jnp.asarray(logdet_weight, nll_BxN.dtype)
+  b = jnp.asarray(share_weight, nll_BxN.dtype)
+  shift_BxN = (1.0 - a) * logdet_BxN - b * jnp.mean(logdet_BxN, axis=-1, keepdims=True)
+  score_BxN = nll_BxN + shift_BxN
   lam = jnp.asarray(tail_weight, nll_BxN.dtype)
-  tail_shift_B = jnp.sum(t_BxN * (score_BxN - nll_BxN), axis=-1)
-  # Two separate means, the first written as tail_aware_loss writes it: for the exact
-  # definition the second is exactly 0 and the compiled first term is the same reduction.
-  return jnp.mean(jnp.sum(w_BxN * nll_BxN, axis=-1)) + lam * jnp.mean(tail_shift_B)
+  t_BxN = top_k_indicator(score_BxN, top_k_ratio)            # one sort serves both terms
+  w_BxN = (1.0 - lam) / nll_BxN.shape[-1] + lam * t_BxN      # = tail_patch_weights(s, λ, r)
+  return (jnp.mean(jnp.sum(w_BxN * nll_BxN, axis=-1))
+          + lam * jnp.mean(jnp.sum(t_BxN * shift_BxN, axis=-1)))
 
 
 # ----------------------------------------------------------------------------

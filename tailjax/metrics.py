@@ -420,6 +420,36 @@ def pixel_ap(maps_NxHxW, masks_NxHxW, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -
                         chunk_size=chunk_size)["pixel_ap"]
 
 
+def ap_and_fpr_against_negatives(neg_sorted_M: np.ndarray, pos_P: np.ndarray,
+                                 tpr: float) -> tuple[float, float]:
+  """(average precision, FPR at TPR ``tpr``) of positive scores ``pos_P`` against negative
+  scores given sorted ascending (``neg_sorted_M``), ties kept together — the values
+  ``pixel_ap`` and ``causal.fpr_at_tpr`` give on the concatenation.
+
+  With TP(v) = #{pos ≥ v} and FP(v) = #{neg ≥ v}, only thresholds at positive values
+  move the recall, so ``AP = Σ_{distinct positive v} (#{pos = v} / P) · TP(v) / (TP(v) +
+  FP(v))``; the FPR at TPR t is FP(v*) / M at v* = the ⌈t·P⌉-th largest positive (the
+  highest threshold whose TP reaches t·P). Written here because one set of negatives
+  (every normal test pixel) is scored against several positive sets (defect border
+  band, interior, all): the negatives are sorted once and each positive set costs only
+  its own sort and a binary search, instead of a sort of all pixels per set.
+  """
+  neg = np.asarray(neg_sorted_M, np.float64)
+  pos = np.sort(np.asarray(pos_P, np.float64))[::-1]        # descending
+  n_pos, n_neg = pos.size, neg.size
+  if n_pos == 0 or n_neg == 0:
+    return float("nan"), float("nan")
+  vals, first = np.unique(-pos, return_index=True)          # distinct positive values, descending
+  vals = -vals
+  counts = np.diff(np.r_[first, n_pos])
+  tp = np.cumsum(counts).astype(np.float64)                  # #{pos ≥ v}
+  fp = (n_neg - np.searchsorted(neg, vals, side="left")).astype(np.float64)   # #{neg ≥ v}
+  ap = float(np.sum(counts / n_pos * tp / (tp + fp)))
+  need = tp >= tpr * n_pos                                   # the rule of fpr_at_tpr
+  fpr = float(fp[np.argmax(need)] / n_neg)
+  return ap, fpr
+
+
 def aupro(maps_NxHxW, masks_NxHxW, fpr_limit: float = 0.3, *,
           chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
   """Normalised area under the per-region-overlap curve up to ``fpr_limit``.

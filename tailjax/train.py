@@ -280,16 +280,32 @@ def over_rows(fn: Callable, row_impl: str) -> Callable:
 # ----------------------------------------------------------------------------
 
 HPARAM_NAMES = ("tail_weight", "top_k_ratio", "learning_rate")
+# The per-patch NLL the tail is chosen and averaged by (``losses.NLL_DEFINITIONS``): a row's
+# "tail_nll" label ("exact", "sq_norm", "even_share") as two traced scalars (a, b).
+TAIL_NLL_NAMES = ("tail_logdet_weight", "tail_share_weight")
+TRACED_NAMES = HPARAM_NAMES + TAIL_NLL_NAMES
+
+
+def tail_nll_hparams(definitions) -> dict[str, np.ndarray]:
+  """{"tail_logdet_weight": a_R, "tail_share_weight": b_R} for a sequence of per-patch
+  NLL definitions (``losses.NLL_DEFINITIONS``); an unknown name is a ValueError."""
+  a_R, b_R = losses.nll_definition_weights(list(definitions))
+  return dict(zip(TAIL_NLL_NAMES, (np.asarray(a_R, np.float32), np.asarray(b_R, np.float32))))
 
 
 def make_flow_loss(model: flows.FastFlow2d | flows.MultiScaleFlow):
   """``loss_fn(params, batch, hparams, key)`` for ``make_train_step``: the tail-aware
-  loss with λ = hparams["tail_weight"], r = hparams["top_k_ratio"].
+  loss with λ = hparams["tail_weight"], r = hparams["top_k_ratio"], its tail chosen and
+  averaged by the per-patch NLL definition (a, b) = hparams["tail_logdet_weight"],
+  hparams["tail_share_weight"] (``losses.tail_aware_loss_nll``; (1, 0), the exact
+  per-location NLL, when absent):
+
+      L = (1−λ)·mean_i NLL_i + λ·mean_{i ∈ top-k(s)} s_i,   s_i = NLL_i + (1−a)·logdet_i − b·mean_j logdet_j.
 
   Multi-scale (``flows.MultiScaleFlow``, batch = tuple of per-scale maps of the same
   images): the loss is the **sum over scales** of each scale's tail-aware loss,
 
-      L = Σ_s [(1−λ)·mean_i NLL_s,i + λ·mean of the top ⌈r·H_s·W_s⌉ NLL_s,i per image],
+      L = Σ_s [(1−λ)·mean_i NLL_s,i + λ·mean of the top ⌈r·H_s·W_s⌉ s_s,i per image],
 
   with the top-k taken within each scale's own grid (anomalib's FastFlow combines
   its scales' losses by summation). The scales' parameters are disjoint, so each
@@ -301,15 +317,22 @@ def make_flow_loss(model: flows.FastFlow2d | flows.MultiScaleFlow):
   the sum over scales of each scale's mean patch NLL (the loss at λ = 0).
   """
 
+  def one_scale(z_BxHxWxC, logdet_BxHxW, hparams):
+    b = z_BxHxWxC.shape[0]
+    nll_BxN = losses.patch_nll(z_BxHxWxC, logdet_BxHxW).reshape(b, -1)
+    loss = losses.tail_aware_loss_nll(
+        nll_BxN, logdet_BxHxW.reshape(b, -1), hparams["tail_weight"], hparams["top_k_ratio"],
+        hparams.get("tail_logdet_weight", 1.0), hparams.get("tail_share_weight", 0.0))
+    return loss, jnp.mean(nll_BxN)
+
   def loss_fn(params, feats_BxHxWxC, hparams, key):
     del key  # the flow is deterministic
-    nll = flows.flat_nll(model, params, feats_BxHxWxC)
-    if isinstance(nll, tuple):
-      loss = sum(losses.tail_aware_loss(n_BxN, hparams["tail_weight"], hparams["top_k_ratio"])
-                 for n_BxN in nll)
-      return loss, {"mean_nll": sum(jnp.mean(n_BxN) for n_BxN in nll)}
-    loss = losses.tail_aware_loss(nll, hparams["tail_weight"], hparams["top_k_ratio"])
-    return loss, {"mean_nll": jnp.mean(nll)}
+    out = model.apply(params, feats_BxHxWxC)
+    if isinstance(feats_BxHxWxC, (tuple, list)):    # multi-scale: ((z, logdet), ...)
+      per_scale = [one_scale(z, ld, hparams) for z, ld in out]
+      return (sum(l for l, _ in per_scale), {"mean_nll": sum(m for _, m in per_scale)})
+    loss, mean_nll = one_scale(*out, hparams)
+    return loss, {"mean_nll": mean_nll}
 
   return loss_fn
 
@@ -318,7 +341,9 @@ def init_row(model, tx, example_1xHxWxC, hparams: Mapping, row_key) -> TrainStat
   """A fresh TrainState for one row (traceable in ``hparams`` and ``row_key``)."""
   params = model.init(jax.random.fold_in(row_key, 0), example_1xHxWxC)
   state = create_state(model.apply, params, tx, {
-      "tail_weight": hparams["tail_weight"], "top_k_ratio": hparams["top_k_ratio"]})
+      "tail_weight": hparams["tail_weight"], "top_k_ratio": hparams["top_k_ratio"],
+      "tail_logdet_weight": hparams.get("tail_logdet_weight", 1.0),
+      "tail_share_weight": hparams.get("tail_share_weight", 0.0)})
   return set_learning_rate(state, hparams["learning_rate"])
 
 

@@ -59,7 +59,8 @@ def shared(tmp_path_factory):
 
 def _env(shared: Path, devices: int) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "TAILJAX"))}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+             "--xla_backend_optimization_level=0",     # as conftest.py: compile time
              TAILJAX_CACHE=str(shared / "cache"), PYTHONUNBUFFERED="1",
              # The processes compile the same programs again and again: reuse them.
              JAX_COMPILATION_CACHE_DIR=str(shared / "jax_cache"),

@@ -220,6 +220,38 @@ def test_rows_validation_names_the_field():
     engine.Rows.from_dicts([{"tail_weight": 0.5, "seed": 0}])
 
 
+def test_rows_carry_the_tail_nll_definition():
+  rows = engine.Rows.from_dicts([
+      {"tail_weight": 0.7, "top_k_ratio": 0.25, "learning_rate": 1e-2, "seed": 0},
+      {"tail_weight": 0.7, "top_k_ratio": 0.25, "learning_rate": 1e-2, "seed": 0,
+       "tail_nll": "even_share"},
+      {"tail_weight": 0.7, "top_k_ratio": 0.25, "learning_rate": 1e-2, "seed": 0,
+       "tail_nll": "sq_norm"}])
+  assert [r["tail_nll"] for r in rows.to_json()] == ["exact", "even_share", "sq_norm"]
+  h = rows.hparams_R
+  np.testing.assert_array_equal(h["tail_logdet_weight"], [1.0, 0.0, 0.0])
+  np.testing.assert_array_equal(h["tail_share_weight"], [0.0, 1.0, 0.0])
+  with pytest.raises(ValueError, match=r"config\.variants: tail_nll must be one of"):
+    engine.Rows.from_dicts([{"tail_weight": 0.5, "top_k_ratio": 0.1, "learning_rate": 1e-3,
+                             "seed": 0, "tail_nll": "logdet_only"}], where="config.variants")
+
+
+def test_an_even_share_row_equals_its_pure_train_function(tmp_path):
+  cfg = _cfg(num_steps=4, segment_steps=4)
+  rows = engine.Rows.from_dicts([
+      {"tail_weight": 1.0, "top_k_ratio": 0.25, "learning_rate": 1e-2, "seed": 0},
+      {"tail_weight": 1.0, "top_k_ratio": 0.25, "learning_rate": 1e-2, "seed": 0,
+       "tail_nll": "even_share"}])
+  res = _train(tmp_path / "r", cfg, rows=rows)
+  train = jax.jit(train_lib.make_train(cfg, FEATS.shape))
+  h = {k: v[1] for k, v in rows.hparams_R.items()}
+  state, _ = train(h, train_lib.row_keys([0])[0], jnp.asarray(FEATS))
+  for a, b in zip(_leaves(jax.tree.map(lambda x: x[1], res.params_R)), _leaves(state.params)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  first = _leaves(jax.tree.map(lambda x: x[0], res.params_R))
+  assert not all(np.allclose(a, b) for a, b in zip(first, _leaves(state.params)))
+
+
 def test_boundaries_cover_segments_and_evaluations():
   assert engine.boundaries(10, 4, (0, 3, 10)) == [3, 4, 8, 10]
   assert engine.boundaries(5, 10, ()) == [5]

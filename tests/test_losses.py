@@ -276,7 +276,9 @@ def test_definition_gradients_are_finite_and_follow_the_definition():
   np.testing.assert_allclose(grads["sq_norm"], 0.0, atol=0)
   np.testing.assert_allclose(grads["even_share"], -1.0 / (bsz * n), rtol=1e-6)
   # exact: −1/(B·k) on the top-k locations, 0 elsewhere.
-  assert set(np.unique(np.round(grads["exact"] * bsz * k, 6)).tolist()) <= {-1.0, 0.0}
+  scaled = np.round(grads["exact"] * bsz * k, 6)
+  assert set(np.unique(scaled).tolist()) == {-1.0, 0.0}
+  assert int((scaled == -1.0).sum()) == bsz * k
 
 
 def test_unknown_definition_raises():

@@ -320,3 +320,19 @@ def test_bad_inputs_name_the_field():
     metrics.image_auroc([0.1, 0.2], [0, 1, 1])
   with pytest.raises(ValueError, match="chunk_size"):
     metrics.pixel_auroc(maps, masks, chunk_size=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ap_and_fpr_against_sorted_negatives_equal_sklearn_and_the_sorting_rule(seed):
+  """Shared-negatives AP and FPR@TPR equal sklearn's AP and causal.fpr_at_tpr on the
+  concatenation, ties included (scores rounded to few distinct values)."""
+  from tailjax.analysis import causal
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(50, 3000))
+  s = np.round(rng.normal(size=n), seed % 3).astype(np.float32)
+  y = rng.random(n) < rng.uniform(0.05, 0.5)
+  y[:2] = [True, False]
+  for tpr in (0.5, 0.8, 1.0):
+    ap, fpr = metrics.ap_and_fpr_against_negatives(np.sort(s[~y]), s[y], tpr)
+    np.testing.assert_allclose(ap, sklearn.metrics.average_precision_score(y, s), rtol=1e-10)
+    assert fpr == causal.fpr_at_tpr(s, y, tpr)

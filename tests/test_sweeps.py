@@ -44,6 +44,17 @@ def test_grid_rows_are_point_major():
   np.testing.assert_array_equal(grid.hparams_R()["tail_weight"], [0.0] * 6 + [1.0] * 6)
 
 
+def test_grid_tail_nll_axis():
+  grid = sweeps.grid_from_config(_cfg(tail_nll=("exact", "even_share"), seeds=(0,)).sweep)
+  assert [(r["tail_weight"], r["tail_nll"]) for r in grid.rows()] == [
+      (0.0, "exact"), (0.0, "even_share"), (0.7, "exact"), (0.7, "even_share")]
+  np.testing.assert_array_equal(grid.hparams_R()["tail_share_weight"], [0, 1, 0, 1])
+  assert [r["tail_nll"] for r in sweeps.grid_from_config(_cfg().sweep).rows()] == ["exact"] * 4
+  for bad in (("exact", "exact"), ("logdet_only",)):
+    with pytest.raises(ValueError, match=r"config\.sweep\.tail_nll"):
+      sweeps.grid_from_config(_cfg(tail_nll=bad).sweep)
+
+
 def test_sweep_smoke_end_to_end(tmp_path):
   root = tmp_path / "tree"
   textures.build_texture_benchmark(root, seed=3, image_size=64, n_train=8, n_test=8,
@@ -65,7 +76,8 @@ def test_sweep_smoke_end_to_end(tmp_path):
   rows = json.loads((run / "results.json").read_text())["rows"]
   assert rows == out["rows"] and len(rows) == 2 * 2 * 2   # λ {0, 0.7} × r {0.02, 0.5} × seeds {0, 1}
   for r in rows:
-    assert set(r) == {"category", "tail_weight", "top_k_ratio", "learning_rate", "seed", "metrics"}
+    assert set(r) == {"category", "tail_weight", "top_k_ratio", "learning_rate", "tail_nll", "seed",
+                      "metrics"}
     assert r["category"] == "gravel" and 0.0 <= r["metrics"]["pixel_ap"] <= 1.0
   assert [(r["tail_weight"], r["top_k_ratio"], r["seed"]) for r in rows[:3]] == [
       (0.0, 0.02, 0), (0.0, 0.02, 1), (0.0, 0.5, 0)]
@@ -92,7 +104,7 @@ def test_results_markdown_means_over_seeds_and_categories():
           for c in ("a", "b") for r in grid.rows()]
   md = sweeps.results_markdown(cfg, rows, grid, n_patches=16)
   a, b, mean = (md.split(f"## {s}")[1].split("##")[0] for s in ("a", "b", "mean over categories"))
-  assert "| 1 | 0.25 | 4 | 0.01 | 50.00 ± 0.00 | 50.00 ± 0.00 | **40.00 ± 14.14** |" in a
-  assert "| 0 | 0.25 | 4 | 0.01 | 50.00 ± 0.00 | 50.00 ± 0.00 | **35.00 ± 7.07** |" in b
+  assert "| 1 | 0.25 | 4 | 0.01 | exact | 50.00 ± 0.00 | 50.00 ± 0.00 | **40.00 ± 14.14** |" in a
+  assert "| 0 | 0.25 | 4 | 0.01 | exact | 50.00 ± 0.00 | 50.00 ± 0.00 | **35.00 ± 7.07** |" in b
   # mean over categories: per seed first (λ = 0: 0.2, 0.3; λ = 1: 0.2, 0.3), then over seeds
   assert mean.count("25.00 ± 7.07") == 2 and mean.count("**") == 2

@@ -213,16 +213,14 @@ def boundary_metrics(maps_NxHxW, masks_NxHxW, band_px: int, tpr: float) -> dict:
   maps = np.asarray(maps_NxHxW, np.float32)
   masks = np.asarray(masks_NxHxW, bool)
   band, interior = boundary_bands(masks, band_px)
-  normal = ~masks
+  neg_sorted = np.sort(maps[~masks])        # the shared negatives, sorted once
   out = {"band_px": int(band_px), "tpr": float(tpr)}
   for name, pos in (("band", band), ("interior", interior), ("all", masks)):
-    sel = pos | normal
     if pos.sum() == 0:
       out[name] = {"ap": float("nan"), "fpr_at_tpr": float("nan"), "n_pos": 0}
       continue
-    s, y = maps[sel], pos[sel]
-    out[name] = {"ap": metrics.pixel_ap(s[None, None], y[None, None].astype(np.uint8)),
-                 "fpr_at_tpr": fpr_at_tpr(s, y, tpr), "n_pos": int(pos.sum())}
+    ap, fpr = metrics.ap_and_fpr_against_negatives(neg_sorted, maps[pos], tpr)
+    out[name] = {"ap": ap, "fpr_at_tpr": fpr, "n_pos": int(pos.sum())}
   return out
 
 

@@ -356,13 +356,15 @@ def sweep_summary(rows: Sequence[dict], categories: Sequence[str] | None = None,
 
   For each (λ, r, seed) the metric is averaged over the requested categories
   (only seeds that have every requested category count); then mean, std and
-  the 95 % t-interval over seeds (``mean_ci``).
+  the 95 % t-interval over seeds (``mean_ci``). Only rows of the exact per-patch NLL
+  count (``tail_nll`` "exact" or absent): a row ranked by an approximation is another
+  loss at the same (λ, r).
   """
   from tailjax.stats import mean_ci
   cats = set(categories) if categories else None
   groups: dict[tuple, dict[int, dict[str, float]]] = {}
   for r in rows:
-    if cats is not None and r["category"] not in cats:
+    if cats is not None and r["category"] not in cats or r.get("tail_nll", "exact") != "exact":
       continue
     if metric not in r["metrics"]:
       raise ValueError(f"sweep results: {r['source']} rows lack metrics[{metric!r}]")

@@ -15,7 +15,9 @@ bold, per category and averaged over categories. Per-row numbers go to
 learning_rate, seed, metrics}]}`) and `results.jsonl`.
 
 The grid is the lists in `config.sweep`; any of them can be overridden, e.g.
-`--config.sweep.seeds="(0,1,2,3,4)"`, `--config.sweep.learning_rate="(3e-4,1e-3)"`.
+`--config.sweep.seeds="(0,1,2,3,4)"`, `--config.sweep.learning_rate="(3e-4,1e-3)"`,
+`--config.sweep.tail_nll=exact,even_share` (the tail ranked by the exact per-patch NLL and
+by a FastFlow user's even-share approximation, as one more grid axis).
 Real data: `--config.data.kind=mvtec --config.data.root=/path/to/mvtec
 --config.data.categories=bottle,carpet` (same data fields as
 `configs/fastflow_textures.py`). `configs/sweep_tail_weight.py:smoke` shrinks
@@ -38,5 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sweep.tail_weight = (0.0, 0.7) if smoke else (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
   c.sweep.top_k_ratio = (0.02,)
   c.sweep.learning_rate = (c.optim.learning_rate,)   # the demo's learning rate
+  # Per-patch NLL the tail is ranked by (exact | sq_norm | even_share; losses.NLL_DEFINITIONS).
+  c.sweep.tail_nll = ("exact",)
   c.sweep.seeds = (0, 1) if smoke else (0, 1, 2)
   return c

@@ -223,7 +223,8 @@ def _run_metrics_rows(workdir: Path, cat: str) -> list[dict]:
   f = workdir / cat / "metrics.json"
   if not f.is_file():
     return []
-  return [{k: r[k] for k in ("variant", "seed", "tail_weight", "top_k_ratio", "metrics") if k in r}
+  return [{k: r[k] for k in ("variant", "seed", "tail_weight", "top_k_ratio", "tail_nll", "metrics")
+           if k in r}
           for r in json.loads(f.read_text()).get("rows", [])]
 
 

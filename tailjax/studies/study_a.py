@@ -50,7 +50,7 @@ FIELDS = (
     "flow.num_steps", "flow.kernel_mode", "flow.hidden_ratio", "flow.clamp",
     "flow.global_affine", "flow.layer_norm",
     "variants.*.tail_weight", "variants.*.top_k_ratio", "variants.*.learning_rate",
-    "optim.*",
+    "variants.*.tail_nll", "optim.*",
     "train.num_steps", "train.batch_size", "train.segment_steps", "train.rows",
     "train.conv_impl", "train.batch_devices",
     "eval.score", "eval.size", "eval.smoothing_sigma", "eval.image_score", "eval.image_topk",

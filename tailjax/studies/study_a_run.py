@@ -21,14 +21,19 @@ KIND = "study_a"
 
 
 def variant_rows(cfg) -> engine.Rows:
-  """Row table: variant-major, seeds ``seed, seed+1, ...`` per variant."""
+  """Row table: variant-major, seeds ``seed, seed+1, ...`` per variant; a variant's
+  ``tail_nll`` (default "exact") is the per-patch NLL its tail is ranked by."""
   out = []
   for name, v in cfg.variants.items():
     losses.validate_tail_params(float(v.tail_weight), float(v.top_k_ratio),
                                 where=f"config.variants.{name}")
+    if str(v.get("tail_nll", "exact")) not in losses.NLL_DEFINITIONS:
+      raise ValueError(f"config.variants.{name}.tail_nll must be one of "
+                       f"{tuple(losses.NLL_DEFINITIONS)}, got {v.tail_nll!r}")
     for s in range(int(cfg.num_seeds)):
       out.append({"variant": name, "tail_weight": float(v.tail_weight),
                   "top_k_ratio": float(v.top_k_ratio),
+                  "tail_nll": str(v.get("tail_nll", "exact")),
                   "learning_rate": float(v.get("learning_rate", cfg.optim.learning_rate)),
                   "seed": int(cfg.seed) + s})
   return engine.Rows.from_dicts(out, where="config.variants")

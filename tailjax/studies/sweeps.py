@@ -28,19 +28,22 @@ from tailjax.studies import study_a
 
 KIND = "sweep"
 HPARAM_NAMES = engine.HPARAM_NAMES
-RESULT_KEYS = ("category", "tail_weight", "top_k_ratio", "learning_rate", "seed", "metrics")
+AXES = (*HPARAM_NAMES, "tail_nll")   # a grid point: (λ, r, lr, per-patch NLL definition)
+RESULT_KEYS = ("category", *AXES, "seed", "metrics")
 
 FIELDS = tuple(f for f in study_a.FIELDS
                if not f.startswith(("variants.", "report.", "padim.", "analysis."))
                and f not in ("seed", "num_seeds")) + (
-    "sweep.tail_weight", "sweep.top_k_ratio", "sweep.learning_rate", "sweep.seeds")
+    "sweep.tail_weight", "sweep.top_k_ratio", "sweep.learning_rate", "sweep.tail_nll",
+    "sweep.seeds")
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-  """Grid points (λ, r, lr) × seeds. Rows are point-major: row = point · S + seed index."""
+  """Grid points (λ, r, lr, tail NLL definition) × seeds. Rows are point-major:
+  row = point · S + seed index."""
 
-  points: tuple[tuple[float, float, float], ...]
+  points: tuple[tuple[float, float, float, str], ...]
   seeds: tuple[int, ...]
 
   @property
@@ -48,17 +51,16 @@ class Grid:
     return len(self.points) * len(self.seeds)
 
   def rows(self) -> list[dict]:
-    return [dict(zip(HPARAM_NAMES, p), seed=s) for p in self.points for s in self.seeds]
+    return [dict(zip(AXES, p), seed=s) for p in self.points for s in self.seeds]
 
   def hparams_R(self) -> dict[str, np.ndarray]:
-    rows = self.rows()
-    return {k: np.asarray([r[k] for r in rows], np.float32) for k in HPARAM_NAMES}
+    return engine.Rows.from_dicts(self.rows()).hparams_R
 
   def seeds_R(self) -> list[int]:
     return [r["seed"] for r in self.rows()]
 
   def to_json(self) -> dict:
-    return {"axes": {k: sorted({p[i] for p in self.points}) for i, k in enumerate(HPARAM_NAMES)},
+    return {"axes": {k: sorted({p[i] for p in self.points}) for i, k in enumerate(AXES)},
             "seeds": list(self.seeds), "rows": self.rows()}
 
 
@@ -82,8 +84,9 @@ def _as_list(value, field: str) -> list:
 
 def grid_from_config(sweep_cfg, where: str = "config.sweep") -> Grid:
   """Validated grid from lists in the config: tail_weight (λ ∈ [0, 1]),
-  top_k_ratio (r ∈ (0, 1]), learning_rate (> 0), seeds (distinct integers).
-  Errors name the field, e.g. ``config.sweep.top_k_ratio``."""
+  top_k_ratio (r ∈ (0, 1]), learning_rate (> 0), seeds (distinct integers) and, if
+  given, tail_nll (per-patch NLL definitions, ``losses.NLL_DEFINITIONS``; default
+  ("exact",)). Errors name the field, e.g. ``config.sweep.top_k_ratio``."""
   get = lambda k: sweep_cfg[k] if k in sweep_cfg else None
   vals = {}
   for k in (*HPARAM_NAMES, "seeds"):
@@ -98,7 +101,14 @@ def grid_from_config(sweep_cfg, where: str = "config.sweep") -> Grid:
   seeds = vals["seeds"]
   if any(s != int(s) or s < 0 for s in seeds):
     raise ValueError(f"{where}.seeds must be non-negative integers, got {seeds}")
-  points = tuple(itertools.product(vals["tail_weight"], vals["top_k_ratio"], vals["learning_rate"]))
+  nll = get("tail_nll") or ("exact",)
+  nll = [n.strip() for n in nll.split(",")] if isinstance(nll, str) else [str(n) for n in nll]
+  bad = [n for n in nll if n not in losses.NLL_DEFINITIONS]
+  if bad or len(set(nll)) != len(nll):
+    raise ValueError(f"{where}.tail_nll must list distinct names of "
+                     f"{tuple(losses.NLL_DEFINITIONS)}, got {nll}")
+  points = tuple(itertools.product(vals["tail_weight"], vals["top_k_ratio"], vals["learning_rate"],
+                                   nll))
   return Grid(points=points, seeds=tuple(int(s) for s in seeds))
 
 
@@ -119,7 +129,7 @@ def results_markdown(cfg, rows: list[dict], grid: Grid, n_patches: int) -> str:
     for p in grid.points:
       per_seed = []
       for s in grid.seeds:
-        ms = [by.get((c, *(round(float(x), 12) for x in p), s)) for c in
+        ms = [by.get((c, *_point_id(p), s)) for c in
               (cats if scope not in cats else [scope])]
         if any(m is None for m in ms):
           continue
@@ -134,15 +144,20 @@ def results_markdown(cfg, rows: list[dict], grid: Grid, n_patches: int) -> str:
       cells = [reporting.mean_std([m[key] for m in per_seed]) for key in keys]
       if i == best:
         cells[keys.index("pixel_ap")] = f"**{cells[keys.index('pixel_ap')]}**"
-      body.append([f"{p[0]:g}", f"{p[1]:g}", k, f"{p[2]:g}", *cells])
+      body.append([f"{p[0]:g}", f"{p[1]:g}", k, f"{p[2]:g}", p[3], *cells])
     lines += [f"## {scope}", ""]
-    lines += reporting.table(["λ", "r", "k", "lr", *(METRIC_NAMES[k] for k in keys)], body)
+    lines += reporting.table(["λ", "r", "k", "lr", "tail NLL", *(METRIC_NAMES[k] for k in keys)],
+                             body)
     lines.append("")
   return "\n".join(lines)
 
 
+def _point_id(p) -> tuple:
+  return (*(round(float(x), 12) for x in p[:len(HPARAM_NAMES)]), str(p[len(HPARAM_NAMES)]))
+
+
 def _row_id(row) -> tuple:
-  return (row["category"], *(round(float(row[k]), 12) for k in HPARAM_NAMES), int(row["seed"]))
+  return (row["category"], *_point_id([row[k] for k in AXES]), int(row["seed"]))
 
 
 def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData, grid: Grid,
