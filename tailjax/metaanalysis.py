@@ -39,6 +39,12 @@ Intervals for β (``ci``):
   (the unmodified form, as metafor's ``test="knha"``; ``q`` may be < 1). With few
   categories (k = 8 here) the normal interval below under-covers; HKSJ keeps near
   nominal coverage (tested).
+* ``"hksj_modified"`` — the same with ``q`` replaced by ``max(1, q)`` (Röver, Knapp &
+  Friede 2015; metafor's ``test="adhoc"``): never narrower than the Wald interval on t
+  quantiles. Use it when the within-category variances are themselves estimated from
+  few seeds: weights ``1 / (v̂_i + τ̂²)`` then favour the categories whose variance was
+  underestimated, and the unmodified interval rejects a true null 10–15 % of the time
+  at nominal 5 % (6 categories × 4 seeds; 9 × 3), the modified one 5–7 % (tested).
 * ``"normal"`` — Wald: ``Cov = (X^T W X)^{-1}``, normal quantiles.
 
 τ² gets a Q-profile interval (Viechtbauer 2007): the τ² at which the generalised
@@ -58,7 +64,7 @@ import scipy.optimize
 import scipy.stats
 
 METHODS = ("dl", "reml")
-CI_METHODS = ("hksj", "normal")
+CI_METHODS = ("hksj", "hksj_modified", "normal")
 
 
 class PooledEffect(NamedTuple):
@@ -210,8 +216,8 @@ def _fit(y, v, X, method: str, ci: str, alpha: float):
   df = k - p
   tau2 = tau2_dl(y, v, X) if method == "dl" else tau2_reml(y, v, X)
   beta, inv, rss, w = _wls(y, v, X, tau2)
-  if ci == "hksj":
-    cov = (rss / df) * inv
+  if ci in ("hksj", "hksj_modified"):
+    cov = (max(1.0, rss / df) if ci == "hksj_modified" else rss / df) * inv
     crit = scipy.stats.t.ppf(1 - alpha / 2, df)
     pval = lambda z: float(2 * scipy.stats.t.sf(abs(z), df))
   else:
@@ -277,15 +283,27 @@ def meta_regression(y_K, v_K, x_K, *, method: str = "reml", ci: str = "hksj",
       i2=f["i2"], k=len(y), method=method, ci_method=ci)
 
 
-def effects_from_seeds(diffs_KxS) -> tuple[np.ndarray, np.ndarray]:
+def effects_from_seeds(diffs_KxS, pool_variance: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Per-category effect and its within-category variance from per-seed differences:
-  ``y_i = mean_s d_is``, ``v_i = var_s(d_is) / S`` (unbiased variance, S >= 2 seeds).
-  A list of per-category arrays of unequal length is accepted."""
+  ``y_i = mean_s d_is``, ``v_i = var_s(d_is) / S_i`` (unbiased variance, S_i >= 2 seeds).
+  A list of per-category arrays of unequal length is accepted.
+
+  ``pool_variance``: ``v_i = s²_pooled / S_i`` with ``s²_pooled = Σ (S_i − 1) s_i² /
+  Σ (S_i − 1)`` — one seed-noise variance for all categories, on Σ (S_i − 1) df. With
+  3–5 seeds a category's own s_i² (2–4 df) is often far too small, and inverse-variance
+  weights then hand that category the pooled estimate: 6 categories × 4 seeds without
+  any effect, the HKSJ interval on per-category variances rejects 10–15 % of the time
+  at nominal 5 % (``hksj_modified`` still > 5 % when one variance is tiny); pooled, the
+  weights are equal (for equal S) and HKSJ is the t-interval over categories (tested).
+  """
   rows = [np.asarray(d, np.float64).ravel() for d in diffs_KxS]
   bad = [i for i, d in enumerate(rows) if len(d) < 2 or not np.isfinite(d).all()]
   if bad:
     raise ValueError(f"categories {bad}: need >= 2 finite per-seed differences each")
   y = np.array([d.mean() for d in rows])
+  if pool_variance:
+    s2 = sum((len(d) - 1) * d.var(ddof=1) for d in rows) / sum(len(d) - 1 for d in rows)
+    return y, np.array([s2 / len(d) for d in rows])
   v = np.array([d.var(ddof=1) / len(d) for d in rows])
   return y, v
 

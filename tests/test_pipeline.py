@@ -268,19 +268,24 @@ def test_texture_categories_choose_tiers_and_builds(tmp_path):
   assert len(train.image_paths) == 3 and set(test.labels) == {0, 1}
 
 
-def test_textures_tiers_variant_reads_both_tiers_and_leaves_the_demo_alone():
+def test_demo_reads_both_tiers_and_the_hard_variant_is_the_old_demo():
   demo, smoke = fastflow_textures.get_config(), fastflow_textures.get_config("smoke")
-  tiers = fastflow_textures.get_config("tiers")
-  assert pipeline.requested_categories(demo) is None and demo.data.categories == ""
-  assert pipeline.texture_build(demo)[1] == textures.SOURCE_PHOTOS
+  hard = fastflow_textures.get_config("hard")
+  assert pipeline.requested_categories(hard) is None and hard.data.categories == ""
+  assert pipeline.texture_build(hard)[1] == textures.SOURCE_PHOTOS
   assert pipeline.texture_build(smoke)[1] == textures.SOURCE_PHOTOS   # smoke's brick: same build
-  cats = pipeline.requested_categories(tiers)
+  cats = pipeline.requested_categories(demo)
   assert [textures.category_tier(c) for c in cats] == ["hard"] * 2 + ["calibrated"] * 2
-  root, built = pipeline.texture_build(tiers)
+  root, built = pipeline.texture_build(demo)
   assert built == textures.CATEGORIES and root.name == "textures-all"
-  assert pipeline.texture_build(demo)[0] == root.with_name("textures")
-  tiers.data.categories = demo.data.categories                    # only the categories differ
-  assert tiers.to_json(sort_keys=True) == demo.to_json(sort_keys=True)
+  assert pipeline.texture_build(hard)[0] == root.with_name("textures")
+  assert list(demo.variants) == ["mean_only", "tail_aware", "tail_even_share"]
+  assert demo.variants.tail_even_share.tail_nll == "even_share"
+  assert "tail_sq_norm" in fastflow_textures.get_config("all_nll").variants
+  # Only the categories and the approximate variant differ from the old demo.
+  demo.data.categories = hard.data.categories
+  del demo.variants["tail_even_share"]
+  assert demo.to_json(sort_keys=True) == hard.to_json(sort_keys=True)
   with pytest.raises(ValueError, match="unknown variant 'tier'"):
     fastflow_textures.get_config("tier")
 

@@ -109,7 +109,8 @@ def test_by_regime_finds_a_slope_planted_on_detectability_and_groups_tiers():
   assert pooled["seed_paired"] == con["pooled_diff"]["pixel_ap"]
   d = rep.paired(rep.view(results, {c: [20] * 8 for c in cats}), "mean_only", "tail_aware",
                  lambda r: r["metrics"]["pixel_ap"])
-  want = metaanalysis.random_effects(*metaanalysis.effects_from_seeds(list(d.values())))
+  want = metaanalysis.random_effects(*metaanalysis.effects_from_seeds(list(d.values()),
+                                                                     pool_variance=True))
   assert pooled["random_effects"]["mean"] == pytest.approx(want.mu)
   assert pooled["random_effects"]["tau2"] == pytest.approx(want.tau2)
   assert pooled["random_effects"]["tau2"] > 0 and pooled["random_effects"]["i2"] > 0.9
@@ -155,3 +156,80 @@ def test_by_regime_null_slope_covers_zero_and_small_k_is_not_estimable():
   # One category: no by-regime key, no section, no answer bullet.
   one = rep.conclusions(_cfg(), _regime_results({"a": 0.02}, {"a": 0.8}, ("a",)))
   assert "by_regime" not in one and rep.regime_section(_cfg(), one) == []
+
+
+# ----------------------------------------------------------------------------
+# Exact vs approximate per-patch NLL
+# ----------------------------------------------------------------------------
+
+
+def _nll_cfg():
+  c = _regime_cfg()
+  c.variants = {"mean_only": {"tail_weight": 0.0, "top_k_ratio": 0.02},
+                "tail_aware": {"tail_weight": 0.7, "top_k_ratio": 0.02},
+                "tail_even_share": {"tail_weight": 0.7, "top_k_ratio": 0.02,
+                                    "tail_nll": "even_share"}}
+  return c
+
+
+def _variant_results(effects, cats, seeds=4, noise=0.004, seed=0):
+  """Pixel AP 0.4 + effects[variant] (+ seed noise) in every category; last step selected."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for c in cats:
+    rows = [{"variant": v, "seed": s} for v in effects for s in range(seeds)]
+    budgets = {}
+    for step in (0, 10, 20):
+      recs = []
+      for r in rows:
+        rec = _record(rng, step, r["variant"], 0.0)
+        rec["metrics"]["pixel_ap"] = 0.4 + effects[r["variant"]] + rng.normal(0, noise)
+        rec["metrics"]["image_auroc"] = 0.8 + effects[r["variant"]] + rng.normal(0, noise)
+        recs.append(rec)
+      budgets[str(step)] = recs
+    out[c] = {"rows": rows, "budgets": budgets}
+  return out
+
+
+def test_nll_comparison_finds_a_gain_planted_on_the_approximation_only():
+  cats = HARD + CALIBRATED
+  results = _variant_results({"mean_only": 0.0, "tail_aware": 0.0, "tail_even_share": 0.03}, cats)
+  con = rep.conclusions(_nll_cfg(), results)
+  nc = con["tail_nll"]
+  assert nc["definitions"] == {"tail_aware": "exact", "tail_even_share": "even_share"}
+  exact = nc["variants"]["tail_aware"]["vs_baseline"]["pixel_ap"]["all"]["random_effects"]
+  approx = nc["variants"]["tail_even_share"]["vs_baseline"]["pixel_ap"]["all"]["random_effects"]
+  assert exact["lo"] < 0 < exact["hi"]
+  assert approx["lo"] > 0 and approx["mean"] == pytest.approx(0.03, abs=0.003)
+  vs = nc["variants"]["tail_even_share"]["vs_exact"]["pixel_ap"]
+  assert vs["all"]["random_effects"]["mean"] == pytest.approx(0.03, abs=0.003)
+  assert set(vs) == {"hard", "calibrated", "all"}
+  assert nc["variants"]["tail_even_share"]["vs_exact_reading"] == "better than exact"
+  assert nc["verdict"] == "the seed's gain could come from the approximation"
+  text = "\n".join(rep.nll_section(_nll_cfg(), con))
+  assert "## Exact vs approximate per-patch NLL in the tail" in text
+  assert "| tail_even_share | even_share | hard |" in text
+  assert "**the seed's gain could come from the approximation**" in text
+  assert "Exact vs approximate per-patch NLL" in "\n".join(
+      rep.answer_lines(_nll_cfg(), results, con))
+  # The treatment's own by-regime answer is untouched by the third variant.
+  assert con["by_regime"]["pooled"]["pixel_ap"]["random_effects"]["mean"] == pytest.approx(
+      exact["mean"])
+  io.to_json(con)
+
+
+def test_nll_comparison_null_and_absent():
+  cats = HARD + CALIBRATED
+  null = rep.conclusions(_nll_cfg(), _variant_results(
+      {"mean_only": 0.0, "tail_aware": 0.0, "tail_even_share": 0.0}, cats, seed=2))["tail_nll"]
+  assert null["verdict"] == "the approximation does not produce a gain here"
+  assert null["variants"]["tail_even_share"]["vs_exact_reading"] == "no difference from exact shown"
+  both = rep.conclusions(_nll_cfg(), _variant_results(
+      {"mean_only": 0.0, "tail_aware": 0.03, "tail_even_share": 0.03}, cats, seed=3))["tail_nll"]
+  assert both["verdict"] == "the approximation gains, and so does the exact loss"
+  # No approximate variant (or no variants in the config): no comparison, no section.
+  cfg = _nll_cfg()
+  del cfg.variants["tail_even_share"]
+  con = rep.conclusions(cfg, _variant_results({"mean_only": 0.0, "tail_aware": 0.0}, cats))
+  assert "tail_nll" not in con and rep.nll_section(cfg, con) == []
+  assert "tail_nll" not in rep.conclusions(_cfg(), _results({0: 0.0, 10: 0.0}))

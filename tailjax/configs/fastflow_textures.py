@@ -1,46 +1,46 @@
 r"""Study A on the embedded texture benchmark: mean-only vs tail-aware FastFlow.
 
 Command (the README's main job, `make demo`):
-  python scripts/train_flow.py --config=configs/fastflow_textures.py --workdir=runs/demo
+  tailjax train --config=configs/fastflow_textures.py --workdir=runs/demo
 
-Builds (or reuses) the texture benchmark from scikit-image's brick/grass/gravel
-photographs, extracts EfficientNet-Lite0 stride-16 features (14×14 grid,
-cached), trains mean-only (λ = 0) and tail-aware (λ = 0.7, r = 0.02) flows with
-3 seeds each, and prints per category the pixel AP of both variants and PaDiM,
-then the report (`runs/demo/report.md`): a table of image AUROC, pixel AUROC,
-pixel AP and AUPRO (mean ± std over seeds), the tail − mean difference with
-its 95 % CI, and a plain verdict; then runs the mechanism analyses (exact
-per-patch gradients, H1/H3/H4/H7; `runs/demo/analysis/report.md`) and adds
-their hypothesis table to the report.
+Builds (or reuses) the texture benchmark (``tailjax.data.textures``: all nine
+categories at ``<data.root>-all``, ``pipeline.texture_build``) and runs four of them,
+the first two of each tier in ``CATEGORY_SPECS`` order: brick and grass (hard: the
+original photographs, uncalibrated, PaDiM near chance on grass) and moon and tissue
+(calibrated: defect strength set so PaDiM's image AUROC on a calibration split lies
+in 85–97 %, the seed's regime). It extracts EfficientNet-Lite0 stride-16 features
+(14×14 grid, cached) and trains, 3 seeds each, mean-only (λ = 0), tail-aware (λ = 0.7,
+r = 0.02, the tail ranked by the exact per-location NLL) and the same tail-aware loss
+with the tail ranked by ½‖z‖² minus an even share of the image log-det
+(``tail_even_share``: what a user of a flow returning one log-det per image, as
+anomalib/FrEIA FastFlow, computes; ``losses.NLL_DEFINITIONS``). Every row is evaluated
+at the budgets ``eval.budgets``. The report (`runs/demo/report.md`) gives the answer
+(pixel AP, tail − mean with its 95 % CI, per category, per tier and by random effects
+across categories, the slope on detectability, exact vs approximate per-patch NLL),
+the tables, and the mechanism analyses (exact per-patch gradients, H1/H3/H4/H7;
+`runs/demo/analysis/report.md`).
 
-Variants: `configs/fastflow_textures.py:smoke` shrinks the run (one category of
-a tiny benchmark, 2 seeds, 10 steps; about 20 s after the install). Any field
-can be overridden, e.g. `--config.num_seeds=5`, `--config.train.num_steps=400`,
-`--config.variants.tail_aware.tail_weight=1.0`. A field no stage reads is an error, and
-rerunning a workdir with different results-relevant fields is refused (`--restart`,
-`--branch`).
-
-`configs/fastflow_textures.py:tiers` is the demo on both tiers of the benchmark
-(``tailjax.data.textures``): the first two categories of each in ``CATEGORY_SPECS``
-order, brick and grass (hard: uncalibrated, PaDiM near chance on grass) and moon and
-tissue (calibrated: defect strength set so PaDiM's image AUROC on a calibration split
-lies in 85–97 %, the seed's regime), everything else as the demo:
-  tailjax train --config=configs/fastflow_textures.py:tiers --workdir=runs/tiers
-It builds all nine categories at ``<data.root>-all`` (``pipeline.texture_build``;
-the demo's build is left as it is) and its report adds "the answer by regime": per
-tier, seed-paired and random-effects pooled differences and the slope of the effect on
-the mean-only model's image AUROC (``study_a_report.by_regime``). Four categories
-instead of three: expect about 4/3 of the demo's time (not measured yet).
+Variants:
+  * `:smoke` shrinks the run (one category of a tiny benchmark, 2 seeds, 10 steps;
+    about 20 s after the install).
+  * `:hard` is the demo as it ran before the tiers (brick, grass, gravel; mean-only and
+    tail-aware only; its results are the README's hard-tier table).
+  * `:all_nll` adds the third per-patch NLL, ½‖z‖² alone (``tail_sq_norm``; it ranks the
+    tail as even_share does and differs only in the tail's average).
+Any field can be overridden, e.g. `--config.num_seeds=5`, `--config.train.num_steps=400`,
+`--config.variants.tail_aware.tail_weight=1.0`, `--config.data.categories=calibrated`.
+A field no stage reads is an error, and rerunning a workdir with different
+results-relevant fields is refused (`--restart`, `--branch`).
 """
 
 import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg not in (None, "", "smoke", "tiers"):
+  if arg not in (None, "", "smoke", "hard", "all_nll"):
     raise ValueError(f"configs/fastflow_textures.py: unknown variant {arg!r} "
-                     "(known: 'smoke', 'tiers')")
-  smoke = arg == "smoke"
+                     "(known: 'smoke', 'hard', 'all_nll')")
+  smoke, hard = arg == "smoke", arg == "hard"
   c = ml_collections.ConfigDict()
   c.seed = 0            # first seed; seeds are seed, seed+1, ...
   c.num_seeds = 2 if smoke else 3
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.kind = "textures"        # textures | mvtec | visa
   c.data.root = "data/textures-smoke" if smoke else ""   # "" = default_benchmark_root()
   # Comma list of categories or tiers (hard, calibrated); "" = the hard tier.
-  c.data.categories = "brick" if smoke else ("brick,grass,moon,tissue" if arg == "tiers" else "")
+  c.data.categories = "brick" if smoke else ("" if hard else "brick,grass,moon,tissue")
   c.data.benchmark_seed = 0
   c.data.image_size = 256
   c.data.n_train = 24 if smoke else 120
@@ -78,6 +78,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.variants = ml_collections.ConfigDict()
   c.variants.mean_only = ml_collections.ConfigDict({"tail_weight": 0.0, "top_k_ratio": 0.02})
   c.variants.tail_aware = ml_collections.ConfigDict({"tail_weight": 0.7, "top_k_ratio": 0.02})
+  # The same loss with the tail ranked (and averaged) by a PyTorch FastFlow user's per-patch
+  # NLL: "even_share" = ½‖z‖² − logdet_image / N, "sq_norm" = ½‖z‖² (losses.NLL_DEFINITIONS).
+  if not (smoke or hard):
+    c.variants.tail_even_share = ml_collections.ConfigDict(
+        {"tail_weight": 0.7, "top_k_ratio": 0.02, "tail_nll": "even_share"})
+  if arg == "all_nll":
+    c.variants.tail_sq_norm = ml_collections.ConfigDict(
+        {"tail_weight": 0.7, "top_k_ratio": 0.02, "tail_nll": "sq_norm"})
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"

@@ -3,7 +3,7 @@ r"""Ablation: tail weight λ ∈ {0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0} at r = 0.02, 
 Command:
   python scripts/sweep.py --config=configs/sweep_tail_weight.py --workdir=runs/sweep_lambda
 
-For every category of the embedded texture benchmark (brick, grass, gravel) it
+For every category of the demo (brick, grass | moon, tissue: two of each tier) it
 trains all 7 λ × 3 seeds = 21 flows as ONE program (`tailjax.sweep`: rows
 sharded over all devices, checkpointed every `train.segment_steps` steps, a
 killed run resumes), evaluates every row, and prints

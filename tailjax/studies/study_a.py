@@ -253,6 +253,7 @@ def write_report(cfg, workdir: Path, results: dict[str, dict], summary: dict, se
   lines = [f"# Study A: tail-aware vs mean-only flow training ({cfg.data.kind})", ""]
   lines += ["## Answer", ""] + reporting.bullets(rep.answer_lines(cfg, results, con)) + [""]
   lines += rep.regime_section(cfg, con)
+  lines += rep.nll_section(cfg, con)
   lines += ["![budget curve](budget_curve.png)", ""]
   extended = runrecord.read_manifest(workdir).get("extended", [])
   history = "".join(f" It was trained to {e.get('from_train.num_steps')} steps first, then "

@@ -27,14 +27,23 @@ Rules, fixed before any run (they are printed in the report):
   (texture tiers ``hard`` / ``calibrated``; one tier "—" for other data kinds) and
   pooled, the tail − mean pixel AP and image AUROC at the primary point. Pooled two
   ways: the seed-paired estimate (mean over categories per seed, t-interval over seeds)
-  and a random-effects estimate across categories (REML τ², HKSJ 95 % CI; τ² and I² shown) on
-  per-category (mean difference, its seed variance / S); "tail-aware better" / "worse"
+  and a random-effects estimate across categories (REML τ², HKSJ 95 % CI; τ² and I² shown)
+  on per-category (mean difference, seed variance / S), the seed variance pooled over
+  the scope's categories (a category's own variance from 3 seeds is too noisy to weight
+  by: ``metaanalysis.effects_from_seeds``); "tail-aware better" / "worse"
   iff that CI lies above / below 0. A meta-regression of the per-category effect on the
   mean-only model's image AUROC (its detectability) gives the slope: "the tail-aware
   effect grows with detectability" iff the slope's 95 % CI (HKSJ) lies above 0,
   "shrinks" iff below, else "no dependence on detectability shown". With k < 3
   categories (in the scope) these rows read "not estimable (k < 3)"; they are
   descriptive, outside the Holm families above.
+* **Exact vs approximate per-patch NLL** (``nll_comparison``; runs with a variant whose
+  ``tail_nll`` is "sq_norm" or "even_share"): each tail-aware variant − baseline and each
+  approximate variant − the exact treatment, by tier and over all categories.
+  "The seed's gain could come from the approximation" iff an approximate variant's
+  pixel-AP difference to the baseline (random effects across all categories; seed-paired
+  when not estimable) has its CI above 0 while the exact treatment's does not;
+  descriptive, outside the Holm families.
 """
 
 from __future__ import annotations
@@ -235,6 +244,9 @@ def conclusions(cfg, results: dict, analysis: dict | None = None) -> dict:
   out["n_seeds"] = len({r["seed"] for r in next(iter(results.values()))["rows"]})
   if len(cats) >= 2:
     out["by_regime"] = by_regime(cfg, primary)
+  nll = nll_comparison(cfg, primary)
+  if nll is not None:
+    out["tail_nll"] = nll
   return out
 
 
@@ -262,18 +274,18 @@ def _not_estimable(reason: str) -> dict:
 
 
 def _meta_inputs(diffs: dict[str, np.ndarray]):
-  """(y_K, v_K) = ``metaanalysis.effects_from_seeds`` of the finite per-seed differences,
-  or the reason why not (k < 3, a category with < 2 seeds or zero seed variance)."""
+  """(y_K, v_K) = ``metaanalysis.effects_from_seeds`` (seed variance pooled over the
+  categories) of the finite per-seed differences, or the reason why not (k < 3, a
+  category with < 2 seeds, no seed variance at all)."""
   if len(diffs) < MIN_META_K:
     return _not_estimable(f"k < {MIN_META_K}")
   rows = {c: d[np.isfinite(d)] for c, d in diffs.items()}
   few = [c for c, d in rows.items() if d.size < 2]
   if few:
     return _not_estimable(f"< 2 seeds in {', '.join(few)}")
-  y_K, v_K = metaanalysis.effects_from_seeds(list(rows.values()))
-  flat = [c for c, v in zip(rows, v_K) if v <= 0]
-  if flat:
-    return _not_estimable(f"zero seed variance in {', '.join(flat)}")
+  y_K, v_K = metaanalysis.effects_from_seeds(list(rows.values()), pool_variance=True)
+  if not (v_K > 0).all():
+    return _not_estimable("zero seed variance in every category")
   return y_K, v_K
 
 
@@ -285,7 +297,7 @@ def _ci(mean, se, ci, p) -> dict:
 def regime_random_effects(diffs: dict[str, np.ndarray]) -> dict:
   """Random-effects pooled tail − mean over the categories of ``diffs`` (per category,
   per-seed differences): ``metaanalysis.random_effects`` (REML, HKSJ) on
-  ``y_i = mean_s d_is``, ``v_i = var_s(d_is) / S``, and its verdict (CI vs 0)."""
+  ``y_i = mean_s d_is``, ``v_i = s²_pooled / S``, and its verdict (CI vs 0)."""
   inputs = _meta_inputs(diffs)
   if isinstance(inputs, dict):
     return inputs
@@ -321,7 +333,7 @@ def regime_meta_regression(diffs: dict[str, np.ndarray], x: dict[str, float]) ->
           "k": mr.k, "method": mr.method, "ci_method": mr.ci_method, "verdict": verdict}
 
 
-def by_regime(cfg, primary: dict) -> dict:
+def by_regime(cfg, primary: dict, base: str | None = None, treat: str | None = None) -> dict:
   """The answer by regime, from ``primary`` = ``view(results, steps)`` at the primary
   point (``conclusions``: the validation-selected step of each row).
 
@@ -337,8 +349,9 @@ def by_regime(cfg, primary: dict) -> dict:
   Returns ``{"covariate", "categories": {c: {"tier", "covariate", metric: test}},
   "tiers": {T: {"categories", metric: {"seed_paired", "random_effects"}}},
   "pooled": {metric: {"seed_paired", "random_effects", "meta_regression"}}}``.
+  ``base`` / ``treat``: the two variants (default ``report.baseline`` / ``treatment``).
   """
-  base, treat = cfg.report.baseline, cfg.report.treatment
+  base, treat = base or cfg.report.baseline, treat or cfg.report.treatment
   cats = list(primary)
   tier = {c: category_regime(cfg, c) for c in cats}
   diffs = {k: paired(primary, base, treat, lambda r, k=k: r["metrics"][k])
@@ -362,6 +375,113 @@ def by_regime(cfg, primary: dict) -> dict:
                         "random_effects": regime_random_effects(diffs[k]),
                         "meta_regression": regime_meta_regression(diffs[k], x)}
   return out
+
+
+def tail_nll_variants(cfg) -> dict[str, str]:
+  """{variant: its ``tail_nll``} for the run's variants with λ > 0, treatment first."""
+  v = cfg.variants
+  names = [cfg.report.treatment] + [n for n in v if n != cfg.report.treatment]
+  return {n: str(v[n].get("tail_nll", "exact")) for n in names
+          if n != cfg.report.baseline and float(v[n].tail_weight) > 0}
+
+
+def _scopes(br: dict, k: str) -> dict:
+  """{scope: {"seed_paired", "random_effects"}} of ``by_regime`` for metric k: each
+  tier (when there are several) and "all"."""
+  out = {t: v[k] for t, v in br["tiers"].items()} if len(br["tiers"]) > 1 else {}
+  return {**out, "all": {x: br["pooled"][k][x] for x in ("seed_paired", "random_effects")}}
+
+
+def nll_comparison(cfg, primary: dict) -> dict | None:
+  """Exact vs approximate per-patch NLL in the tail (``losses.NLL_DEFINITIONS``), or None
+  when the run has no approximate variant or no exact treatment.
+
+  For every tail-aware variant V (the treatment, exact, and each approximate one A):
+  V − baseline per scope (tier, all) and metric, seed-paired and random effects (as
+  ``by_regime``); for each A also A − treatment (the approximation's own effect).
+  Verdict, fixed before the run, on pixel AP across all categories by random effects
+  (seed-paired when random effects is not estimable): "the seed's gain could come from
+  the approximation" iff some A − baseline CI lies above 0 while the exact treatment's
+  does not; "the approximation gains, and so does the exact loss" iff both lie above 0;
+  otherwise "the approximation does not produce a gain here" — and per A, the
+  A − treatment reading: better / worse / no difference shown (CI vs 0).
+  """
+  if "variants" not in cfg:
+    return None
+  defs = tail_nll_variants(cfg)
+  treat = cfg.report.treatment
+  approx = [n for n, d in defs.items() if d != "exact"]
+  if not approx or defs.get(treat) != "exact":
+    return None
+  base = cfg.report.baseline
+  out: dict[str, Any] = {"baseline": base, "exact": treat, "definitions": defs, "variants": {}}
+
+  gains = {}
+  for name in [treat, *approx]:
+    br = by_regime(cfg, primary, base=base, treat=name)
+    rec = {"tail_nll": defs[name],
+           "vs_baseline": {k: _scopes(br, k) for k in REGIME_METRICS}}
+    gains[name] = reporting.side_of_zero(_headline(rec["vs_baseline"]["pixel_ap"])) > 0
+    if name != treat:
+      bx = by_regime(cfg, primary, base=treat, treat=name)
+      rec["vs_exact"] = {k: _scopes(bx, k) for k in REGIME_METRICS}
+      side = reporting.side_of_zero(_headline(rec["vs_exact"]["pixel_ap"]))
+      rec["vs_exact_reading"] = {1: "better than exact", -1: "worse than exact"}.get(
+          side, "no difference from exact shown")
+    out["variants"][name] = rec
+  if any(gains[a] for a in approx) and not gains[treat]:
+    out["verdict"] = "the seed's gain could come from the approximation"
+  elif any(gains[a] for a in approx):
+    out["verdict"] = "the approximation gains, and so does the exact loss"
+  else:
+    out["verdict"] = "the approximation does not produce a gain here"
+  return out
+
+
+def _headline(scopes: dict) -> dict:
+  """The "all" scope's random-effects interval, or its seed-paired one if not estimable."""
+  re = scopes["all"]["random_effects"]
+  return re if re.get("estimable") else scopes["all"]["seed_paired"]
+
+
+def _effect_text(scope: dict) -> str:
+  re = scope["random_effects"]
+  return (f"{_pp(scope['seed_paired'])}; RE {_pp(re)}" if re.get("estimable")
+          else f"{_pp(scope['seed_paired'])}; RE {re['reason']}")
+
+
+def nll_section(cfg, con: dict) -> list[str]:
+  """"Exact vs approximate per-patch NLL": the table of ``nll_comparison`` and its
+  verdict; [] when the run has no approximate variant."""
+  nc = con.get("tail_nll")
+  if not nc:
+    return []
+  body = []
+  for name, rec in nc["variants"].items():
+    for scope in rec["vs_baseline"]["pixel_ap"]:
+      row = [name, rec["tail_nll"], scope,
+             _effect_text(rec["vs_baseline"]["pixel_ap"][scope]),
+             _effect_text(rec["vs_baseline"]["image_auroc"][scope])]
+      row += ([_effect_text(rec["vs_exact"]["pixel_ap"][scope]),
+               _effect_text(rec["vs_exact"]["image_auroc"][scope])]
+              if "vs_exact" in rec else [reporting.DASH, reporting.DASH])
+      body.append(row)
+  lines = ["## Exact vs approximate per-patch NLL in the tail", "",
+           "The tail (top-k selection and its average) ranked by the exact per-location NLL, "
+           "by ½‖z‖² alone (`sq_norm`), or by ½‖z‖² minus an even share of the image log-det "
+           "(`even_share`, what a user of a flow that returns one log-det per image — "
+           "anomalib/FrEIA FastFlow — can compute); the mean term is the exact mean NLL in "
+           f"all. Differences in pp at the primary point: seed-paired (t over {con['n_seeds']} "
+           "seeds) and random effects across the scope's categories (RE, REML, HKSJ).", ""]
+  lines += reporting.table(
+      ["variant", "tail NLL", "scope", f"Δ pixel AP vs {nc['baseline']}",
+       f"Δ image AUROC vs {nc['baseline']}", f"Δ pixel AP vs {nc['exact']}",
+       f"Δ image AUROC vs {nc['exact']}"], body)
+  items = [f"{n} − {nc['exact']}: **{r['vs_exact_reading']}** (pixel AP, all categories)."
+           for n, r in nc["variants"].items() if "vs_exact" in r]
+  items.append(f"Could the seed's gain come from the approximation? **{nc['verdict']}** "
+               "(rule: `study_a_report.nll_comparison`).")
+  return lines + [""] + reporting.bullets(items) + [""]
 
 
 # ----------------------------------------------------------------------------
@@ -417,6 +537,12 @@ def answer_lines(cfg, results: dict, con: dict) -> list[str]:
                  f"{STUDY_COUPLING_STEPS} (`make study` runs that architecture).")
   if "by_regime" in con:
     lines.append(regime_answer(con["by_regime"]))
+  if "tail_nll" in con:
+    nc = con["tail_nll"]
+    parts = [f"{n} ({r['tail_nll']}) {_pp(_headline(r['vs_baseline']['pixel_ap']))} pp"
+             for n, r in nc["variants"].items()]
+    lines.append(f"**Exact vs approximate per-patch NLL** (pixel AP − {nc['baseline']}, all "
+                 f"categories): {'; '.join(parts)}. **{nc['verdict']}**.")
   lines.append("The study reported +9.94 pp pixel AP (45.86 → 55.80 %) and image AUROC "
                "96.62 → 98.05 % on its own data, from single runs.")
   return lines
