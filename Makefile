@@ -46,8 +46,9 @@ lock:
 demo: $(STAMP)
 	$(BIN)/tailjax train --config=configs/fastflow_textures.py --workdir=runs/demo
 
-## Study A as the study ran it (8 coupling steps, budget ladder to 2000 steps, 3 seeds, every
-## texture category, analyses) -> runs/study/report.md (measured time: README)
+## Study A with the study's architecture (8 coupling steps, budget ladder to 1000 steps, 3 seeds,
+## all nine texture categories, exact and even-share tail NLL, analyses) -> runs/study/report.md
+## (about 2 h on 2 cores, estimated; README)
 study: $(STAMP)
 	$(BIN)/tailjax train --config=configs/fastflow_study.py --workdir=runs/study
 

@@ -268,7 +268,9 @@ def write_report(cfg, workdir: Path, results: dict[str, dict], summary: dict, se
             f"{cfg.optim.name} lr {cfg.optim.learning_rate}; seeds {summary['seeds']}; "
             f"{n_val} normal training images per category held out for validation (never "
             "trained on; the test set is not used to select anything). Variants: "
-            + ", ".join(f"**{n}** (λ = {vv.tail_weight}, r = {vv.top_k_ratio})"
+            + ", ".join(f"**{n}** (λ = {vv.tail_weight}, r = {vv.top_k_ratio}"
+                        + (f", tail ranked by the {vv.tail_nll} NLL"
+                           if vv.get("tail_nll", "exact") != "exact" else "") + ")"
                         for n, vv in cfg.variants.items())
             + f". Every row is evaluated at steps {list(rep.budgets(results))}. Anomaly score: "
             f"per-patch {cfg.eval.score}, bilinear upsampling to {cfg.eval.size} px, Gaussian "
