@@ -15,3 +15,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# The longest files first: with `--dist loadfile` a file is one unit of work, and a long
+# file handed out last leaves the other worker idle at the end (test_distributed.py alone
+# is ~2.5 CPU-min).
+_FIRST = ("test_distributed.py", "test_multiscale.py", "test_mil_diagnosis.py", "test_engine.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {name: i for i, name in enumerate(_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))   # stable otherwise
