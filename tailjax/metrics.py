@@ -424,7 +424,8 @@ def ap_and_fpr_against_negatives(neg_sorted_M: np.ndarray, pos_P: np.ndarray,
                                  tpr: float) -> tuple[float, float]:
   """(average precision, FPR at TPR ``tpr``) of positive scores ``pos_P`` against negative
   scores given sorted ascending (``neg_sorted_M``), ties kept together — the values
-  ``pixel_ap`` and ``causal.fpr_at_tpr`` give on the concatenation.
+  ``pixel_ap`` and the ROC curve's first threshold reaching ``tpr`` give on the
+  concatenation (``causal.fpr_at_tpr`` calls it for one positive set).
 
   With TP(v) = #{pos ≥ v} and FP(v) = #{neg ≥ v}, only thresholds at positive values
   move the recall, so ``AP = Σ_{distinct positive v} (#{pos = v} / P) · TP(v) / (TP(v) +
@@ -445,7 +446,7 @@ def ap_and_fpr_against_negatives(neg_sorted_M: np.ndarray, pos_P: np.ndarray,
   tp = np.cumsum(counts).astype(np.float64)                  # #{pos ≥ v}
   fp = (n_neg - np.searchsorted(neg, vals, side="left")).astype(np.float64)   # #{neg ≥ v}
   ap = float(np.sum(counts / n_pos * tp / (tp + fp)))
-  need = tp >= tpr * n_pos                                   # the rule of fpr_at_tpr
+  need = tp >= tpr * n_pos                                   # the highest such threshold
   fpr = float(fp[np.argmax(need)] / n_neg)
   return ap, fpr
 

@@ -191,19 +191,11 @@ def boundary_bands(masks_NxHxW, band_px: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fpr_at_tpr(scores_P, positive_P, tpr: float) -> float:
-  """The FPR at the highest threshold whose TPR reaches ``tpr`` (ties kept together)."""
+  """The FPR at the highest threshold whose TPR reaches ``tpr`` (ties kept together);
+  ``metrics.ap_and_fpr_against_negatives`` on this one positive set."""
   s = np.asarray(scores_P, np.float64)
   y = np.asarray(positive_P, bool)
-  n_pos, n_neg = int(y.sum()), int((~y).sum())
-  if n_pos == 0 or n_neg == 0:
-    return float("nan")
-  order = np.argsort(-s, kind="stable")
-  s_sorted, y_sorted = s[order], y[order]
-  tp = np.cumsum(y_sorted)
-  fp = np.cumsum(~y_sorted)
-  ends = np.r_[np.nonzero(np.diff(s_sorted))[0], s.size - 1]   # last index of each tie group
-  hit = ends[tp[ends] >= tpr * n_pos]
-  return float(fp[hit[0]] / n_neg)
+  return metrics.ap_and_fpr_against_negatives(np.sort(s[~y]), s[y], tpr)[1]
 
 
 def boundary_metrics(maps_NxHxW, masks_NxHxW, band_px: int, tpr: float) -> dict:
