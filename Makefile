@@ -46,9 +46,9 @@ lock:
 demo: $(STAMP)
 	$(BIN)/tailjax train --config=configs/fastflow_textures.py --workdir=runs/demo
 
-## Study A with the study's architecture (8 coupling steps, budget ladder to 1000 steps, 3 seeds,
+## Study A on both tiers (4 coupling steps, budget ladder to 1000 steps, 3 seeds,
 ## all nine texture categories, exact and even-share tail NLL, analyses) -> runs/study/report.md
-## (about 2 h on 2 cores, estimated; README)
+## (measured time in the README; :arch8 = 8 coupling steps, about 2.3 h)
 study: $(STAMP)
 	$(BIN)/tailjax train --config=configs/fastflow_study.py --workdir=runs/study
 
