@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -216,3 +217,38 @@ def test_extended_run_equals_the_longer_run_and_says_so(trained, mini_mvtec, cac
         assert got["metrics"] == pytest.approx(want["metrics"], abs=1e-6), (cat, step)
   assert "trained to 2 steps first, then extended to 4" in (run / "report.md").read_text()
   assert runrecord.read_manifest(run)["extended"][0]["from_train.num_steps"] == 2
+
+
+def test_rows_with_identical_scores_share_one_evaluation_with_the_same_numbers(trained):
+  """evaluate_rows computes the host metrics once per distinct set of scores; a duplicated
+  row gets the record its own evaluation would give, and a distinct row its own."""
+  cfg, run, _, _ = trained
+  tc = study_a_run.load_trained(run, "brick")["brick"]
+  pick = lambda idx: jax.tree.map(lambda a: np.asarray(a)[np.asarray(idx)], tc.params_R)
+  alone = [study_a.evaluate_rows(cfg, tc.program, pick([i]), tc.data)[0] for i in (0, 2)]
+  calls = []
+  real = study_a.evaluation.evaluate_scores
+  def counting(*a, **k):
+    calls.append(1)
+    return real(*a, **k)
+  study_a.evaluation.evaluate_scores = counting
+  try:
+    recs = study_a.evaluate_rows(cfg, tc.program, pick([0, 2, 0, 0]), tc.data)
+  finally:
+    study_a.evaluation.evaluate_scores = real
+  assert len(calls) == 2
+  same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN too
+  assert same(recs[0], alone[0]) and same(recs[2], alone[0]) and same(recs[3], alone[0])
+  assert same(recs[1], alone[1]) and not same(recs[0], recs[1])
+  recs[0]["metrics"]["pixel_ap"] = -1.0      # copies, not one shared dict
+  assert recs[2]["metrics"]["pixel_ap"] == alone[0]["metrics"]["pixel_ap"]
+
+
+def test_every_row_has_the_same_step_0_record(trained):
+  """The flow starts as the identity map whatever the seed (``flows``), so every row's
+  step-0 scores, hence records, are the same; after training they differ."""
+  cfg, run, _, _ = trained
+  budgets = json.loads((run / "metrics.json").read_text())["categories"]["brick"]["budgets"]
+  dump = lambda r: json.dumps(r, sort_keys=True)
+  assert len({dump(r) for r in budgets["0"]}) == 1 and len(budgets["0"]) == 4
+  assert len({dump(r["metrics"]) for r in budgets["4"]}) == 4
