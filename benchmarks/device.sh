@@ -11,7 +11,9 @@
 #                                              # (`make device-wheels` here)
 #
 # Options (environment): TAILJAX_REFERENCE=runs/demo (the CPU run to compare with; carry it),
-# TAILJAX_STUDY=1 (also configs/fastflow_study.py against TAILJAX_STUDY_REFERENCE=runs/study),
+# TAILJAX_STUDY=1 (also configs/fastflow_study.py against TAILJAX_STUDY_REFERENCE=runs/study,
+# then the study with 8 coupling steps and 5 seeds, configs/fastflow_study.py:arch8, which
+# the 2-core CPU cannot run within its 90 min: -> runs/study-arch8-5seeds/report.md),
 # TAILJAX_SKIP_MICRO=1 (skip the micro-benchmarks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,4 +41,6 @@ fi
 if [ -n "${TAILJAX_STUDY:-}" ]; then
   "$PY" -m benchmarks.bench_study --config=configs/fastflow_study.py \
       --reference="${TAILJAX_STUDY_REFERENCE:-runs/study}" --overwrite
+  "$PY" -m tailjax.cli train --config=configs/fastflow_study.py:arch8 --config.num_seeds=5 \
+      --config.train.rows=vmap --workdir=runs/study-arch8-5seeds
 fi

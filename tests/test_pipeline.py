@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tailjax.configs import (fastflow_features, fastflow_mvtec_resnet18, fastflow_mvtec_wrn50,
-                            fastflow_textures)
+                            fastflow_study, fastflow_textures)
 from tailjax import backbones, runrecord
 from tailjax.backbones import resnet as rn
 from tailjax.data import pipeline, textures
@@ -288,6 +288,24 @@ def test_demo_reads_both_tiers_and_the_hard_variant_is_the_old_demo():
   assert demo.to_json(sort_keys=True) == hard.to_json(sort_keys=True)
   with pytest.raises(ValueError, match="unknown variant 'tier'"):
     fastflow_textures.get_config("tier")
+
+
+def test_study_is_the_demo_on_every_category_for_longer_and_arch8_only_deepens_it():
+  demo, study = fastflow_textures.get_config(), fastflow_study.get_config()
+  arch8, old = fastflow_study.get_config("arch8"), fastflow_study.get_config("hard")
+  assert pipeline.requested_categories(study) == list(textures.CATEGORIES)
+  assert pipeline.texture_build(study) == pipeline.texture_build(demo)   # one build
+  assert (study.train.num_steps, tuple(study.eval.budgets)) == (1000, (0, 10, 30, 100, 300, 1000))
+  assert (study.flow.num_steps, arch8.flow.num_steps, old.flow.num_steps) == (4, 8, 8)
+  assert list(old.variants) == ["mean_only", "tail_aware"] and old.train.num_steps == 2000
+  arch8.flow.num_steps = 4
+  assert arch8.to_json(sort_keys=True) == study.to_json(sort_keys=True)
+  for c in (demo, study):   # only the categories, the step count and the ladder differ
+    c.data.categories, c.train.num_steps, c.eval.budgets = "", 0, ()
+    c.train.segment_steps = 0
+  assert demo.to_json(sort_keys=True) == study.to_json(sort_keys=True)
+  with pytest.raises(ValueError, match="unknown variant 'deep'"):
+    fastflow_study.get_config("deep")
 
 
 def test_texture_category_errors_name_the_field(tmp_path):
