@@ -533,8 +533,9 @@ def answer_lines(cfg, results: dict, con: dict) -> list[str]:
     lines.append(f"⚠ Only {con['n_seeds']} seed(s): a t-interval with {con['n_seeds'] - 1} "
                  "degree(s) of freedom is nearly meaningless; use ≥ 3 seeds for conclusions.")
   if int(cfg.flow.num_steps) != STUDY_COUPLING_STEPS:
-    lines.append(f"This run uses {cfg.flow.num_steps} coupling steps; the study used "
-                 f"{STUDY_COUPLING_STEPS} (`make study` runs that architecture).")
+    lines.append(f"This run uses {cfg.flow.num_steps} coupling steps; the SPEC's (and "
+                 f"anomalib's) default is {STUDY_COUPLING_STEPS} "
+                 "(`configs/fastflow_study.py:arch8` runs the study with it).")
   if "by_regime" in con:
     lines.append(regime_answer(con["by_regime"]))
   if "tail_nll" in con:
