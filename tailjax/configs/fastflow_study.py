@@ -18,9 +18,10 @@ last budget. If not, extend the finished run instead of retraining it:
 (``runrecord``: the first 1000 steps and their evaluations are reused and the manifest
 records the extension).
 
-Why 4 coupling steps and not the SPEC's default 8: on a 2-core CPU a row-step costs
-41–44 ms at 4 steps and 87 ms at 8 (benchmarks/results.md), so 81 rows × 1000 steps
-are about 1 h of training at 4 and 2 h at 8, and the plan gives `make study` 90 min.
+Measured on a 2-core CPU from an empty cache: 80 min of running (README; 68 min of it
+training). Why 4 coupling steps and not the SPEC's default 8: a row-step costs 41–44 ms
+at 4 steps and 87 ms at 8 (benchmarks/results.md), so 81 rows × 1000 steps would be
+about 2 h of training at 8, and the plan gives `make study` 90 min.
 The categories (the power of the random-effects estimate) and the third loss (the
 exact-vs-approximate question) were kept instead of the depth. `:arch8` is the same
 study with 8 coupling steps (about 2.3 h here; the GPU script's job, with
