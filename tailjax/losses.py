@@ -152,12 +152,18 @@ def selection_nll(z_BxHxWxC: jax.Array, logdet_BxHxW: jax.Array, logdet_weight,
   ``(1/N) Σ_i s_i`` equals the mean NLL whenever a + b = 1 (exact and even share), since
   the mean of the per-patch log-dets is the even share.
   """
-  c = z_BxHxWxC.shape[-1]
-  sq_BxHxW = jnp.sum(jnp.square(z_BxHxWxC), axis=-1)
-  a = jnp.asarray(logdet_weight, logdet_BxHxW.dtype)
-  b = jnp.asarray(share_weight, logdet_BxHxW.dtype)
-  share_Bx1x1 = jnp.mean(logdet_BxHxW, axis=(-2, -1), keepdims=True)
-  return 0.5 * sq_BxHxW - a * logdet_BxHxW - b * share_Bx1x1 + 0.5 * c * LOG_2PI
+  return patch_nll(z_BxHxWxC, logdet_BxHxW) + selection_shift(logdet_BxHxW, logdet_weight,
+                                                              share_weight)
+
+
+def selection_shift(logdet, logdet_weight, share_weight) -> jax.Array:
+  """``s_i − NLL_i = (1 − a) · logdet_i − b · mean_j logdet_j`` for ``logdet`` of shape
+  [B, ...] (the mean over every axis but the batch axis): ``selection_nll`` as a shift
+  of the exact NLL, exactly 0.0 for (a, b) = (1, 0)."""
+  a = jnp.asarray(logdet_weight, logdet.dtype)
+  b = jnp.asarray(share_weight, logdet.dtype)
+  share = jnp.mean(logdet, axis=tuple(range(1, logdet.ndim)), keepdims=True)
+  return (1.0 - a) * logdet - b * share
 
 
 def tail_aware_loss_from_flow(z_BxHxWxC: jax.Array, logdet_BxHxW: jax.Array, tail_weight,
@@ -210,9 +216,7 @@ def tail_aware_loss_nll(nll_BxN: jax.Array, logdet_BxN: jax.Array, tail_weight, 
     raise ValueError(f"tail_aware_loss_nll expects nll and logdet of one shape [B, N], "
                      f"got {nll_BxN.shape} and {logdet_BxN.shape}")
   validate_tail_params(tail_weight, top_k_ratio, where="tail_aware_loss_nll")
-  a = jnp.asarray(logdet_weight, nll_BxN.dtype)
-  b = jnp.asarray(share_weight, nll_BxN.dtype)
-  shift_BxN = (1.0 - a) * logdet_BxN - b * jnp.mean(logdet_BxN, axis=-1, keepdims=True)
+  shift_BxN = selection_shift(logdet_BxN, logdet_weight, share_weight)
   score_BxN = nll_BxN + shift_BxN
   lam = jnp.asarray(tail_weight, nll_BxN.dtype)
   t_BxN = top_k_indicator(score_BxN, top_k_ratio)            # one sort serves both terms
