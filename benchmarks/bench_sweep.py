@@ -14,8 +14,8 @@ rows for the same number of steps:
   sequential host loop           8 runs one after another, each a Python loop of the
                                  jitted ``train_step`` (lax.conv), a host loop
                                  runs them minus checkpoint I/O: the baseline
-  sequential scan, lax.conv      8 calls of the jitted single-run ``sweep.make_train``
-                                 program (lax.scan over the steps), lax.conv
+  sequential scan, lax.conv      8 calls of the jitted single-run ``train.make_train``
+                                 program (its step loop a lax.scan), lax.conv
   sequential scan, matmul conv   the same with ``conv_impl="matmul"``
   vmap, lax.conv                 ONE program, ``jit(vmap(train))`` over the 8 rows
   vmap, matmul conv              the same with matmul convolutions
@@ -24,7 +24,7 @@ rows for the same number of steps:
 
 Each program is compiled ahead of time (compile seconds reported separately),
 then run once; on a noisy machine read the ratios, not the absolute times.
-"speed-up" = baseline run time / variant run time (the spec's target: ≥ 3× for
+"speed-up" = baseline run time / variant run time (the target: ≥ 3× for
 the vmapped sweep on CPU); "incl. compile" adds compilation, counted 8 times for
 the baseline because a host loop that builds its step per run compiles it
 anew in every call, once for the others.

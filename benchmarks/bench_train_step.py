@@ -9,8 +9,8 @@ study's stride-16 grid), for the 4-step FastFlow (3×3 / 1×1 subnets, image
 LayerNorm) and the per-patch flow (1×1 only). Convolutions either as XLA
 convolutions (``lax.conv``, what ``flows.py`` emits) or as matmuls (im2col,
 ``tailjax.train.conv_as_matmul``); steps either called one by one from Python
-("step", as ``train.fit`` does) or run inside one ``lax.scan`` ("scan", as
-the engine does, batches sampled in the graph). Time per step is the best
+("step", a host loop) or run inside one compiled loop ("scan": ``FlowProgram.run``,
+the engine's step loop with a fixed trip count, batches sampled in the graph). Time per step is the best
 of ``--repeats`` blocks of ``--steps`` steps, variants interleaved; throughput =
 batch × 196 / step time.
 """
@@ -37,7 +37,7 @@ IMPLS = ("xla", "matmul")
 
 def _runners(cfg, feats, impl: str, steps: int) -> dict:
   """{"step": one jitted step called ``steps`` times from Python, "scan": the jitted
-  ``sweep`` program running ``steps`` steps in one lax.scan}; each returns a callable
+  ``FlowProgram.run`` running ``steps`` steps in one compiled loop}; each returns a callable
   that runs ``steps`` steps and blocks."""
   program = train.make_flow_program(cfg, feats.shape, conv_impl=impl)
   step = train.make_train_step(train.make_flow_loss(program.model))

@@ -8,7 +8,7 @@ in ``BENCHMARKS`` (chosen to keep the whole run near 10 minutes on a small CPU;
 run a module alone with its defaults or bigger sizes for more precise figures).
 ``bench_gradients`` is included when the module exists. A benchmark that fails
 is reported as failed in the results (with the error), and the others still run.
-The markdown states the machine, the sizes, every figure, and the spec's speed
+The markdown states the machine, the sizes, every figure, and the project's speed
 targets next to what was measured.
 """
 

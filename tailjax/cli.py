@@ -25,7 +25,9 @@ Behaviour shared by all commands:
   ``--extend`` (train, sweep, toy) trains a run on to a larger
   ``train.num_steps`` (and later ``eval.budgets``), keeping what ran and
   recording the extension in the manifest (``tailjax.runrecord``).
-* Ctrl-C prints one line (rerunning the same command resumes) and exits 130.
+* Ctrl-C (SIGINT) and SIGTERM print one line and exit 130 / 143. While a grid trains,
+  the compiled segment in flight finishes and is checkpointed first, and the manifest
+  records the stop (``tailjax.engine``); rerunning the same command resumes there.
 * Known errors (bad config or flag values, missing files, a locked workdir, a
   non-finite loss: ``ValueError``, ``FileNotFoundError`` and the error types
   defined in ``tailjax``) print ``error: <message>`` and exit 2;
@@ -39,7 +41,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -49,7 +53,8 @@ from ml_collections import config_flags
 
 PROG = "tailjax"
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130   # 128 + SIGINT
+EXIT_TERMINATED = 143    # 128 + SIGTERM
 TRACEBACK_ENV = "TAILJAX_TRACEBACK"
 
 
@@ -203,7 +208,7 @@ def _analyze_flags(fv, argv):
 
 
 def _analyze(fv):
-  from tailjax.studies import analysis
+  from tailjax.studies import mechanisms as analysis
   method = {"method": fv.method} if fv.method else {}
   out = analysis.analyze_run(fv.workdir, fv.category or None, num_images=fv.num_images,
                              sweeps=fv.sweeps or None, num_param_images=fv.num_param_images,
@@ -229,22 +234,30 @@ def _mil(fv):
 
 def _textures_flags(fv, argv):
   del argv
-  flags.DEFINE_string("root", None, "Output folder (default $TAILJAX_DATA/textures or "
-                      "./data/textures).", flag_values=fv)
+  flags.DEFINE_string("root", None, "Output folder. Default: where `tailjax train` reads the "
+                      "selection (textures.shared_build): the hard tier at $TAILJAX_DATA/textures "
+                      "(or ./data/textures) when every requested category is in it, else all "
+                      "nine at that folder's sibling textures-all.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
   flags.DEFINE_integer("image_size", 256, "Image side, pixels.", flag_values=fv)
   flags.DEFINE_integer("n_train", 120, "Train images per category.", flag_values=fv)
   flags.DEFINE_integer("n_test", 80, "Test images per category.", flag_values=fv)
-  flags.DEFINE_list("categories", [], "Categories; empty = all (brick, grass, gravel).", flag_values=fv)
+  flags.DEFINE_list("categories", [], "Categories, tiers (hard, calibrated) or all, as "
+                    "--config.data.categories takes them; empty = all nine.", flag_values=fv)
 
 
 def _textures(fv):
   import time
   from tailjax.data import textures
   start = time.perf_counter()
-  kw = {"categories": fv.categories} if fv.categories else {}
-  root = textures.build_texture_benchmark(fv.root, seed=fv.seed, image_size=fv.image_size,
-                                          n_train=fv.n_train, n_test=fv.n_test, verbose=True, **kw)
+  categories = textures.expand_categories(fv.categories, where="--categories")
+  if fv.root:
+    root = Path(fv.root)
+  else:
+    root, categories = textures.shared_build(textures.default_benchmark_root(), categories)
+  root = textures.build_texture_benchmark(root, seed=fv.seed, image_size=fv.image_size,
+                                          n_train=fv.n_train, n_test=fv.n_test,
+                                          categories=categories, verbose=True)
   print(f"texture benchmark ready at {root} ({time.perf_counter() - start:.1f}s)")
 
 
@@ -351,6 +364,16 @@ def _is_known_error(e: BaseException) -> bool:
       c.__module__.partition(".")[0] == "tailjax" for c in type(e).__mro__)
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM outside a training loop (which stops at its next boundary by itself)."""
+  exit_code = EXIT_TERMINATED
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise Terminated
+
+
 def main(argv: Sequence[str] | None = None, *, exit_process: bool | None = None) -> int:
   """Runs ``tailjax <command> [flags]``; ``argv`` excludes the program name. Returns the exit code.
 
@@ -397,27 +420,36 @@ def main(argv: Sequence[str] | None = None, *, exit_process: bool | None = None)
     print(f"error: {msg}\n(`{PROG} {name} --help` lists the flags)", file=sys.stderr)
     return EXIT_USAGE
 
+  # SIGTERM (what a cluster's scheduler sends before it kills a job) ends the command like
+  # Ctrl-C, in one line; the training loop installs its own handler while it runs.
+  main_thread = threading.current_thread() is threading.main_thread()
+  sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
   try:
     COMMANDS[name].run(fv)
   except KeyboardInterrupt as e:
     if show_trace:
       raise
     _close_progress_bars()
+    code = int(getattr(e, "exit_code", EXIT_INTERRUPTED))
     where = fv["workdir"].value if "workdir" in fv else None
     hint = f"resume from {where}'s last checkpoint" if where else "finish the job"
     # The engine's Interrupted carries the step and checkpoint it resumes from.
-    msg = str(e).strip().replace("\n", " ") or f"interrupted; rerun the same command to {hint}"
+    what = "terminated (SIGTERM)" if code == EXIT_TERMINATED else "interrupted"
+    msg = str(e).strip().replace("\n", " ") or f"{what}; rerun the same command to {hint}"
     print(msg, file=sys.stderr)
     if exit_process:
       sys.stdout.flush()
       sys.stderr.flush()
-      os._exit(EXIT_INTERRUPTED)
-    return EXIT_INTERRUPTED
+      os._exit(code)
+    return code
   except Exception as e:  # noqa: BLE001 -- known errors become one line; others keep their trace
     if show_trace or not _is_known_error(e):
       raise
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if sigterm is None else sigterm)
   return 0
 
 

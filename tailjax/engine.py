@@ -30,15 +30,38 @@ pure ``tailjax.train.FlowProgram``:
   saves it, drops later checkpoints, and raises ``NonFiniteLossError`` naming
   the row, the step and the checkpoint. When step 1 already fails there is no
   good state, and the message says so.
-* **Ctrl-C** closes the checkpoint manager cleanly and raises ``Interrupted``
-  (a ``KeyboardInterrupt``) whose message says where the run can resume.
+* **SIGTERM and Ctrl-C (SIGINT)** while a grid trains do not cut the compiled segment
+  in flight (one XLA call, which cannot be stopped part-way): it finishes, its boundary
+  is evaluated and checkpointed as usual, the stop is recorded in the manifest
+  (``stopped``) and ``Interrupted`` (a ``KeyboardInterrupt``; ``exit_code`` 143 or 130)
+  says at which step the run stopped and where it resumes. The rerun is bit for bit
+  the uninterrupted run. A second signal stops at once, from the last checkpoint.
+  With several processes they agree at each boundary, so all stop at the same one.
+* **Checkpoints are verified on restore.** Each one carries the sha256 of its files
+  (``CHECKSUMS``); one whose files do not match, or that orbax cannot read, is named in
+  one line, moved aside to ``<step>.damaged-<n>`` (never deleted) and the run resumes
+  from the newest intact one, or from the start, saying so.
+* **Sizes are checked before anything is allocated** (``check_batch_size``,
+  ``_check_memory``): a batch larger than the training split, and a grid whose training
+  step needs more memory than the device has (a lower bound, ``_step_bytes``), are
+  refused in one line naming ``train.batch_size`` and its limit. ``top_k`` needs no check: k = max(1, round(r·H·W)) ≤ H·W for every r
+  in (0, 1], the range ``Rows`` accepts.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
 import hashlib
+import itertools
+import json
 import logging
+import math
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -61,7 +84,20 @@ DEFAULT_SEGMENT_STEPS = 100
 
 
 class Interrupted(KeyboardInterrupt):
-  """Ctrl-C during training; the message says where the run resumes."""
+  """Training stopped by SIGINT (Ctrl-C) or SIGTERM; the message says where the run
+  resumes, ``exit_code`` is the shell's 128 + the signal's number (130, 143)."""
+
+  def __init__(self, message: str, signum: int = signal.SIGINT):
+    super().__init__(message)
+    self.signum = int(signum)
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + self.signum
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint that cannot be read back (its files changed since saved, or unreadable)."""
 
 
 # ----------------------------------------------------------------------------
@@ -75,35 +111,99 @@ class Rows:
   floats, as the config gave them), the per-patch NLL the tail is ranked by
   (``"tail_nll"``: exact | sq_norm | even_share, default exact; traced as the two
   scalars ``train.TAIL_NLL_NAMES``), a ``seed``, and descriptive labels (e.g.
-  ``{"variant": "tail_aware"}`` or a grid point's category)."""
+  ``{"variant": "tail_aware"}`` or a grid point's category).
+
+  Built from a config by ``from_variants`` (study A) or ``from_grid`` (a sweep), or
+  from dicts by ``from_dicts``; all three validate in ``from_dicts``."""
 
   rows: tuple[dict, ...]
 
   @classmethod
-  def from_dicts(cls, rows: Sequence[Mapping], where: str = "rows") -> "Rows":
-    """Validates λ ∈ [0, 1], r ∈ (0, 1], lr > 0 and non-negative integer seeds."""
+  def from_dicts(cls, rows: Sequence[Mapping], where: str | Sequence[str] = "rows", *,
+                 seed_field: str | None = None) -> "Rows":
+    """The one validator of rows: λ ∈ [0, 1] and r ∈ (0, 1] (``losses.validate_tail_params``),
+    a finite lr > 0, a non-negative integer seed and a known ``tail_nll``.
+
+    Errors are one line naming the config field: ``<where>.<key>``, with ``where`` the
+    config block of all rows or one block per row (``config.variants.<name>``), and
+    ``seed_field`` (default ``<where>.seed``) the field the seeds came from.
+    """
     if not rows:
-      raise ValueError(f"{where}: no rows to train")
-    for i, r in enumerate(rows):
+      raise ValueError(f"{where if isinstance(where, str) else 'rows'}: no rows to train")
+    blocks = [where] * len(rows) if isinstance(where, str) else list(where)
+    fixed = (*HPARAM_NAMES, "tail_nll", "seed")
+    out = []
+    for r, block in zip(rows, blocks):
       missing = [k for k in (*HPARAM_NAMES, "seed") if k not in r]
       if missing:
-        raise ValueError(f"{where}[{i}]: missing {missing}")
-    h = {k: np.asarray([float(r[k]) for r in rows], np.float64) for k in HPARAM_NAMES}
-    losses.validate_tail_params(h["tail_weight"], h["top_k_ratio"], where=where)
-    if not np.all(np.isfinite(h["learning_rate"])) or np.any(h["learning_rate"] <= 0):
-      raise ValueError(f"{where}: learning_rate must be > 0, got {h['learning_rate'].tolist()}")
-    seeds = [r["seed"] for r in rows]
-    if any(int(s) != s or int(s) < 0 for s in seeds):
-      raise ValueError(f"{where}: seeds must be non-negative integers, got {seeds}")
-    nll = [str(r.get("tail_nll", "exact")) for r in rows]
-    bad = sorted(set(nll) - set(losses.NLL_DEFINITIONS))
-    if bad:
-      raise ValueError(f"{where}: tail_nll must be one of {tuple(losses.NLL_DEFINITIONS)}, "
-                       f"got {bad}")
-    fixed = (*HPARAM_NAMES, "tail_nll", "seed")
-    return cls(tuple({**{k: v for k, v in r.items() if k not in fixed},
-                      **{k: float(r[k]) for k in HPARAM_NAMES}, "tail_nll": d,
-                      "seed": int(r["seed"])} for r, d in zip(rows, nll)))
+        raise ValueError(f"{block}.{missing[0]} is missing")
+      h = {}
+      for k in HPARAM_NAMES:
+        try:
+          h[k] = float(r[k])
+        except (TypeError, ValueError):
+          raise ValueError(f"{block}.{k} must be a number, got {r[k]!r}") from None
+      losses.validate_tail_params(h["tail_weight"], h["top_k_ratio"], where=block)
+      if not (np.isfinite(h["learning_rate"]) and h["learning_rate"] > 0):
+        raise ValueError(f"{block}.learning_rate must be > 0, got {h['learning_rate']}")
+      seed = r["seed"]
+      try:
+        ok = int(seed) == seed and int(seed) >= 0
+      except (TypeError, ValueError, OverflowError):
+        ok = False
+      if not ok:
+        raise ValueError(f"{seed_field or block + '.seed'}: seeds must be non-negative "
+                         f"integers, got {seed!r}")
+      nll = str(r.get("tail_nll", "exact"))
+      if nll not in losses.NLL_DEFINITIONS:
+        raise ValueError(f"{block}.tail_nll must be one of {tuple(losses.NLL_DEFINITIONS)}, "
+                         f"got {nll!r}")
+      out.append({**{k: v for k, v in r.items() if k not in fixed}, **h, "tail_nll": nll,
+                  "seed": int(seed)})
+    return cls(tuple(out))
+
+  @classmethod
+  def from_variants(cls, cfg) -> "Rows":
+    """Study A's rows: every variant of ``cfg.variants`` (λ = ``tail_weight``, r =
+    ``top_k_ratio``, ``learning_rate`` default ``cfg.optim.learning_rate``, ``tail_nll``
+    default "exact") × the seeds ``cfg.seed, cfg.seed + 1, …`` (``cfg.num_seeds`` of
+    them), variant-major, each row labelled ``{"variant": name}``."""
+    rows, blocks = [], []
+    for name, v in cfg.variants.items():
+      for s in range(int(cfg.num_seeds)):
+        rows.append({"variant": name, **{k: v[k] for k in ("tail_weight", "top_k_ratio") if k in v},
+                     "tail_nll": v.get("tail_nll", "exact"),
+                     "learning_rate": v.get("learning_rate", cfg.optim.learning_rate),
+                     "seed": int(cfg.seed) + s})
+        blocks.append(f"config.variants.{name}")
+    return cls.from_dicts(rows, blocks if rows else "config.variants", seed_field="config.seed")
+
+  @classmethod
+  def from_grid(cls, sweep_cfg, where: str = "config.sweep") -> "Rows":
+    """A sweep's rows: the lists ``tail_weight`` × ``top_k_ratio`` × ``learning_rate`` ×
+    ``tail_nll`` (optional, default ("exact",); names, or one comma-separated string)
+    give the grid points, in that order, × ``seeds``; point-major (row = point · S +
+    seed index). Each list is non-empty with distinct values (a string such as "(0.1,
+    0.5)", as a command-line flag gives it, is read as a list); the values are checked
+    by ``from_dicts``. Errors name the field, e.g. ``config.sweep.top_k_ratio``."""
+    get = lambda k: sweep_cfg[k] if k in sweep_cfg else None
+    vals = {}
+    for k in (*HPARAM_NAMES, "seeds"):
+      if get(k) is None:
+        raise ValueError(f"{where}.{k} is missing (a list of values)")
+      vals[k] = _config_list(get(k), f"{where}.{k}")
+    nll = get("tail_nll") or ("exact",)
+    nll = [n.strip() for n in nll.split(",")] if isinstance(nll, str) else [str(n) for n in nll]
+    if len(set(nll)) != len(nll):
+      raise ValueError(f"{where}.tail_nll has duplicate names: {nll}")
+    points = itertools.product(*(vals[k] for k in HPARAM_NAMES), nll)
+    rows = [{**dict(zip((*HPARAM_NAMES, "tail_nll"), p)), "seed": s}
+            for p in points for s in vals["seeds"]]
+    return cls.from_dicts(rows, where, seed_field=f"{where}.seeds")
+
+  def labelled(self, **labels) -> "Rows":
+    """The same rows with ``labels`` (e.g. ``category=...``) put first in every row."""
+    return dataclasses.replace(self, rows=tuple({**labels, **r} for r in self.rows))
 
   @property
   def num_rows(self) -> int:
@@ -128,6 +228,26 @@ class Rows:
   def describe(self, i: int) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in self.rows[i].items())
+
+
+def _config_list(value, field: str) -> list[float]:
+  """A config list of distinct numbers; a string "(a, b)" (a command-line flag) is parsed
+  as a Python literal."""
+  if isinstance(value, (str, bytes)):
+    try:
+      value = ast.literal_eval(value.decode() if isinstance(value, bytes) else value)
+    except (ValueError, SyntaxError) as e:
+      raise ValueError(f"{field} must be a list of numbers, got {value!r}") from e
+  values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+  if not values:
+    raise ValueError(f"{field} must not be empty")
+  try:
+    out = [float(v) for v in values]
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{field} must be a list of numbers, got {values!r}") from e
+  if len(set(out)) != len(out):
+    raise ValueError(f"{field} has duplicate values: {out}")
+  return out
 
 
 @dataclasses.dataclass
@@ -239,13 +359,91 @@ def _abstract_state(program: train_lib.FlowProgram, n_rows: int):
 
 def _restore_host(mngr, step: int, program, n_rows: int) -> PyTree:
   """The saved state at ``step`` as host NumPy arrays [n_rows, ...]."""
+  _drop_closed_loop_reports()
   target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _abstract_state(program, n_rows))
   return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
 
+# The sha256 of every file of a checkpoint, written beside them once orbax has committed it.
+CHECKSUMS = "tailjax-sha256.json"
+
+
+def _step_dir(mngr, step: int) -> Path:
+  return Path(str(mngr.directory)) / str(int(step))
+
+
+def _checksums(step_dir: Path) -> dict[str, str]:
+  return {p.relative_to(step_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+
+
 def _save(mngr, step: int, state_host) -> None:
+  """Checkpoint ``step`` (every process saves its part), then process 0 records the sha256
+  of its files (``_damage`` checks them before a restore)."""
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_host)), force=True)
   mngr.wait_until_finished()
+  if distributed.is_lead():
+    io.atomic_write_json(_step_dir(mngr, step) / CHECKSUMS, _checksums(_step_dir(mngr, step)))
+
+
+def _damage(step_dir: Path) -> str | None:
+  """Why the checkpoint ``step_dir`` is not as it was saved (a file missing, truncated or
+  changed), or None. One saved without checksums is left to orbax's read."""
+  path = step_dir / CHECKSUMS
+  if not path.is_file():
+    return None
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return f"its {CHECKSUMS} is unreadable"
+  now = _checksums(step_dir)
+  bad = [name for name, digest in saved.items() if now.get(name) != digest]
+  return (f"{io.first_few(bad, 2)} {'is' if len(bad) == 1 else 'are'} missing or changed "
+          "since it was saved") if bad else None
+
+
+def _read_checkpoint(mngr, step: int, program, n_rows: int) -> PyTree:
+  """The verified state of checkpoint ``step`` (host arrays), or ``DamagedCheckpointError``
+  naming it: its files differ from their checksums, or orbax cannot read them."""
+  step_dir = _step_dir(mngr, step)
+  why = _damage(step_dir)
+  if why is None:
+    try:
+      return _restore_host(mngr, step, program, n_rows)
+    except Exception as e:  # noqa: BLE001 -- whatever orbax raises, the checkpoint is unreadable
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      why = f"orbax cannot read it: {first}"
+  raise DamagedCheckpointError(f"checkpoint {step_dir} cannot be read ({why})")
+
+
+def _move_aside(step_dir: Path) -> Path:
+  """Renames a damaged checkpoint to ``<step>.damaged-<n>`` (a name orbax ignores)."""
+  n = 1
+  while step_dir.with_name(f"{step_dir.name}.damaged-{n}").exists():
+    n += 1
+  target = step_dir.with_name(f"{step_dir.name}.damaged-{n}")
+  os.rename(step_dir, target)
+  return target
+
+
+def _drop_closed_loop_reports() -> None:
+  """Silences one harmless report, once per process. When an orbax restore fails (a
+  damaged checkpoint), orbax closes its event loop while tensorstore still completes the
+  reads it had issued; their callbacks then call ``call_soon_threadsafe`` on the closed
+  loop and tensorstore reports each ``RuntimeError: Event loop is closed`` through
+  ``sys.unraisablehook``: dozens of tracebacks around the one real error. Only those
+  reports are dropped; any other goes to the hook that was installed before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_reports", False):
+    return
+
+  def hook(report):
+    if not (isinstance(report.exc_value, RuntimeError)
+            and str(report.exc_value) == "Event loop is closed"):
+      previous(report)
+
+  hook.drops_closed_loop_reports = True
+  sys.unraisablehook = hook
 
 
 # ----------------------------------------------------------------------------
@@ -267,7 +465,7 @@ class _Plan:
   feats_shape: Any
 
 
-def _plan(cfg, prefix: str, train_feats, eval_steps, evaluate, mesh) -> _Plan:
+def _plan(cfg, prefix: str, train_feats, eval_steps, evaluate, mesh, n_rows: int = 1) -> _Plan:
   _check_feats(train_feats, f"{prefix}: training features")
   if evaluate is None and eval_steps:
     raise ValueError("run_rows: eval_steps given without an evaluate hook")
@@ -282,9 +480,90 @@ def _plan(cfg, prefix: str, train_feats, eval_steps, evaluate, mesh) -> _Plan:
   if bad_eval:
     raise ValueError(f"evaluation steps {bad_eval} lie outside [0, train.num_steps={total}]")
   feats_shape = train_lib.feats_shape_of(train_feats)
+  check_batch_size(cfg.train.batch_size, jax.tree.leaves(feats_shape)[0], prefix)
   program, init_fn, segment_fn = _row_fns(cfg, feats_shape, mesh, row_impl, seg_len)
-  return _Plan(mesh, row_impl, total, seg_len, sorted({int(s) for s in eval_steps}), program,
+  plan = _Plan(mesh, row_impl, total, seg_len, sorted({int(s) for s in eval_steps}), program,
                init_fn, segment_fn, feats_shape)
+  _check_memory(plan, n_rows, prefix)
+  return plan
+
+
+def check_batch_size(batch_size: int, n_train: int, where: str) -> None:
+  """A mini-batch draws ``batch_size`` of the ``n_train`` images a grid trains on; a batch
+  larger than that split is refused (a mistyped size, which would otherwise surface as an
+  out-of-memory error after the features were extracted)."""
+  if int(batch_size) > int(n_train):
+    raise ValueError(f"config.train.batch_size={int(batch_size)} is larger than the "
+                     f"{int(n_train)} training images of {where}; it can be at most {int(n_train)}")
+
+
+def _step_bytes(plan: _Plan, n_rows: int) -> tuple[int, int]:
+  """(fixed, per_image): a lower bound on what one device holds while a segment trains is
+  ``fixed + per_image · batch_size`` bytes (float32). ``fixed``: the training features, on
+  every device. ``per_image``: the backward pass keeps, for each of the K coupling steps,
+  at least the step's input and its conditioner's hidden activation (C + ⌈C/2⌉·hidden_ratio
+  channels) at every location, for every row trained at once on the device (all of its
+  rows under vmap, one under map), the batch split over ``batch_devices``. Parameters,
+  optimiser state, gradients and XLA's scratch come on top, so a grid this refuses cannot
+  fit; one it passes may still not."""
+  model = plan.program.model
+  shapes = (plan.feats_shape if train_lib.is_multiscale_shape(plan.feats_shape)
+            else (plan.feats_shape,))
+  shards = sharding.num_row_shards(plan.mesh)
+  rows_at_once = math.ceil(n_rows / shards) if plan.row_impl == "vmap" else 1
+  batch_shards = int(plan.mesh.shape[sharding.BATCH_AXIS])
+  fixed = sum(4 * n * h * w * c for n, h, w, c in shapes)
+  per_location = sum(h * w * int(model.num_steps)
+                     * (c + max(1, round(math.ceil(c / 2) * float(model.hidden_ratio))))
+                     for _, h, w, c in shapes)
+  return fixed, 4 * per_location * rows_at_once // batch_shards
+
+
+def _device_memory(mesh) -> tuple[int, str] | None:
+  """(bytes, what) one device of ``mesh`` can hold: the accelerator's limit, or the host's
+  physical memory shared by the CPU devices of this process; None if unknown."""
+  dev = mesh.devices.flat[0]
+  try:
+    limit = (dev.memory_stats() or {}).get("bytes_limit")
+  except Exception:  # noqa: BLE001 -- backends without memory statistics raise various errors
+    limit = None
+  if limit:
+    return int(limit), f"{dev.device_kind} memory"
+  if dev.platform == "cpu" and hasattr(os, "sysconf"):
+    with contextlib.suppress(ValueError, OSError):
+      total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+      local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+      return total // max(1, local), (f"host memory ({total / 1e9:.1f} GB shared by {local} "
+                                      "CPU devices)" if local > 1 else "host memory")
+  return None
+
+
+def _check_memory(plan: _Plan, n_rows: int, where: str) -> None:
+  """Refuses a grid whose training step cannot fit one device (``_step_bytes``), in one
+  line naming ``train.batch_size`` and the largest batch the estimate allows."""
+  memory = _device_memory(plan.mesh)
+  if memory is None:
+    return
+  have, what = memory
+  fixed, per_image = _step_bytes(plan, n_rows)
+  batch = plan.program.batch_size
+  need = fixed + per_image * batch
+  if need <= have:
+    return
+  text = (f"one training step of {where} needs at least {_bytes_text(need)} on each device, "
+          f"more than the {_bytes_text(have)} of {what}")
+  if fixed >= have:
+    raise ValueError(f"{text}: its training features alone take {_bytes_text(fixed)}")
+  fits = (have - fixed) // max(1, per_image)
+  hint = " (or train.rows=map: one row at a time)" if plan.row_impl == "vmap" and n_rows > 1 else ""
+  raise ValueError(f"config.train.batch_size={batch}: {text}; at most about {fits} fits{hint}")
+
+
+def _bytes_text(n: int) -> str:
+  for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if n >= size:
+      return f"{n / size:.1f} {unit}"
+  return f"{n} bytes"
 
 
 def _check_rows_record(run: runrecord.Run, base: Path, record: dict) -> None:
@@ -397,7 +676,7 @@ class _Log:
 
 
 def run_rows(cfg, run: runrecord.Run, prefix: str, train_feats: np.ndarray, rows: Rows, *,
-             eval_steps: Sequence[int] = (), evaluate: Callable[[int, PyTree], Any] | None = None,
+             eval_steps: Sequence[int] = (), evaluate: Callable[[int, PyTree, Any], Any] | None = None,
              mesh=None, progress: bool = True, max_segments: int | None = None,
              desc: str | None = None) -> RowsResult:
   """Trains every row on ``train_feats`` to ``cfg.train.num_steps`` (resuming), evaluating
@@ -412,7 +691,8 @@ def run_rows(cfg, run: runrecord.Run, prefix: str, train_feats: np.ndarray, rows
       FastFlow — a tuple of per-scale arrays [N, H_s, W_s, C_s] of the same N images:
       every row then trains one flow per scale on the sum of the scales' losses
       (``train.make_flow_loss``), and ``evaluate`` sees all scales' parameters.
-    eval_steps: steps (0 = the untrained flow) at which ``evaluate(step, params_R)`` runs;
+    eval_steps: steps (0 = the untrained flow) at which ``evaluate(step, params_R, program)`` runs (``program``: the
+      grid's ``train.FlowProgram``, built once by the engine, for scoring);
       it returns anything JSON-able (e.g. one metrics dict per row), saved as the unit
       ``<prefix>/eval/<step>`` and never recomputed.
     max_segments: stop after this many segments (a time-sliced job; the next call resumes).
@@ -424,7 +704,7 @@ def run_rows(cfg, run: runrecord.Run, prefix: str, train_feats: np.ndarray, rows
     train.NonFiniteLossError: see the module docstring.
     Interrupted: on Ctrl-C.
   """
-  plan = _plan(cfg, prefix, train_feats, eval_steps, evaluate, mesh)
+  plan = _plan(cfg, prefix, train_feats, eval_steps, evaluate, mesh, rows.num_rows)
   run.record(row_mode=plan.row_impl, conv_impl=plan.program.conv_impl)
   base = run.path(prefix)
   record = {"rows": rows.to_json(),
@@ -437,43 +717,131 @@ def run_rows(cfg, run: runrecord.Run, prefix: str, train_feats: np.ndarray, rows
   distributed.lead_first(f"{prefix}/rows", lambda: _check_rows_record(run, base, record))
   grid = _Grid.build(plan, rows, train_feats)
   ckpt_dir = base / "checkpoints"
+  if run.writer:
+    io.note_written(ckpt_dir, folder=True)
   mngr = _manager(ckpt_dir)
-  at = [0]   # the last step reached, for the Ctrl-C message
+  at = _Progress()
   try:
-    return _train_grid(plan, grid, run, prefix, rows, mngr, evaluate, progress, max_segments,
-                       desc, at)
+    with _stop_on_signals(at):
+      return _train_grid(plan, grid, run, prefix, rows, mngr, evaluate, progress, max_segments,
+                         desc, at)
+  except Interrupted:
+    raise
   except KeyboardInterrupt:
     last = mngr.latest_step()
     where = f"step {last}" if last is not None else "the start (no checkpoint yet)"
-    raise Interrupted(f"interrupted at step {at[0]} of {prefix}; rerunning the same command "
-                      f"resumes from {where} in {ckpt_dir}") from None
+    raise Interrupted(f"interrupted at step {at.step} of {prefix}; rerunning the same command "
+                      f"resumes from {where} in {ckpt_dir}", at.signal or signal.SIGINT) from None
   finally:
     mngr.close()
 
 
-def _latest_step(mngr, prefix: str) -> int | None:
-  """The checkpoint to resume from: process 0's view, which every process must share."""
-  lead = distributed.from_lead(f"{prefix}/resume", mngr.latest_step)
-  mine = mngr.latest_step()
-  if mine != lead:
-    raise distributed.DistributedError(
-        f"process {jax.process_index()} sees checkpoint {mine} in {mngr.directory}, process 0 "
-        f"sees {lead}: the workdir must be on a file system every process sees")
-  return lead
+@dataclasses.dataclass
+class _Progress:
+  """Where the segment loop is, and whether a signal asked it to stop."""
+  step: int = 0                  # the last step reached (trained, or restored)
+  signal: int | None = None      # the SIGTERM / SIGINT received while training, if any
+
+
+@contextlib.contextmanager
+def _stop_on_signals(at: _Progress):
+  """While a grid trains, SIGTERM and SIGINT set ``at.signal``, and the loop stops at the
+  next boundary (``_stop_if_asked``); a second signal stops at once (KeyboardInterrupt).
+  Python runs signal handlers in the main thread only: elsewhere nothing is installed."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handle(signum, frame):
+    del frame
+    if at.signal is not None:
+      raise KeyboardInterrupt
+    at.signal = signum
+
+  previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, signal.SIG_DFL if h is None else h)
+
+
+def _stop_if_asked(at: _Progress, run: runrecord.Run, prefix: str, mngr) -> None:
+  """At a boundary whose checkpoint is saved: if a signal asked to stop (on any process,
+  so that all stop at the same boundary), records the stop in the manifest and raises
+  ``Interrupted``."""
+  asked = at.signal or 0
+  if jax.process_count() > 1:   # a collective, reached at the same boundary by every process
+    from jax.experimental import multihost_utils
+    asked = int(np.max(multihost_utils.process_allgather(np.asarray(asked, np.int32))))
+  if not asked:
+    return
+  name = signal.Signals(asked).name
+  run.record(stopped={"signal": name, "prefix": prefix, "step": at.step,
+                      "at": time.strftime("%Y-%m-%d %H:%M:%S")})
+  if at.step > 0:
+    what = (f"stopped at step {at.step}, the end of the compiled segment that was running, "
+            f"with checkpoint {_step_dir(mngr, at.step)}; rerunning the same command resumes "
+            "from there")
+  else:
+    what = "stopped before its first step; rerunning the same command starts it"
+  raise Interrupted(f"{name}: {prefix} {what}", asked)
+
+
+def _resume(mngr, grid: "_Grid", prefix: str) -> tuple[int | None, Any]:
+  """(step, device state) of the newest checkpoint that reads back intact, or (None, the
+  initial state). Process 0 checks the checkpoints newest first; each damaged one is
+  moved aside and named in one line that says where the run resumes. With one process a
+  checkpoint orbax cannot read is damaged too; with several (a restore is collective, so
+  a trial read on one process is impossible) the checksums decide, then every process
+  restores the step process 0 chose."""
+  single = jax.process_count() == 1
+  kept: dict[int, Any] = {}
+
+  def newest_intact() -> int | None:
+    damaged, found = [], None
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        if single:
+          kept[step] = _read_checkpoint(mngr, step, grid.plan.program, grid.n_rows)
+        elif (why := _damage(_step_dir(mngr, step))) is not None:
+          raise DamagedCheckpointError(f"checkpoint {_step_dir(mngr, step)} cannot be read ({why})")
+        found = step
+        break
+      except DamagedCheckpointError as e:
+        damaged.append(f"{e}; moved it aside to {_move_aside(_step_dir(mngr, step)).name}")
+    if damaged:
+      mngr.reload()
+      then = (f"resuming from step {found}" if found is not None else
+              "no intact checkpoint is left: training starts from step 0")
+      for line in damaged:
+        print(f"{line}, {then}", file=sys.stderr, flush=True)
+    return found
+
+  step = distributed.from_lead(f"{prefix}/resume", newest_intact)
+  if not distributed.is_lead():
+    mngr.reload()
+    if mngr.latest_step() != step:
+      raise distributed.DistributedError(
+          f"process {jax.process_index()} sees checkpoint {mngr.latest_step()} in "
+          f"{mngr.directory}, process 0 sees {step}: the workdir must be on a file system "
+          "every process sees")
+  if step is None:
+    return None, grid.init()
+  if step not in kept:
+    kept[step] = _restore_host(mngr, step, grid.plan.program, grid.n_rows)
+  return step, grid.to_device(kept[step])
 
 
 def _train_grid(plan: _Plan, grid: _Grid, run: runrecord.Run, prefix: str, rows: Rows, mngr,
                 evaluate, progress: bool, max_segments: int | None, desc: str | None,
-                at: list[int]) -> RowsResult:
+                at: _Progress) -> RowsResult:
   """Restore (or init), then the segment loop: train to each boundary, check the losses,
-  evaluate, checkpoint, log."""
-  resumed_from = _latest_step(mngr, prefix)
+  evaluate, checkpoint, log; stop at a boundary when a signal asked to."""
+  resumed_from, state = _resume(mngr, grid, prefix)
   metric_log = _Log(run, prefix, rows, resumed_from)
-  if resumed_from is None:
-    state, done = grid.init(), 0
-  else:
-    state, done = grid.restore(mngr, resumed_from), int(resumed_from)
-    at[0] = done
+  done = at.step = 0 if resumed_from is None else int(resumed_from)
+  if resumed_from is not None:
     log.info("resumed %s from step %d", run.path(prefix), done)
 
   seconds = {"train": 0.0, "eval": 0.0}
@@ -490,6 +858,7 @@ def _train_grid(plan: _Plan, grid: _Grid, run: runrecord.Run, prefix: str, rows:
         continue
       if max_segments is not None and segments >= max_segments:
         break
+      _stop_if_asked(at, run, prefix, mngr)
       n = b - done
       state, metrics = grid.segment(state, n)
       host = sharding.to_host(metrics)
@@ -497,7 +866,7 @@ def _train_grid(plan: _Plan, grid: _Grid, run: runrecord.Run, prefix: str, rows:
       if not np.all(np.isfinite(loss_RxT)):
         _halt(mngr, loss_RxT, done, rows, grid)
       done, segments = b, segments + 1
-      at[0] = done
+      at.step = done
       evaluate_at(done, state)
       # Logged before the checkpoint: a crash between the two resumes from the previous
       # checkpoint and drops this line (``_Log``), never the reverse (a lost line).
@@ -505,6 +874,7 @@ def _train_grid(plan: _Plan, grid: _Grid, run: runrecord.Run, prefix: str, rows:
       _save(mngr, done, grid.host(state))
       bar.update(n)
       bar.set_postfix(loss=f"{float(np.mean(loss_RxT[:, -1])):.3g}")
+    _stop_if_asked(at, run, prefix, mngr)
   finally:
     bar.close()
     metric_log.close()
@@ -531,7 +901,7 @@ def _evaluator(plan: _Plan, grid: _Grid, run: runrecord.Run, prefix: str, evalua
     def lead():
       out = run.load_unit(name)
       if out is None:
-        out = evaluate(step, params_R)
+        out = evaluate(step, params_R, plan.program)
         run.save_unit(name, out)
       metric_log.evaluation(step, out)
 
@@ -595,5 +965,5 @@ def load_rows(cfg, run_dir: str | Path, prefix: str, feats_shape: Sequence[int],
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {base / 'checkpoints'}")
-    state = _restore_host(mngr, step, program, rows.num_rows)
+    state = _read_checkpoint(mngr, step, program, rows.num_rows)   # verified, or one line
   return program, state.params, int(step)

@@ -94,32 +94,9 @@ def top_k_indicator(score_BxN: jax.Array, top_k_ratio) -> jax.Array:
   return in_tail_BxN / k.astype(score_BxN.dtype)
 
 
-def tail_aware_loss(nll_BxN: jax.Array, tail_weight, top_k_ratio) -> jax.Array:
-  """Tail-aware NLL mixture, averaged over the batch.
-
-  ``L = mean_b [ (1-λ) · mean_i NLL_bi + λ · mean_{i ∈ top-k(b)} NLL_bi ]`` with
-  ``k = max(1, round(r · N))``. λ (``tail_weight``) and r (``top_k_ratio``) may
-  be traced scalars: the top-k set is a rank mask (sort, then ``rank < k``),
-  never a static ``lax.top_k(k)``, so one compiled program serves every (λ, r).
-  λ = 0 is the usual mean-only loss; λ = 1 trains on the top-k patches only.
-
-  Args:
-    nll_BxN: per-patch NLL, [B, N] (flatten the spatial grid first).
-    tail_weight: λ ∈ [0, 1].
-    top_k_ratio: r ∈ (0, 1].
-  Returns:
-    scalar loss.
-  """
-  if nll_BxN.ndim != 2:
-    raise ValueError(f"tail_aware_loss expects nll_BxN of rank 2, got shape {nll_BxN.shape}")
-  validate_tail_params(tail_weight, top_k_ratio, where="tail_aware_loss")
-  nll_BxN = jnp.asarray(nll_BxN)
-  w_BxN = tail_patch_weights(nll_BxN, tail_weight, top_k_ratio)
-  return jnp.mean(jnp.sum(w_BxN * nll_BxN, axis=-1))
-
-
 # ----------------------------------------------------------------------------
-# The per-patch NLL a PyTorch FastFlow user would rank by (the seed's likely top-k)
+# The per-patch NLL the tail is ranked by: the exact one, or what a PyTorch
+# FastFlow user (the original study's likely top-k) can compute
 # ----------------------------------------------------------------------------
 
 # (a, b) of the selection score ½‖z_i‖² − a·logdet_i − b·mean_j logdet_j + (C/2) log 2π.
@@ -139,78 +116,60 @@ def nll_definition_weights(definition) -> tuple[jax.Array, jax.Array]:
   return (a_V[0], b_V[0]) if isinstance(definition, str) else (a_V, b_V)
 
 
-def selection_nll(z_BxHxWxC: jax.Array, logdet_BxHxW: jax.Array, logdet_weight,
-                  share_weight) -> jax.Array:
-  """Per-patch score a tail-aware loss may rank and average, ``[B, H, W]`` (nats):
-
-    ``s_i = ½‖z_i‖² − a · logdet_i − b · (1/N) Σ_j logdet_j + (C/2) log 2π``
-
-  with a = ``logdet_weight``, b = ``share_weight`` (traceable). (a, b) = (1, 0) is the
-  exact per-location NLL (``patch_nll``, bit for bit); (0, 0) ranks by ½‖z‖² alone, and
-  (0, 1) subtracts an even share of the image log-det — what a user of anomalib/FrEIA
-  FastFlow, whose flow returns one log-det per image, can compute. The image mean
-  ``(1/N) Σ_i s_i`` equals the mean NLL whenever a + b = 1 (exact and even share), since
-  the mean of the per-patch log-dets is the even share.
-  """
-  return patch_nll(z_BxHxWxC, logdet_BxHxW) + selection_shift(logdet_BxHxW, logdet_weight,
-                                                              share_weight)
-
-
 def selection_shift(logdet, logdet_weight, share_weight) -> jax.Array:
   """``s_i − NLL_i = (1 − a) · logdet_i − b · mean_j logdet_j`` for ``logdet`` of shape
-  [B, ...] (the mean over every axis but the batch axis): ``selection_nll`` as a shift
-  of the exact NLL, exactly 0.0 for (a, b) = (1, 0)."""
+  [B, ...] (the mean over every axis but the batch axis): the selection score of
+  ``tail_aware_loss_nll`` as a shift of the exact NLL, exactly 0.0 for (a, b) = (1, 0)."""
   a = jnp.asarray(logdet_weight, logdet.dtype)
   b = jnp.asarray(share_weight, logdet.dtype)
   share = jnp.mean(logdet, axis=tuple(range(1, logdet.ndim)), keepdims=True)
   return (1.0 - a) * logdet - b * share
 
 
-def tail_aware_loss_from_flow(z_BxHxWxC: jax.Array, logdet_BxHxW: jax.Array, tail_weight,
-                              top_k_ratio, logdet_weight=1.0, share_weight=0.0) -> jax.Array:
-  """The tail-aware loss with the top-k chosen and averaged by a per-patch NLL definition.
-
-  ``L = mean_b [ (1−λ) · mean_i NLL_bi + λ · mean_{i ∈ top-k(s_b)} s_bi ]``
-
-  with NLL the exact per-location NLL (``patch_nll``) and s the score of
-  ``selection_nll`` (a = ``logdet_weight``, b = ``share_weight``). The mean term is
-  the image-level NLL under every definition — a FastFlow user trains on
-  ``mean ½‖z‖² − logdet_image / N``, which is ``mean_i NLL_i`` — so only the tail differs:
-  its selection (which patches are the top k) and its average. "sq_norm" (0, 0) leaves
-  the log-det out of the tail; "even_share" (0, 1) ranks exactly as "sq_norm" does (the
-  share is constant within an image) but its tail term carries ``λ · logdet / N``.
-  Flattens the grid and calls ``tail_aware_loss_nll``.
-
-  Args:
-    z_BxHxWxC: latents; logdet_BxHxW: per-location log|det J|.
-    tail_weight: λ ∈ [0, 1]; top_k_ratio: r ∈ (0, 1] (k = max(1, round(r·H·W))).
-    logdet_weight, share_weight: a, b of the selection score.
-  Returns:
-    scalar loss.
-  """
-  if z_BxHxWxC.ndim != 4 or logdet_BxHxW.shape != z_BxHxWxC.shape[:3]:
-    raise ValueError(f"tail_aware_loss_from_flow expects z [B, H, W, C] and logdet [B, H, W], "
-                     f"got {z_BxHxWxC.shape} and {logdet_BxHxW.shape}")
-  b = z_BxHxWxC.shape[0]
-  return tail_aware_loss_nll(patch_nll(z_BxHxWxC, logdet_BxHxW).reshape(b, -1),
-                             logdet_BxHxW.reshape(b, -1), tail_weight, top_k_ratio,
-                             logdet_weight, share_weight)
+# ----------------------------------------------------------------------------
+# The tail-aware loss
+# ----------------------------------------------------------------------------
 
 
 def tail_aware_loss_nll(nll_BxN: jax.Array, logdet_BxN: jax.Array, tail_weight, top_k_ratio,
                         logdet_weight=1.0, share_weight=0.0) -> jax.Array:
-  """``tail_aware_loss_from_flow`` from the exact per-patch NLL and log-det, ``[B, N]``
-  (what the training loss has at hand).
+  """The tail-aware loss, its top-k chosen and averaged by a per-patch NLL definition:
+  the one entry point (the flow's training loss, ``train.make_flow_loss``, calls it).
 
-  The selection score is written as a shift of the NLL,
-  ``s_i = NLL_i + (1 − a) · logdet_i − b · (1/N) Σ_j logdet_j`` (= ``selection_nll``),
-  and the loss as ``mean_b Σ_i w_bi NLL_bi + λ · mean_b Σ_i t_bi (s_bi − NLL_bi)`` with
-  ``w = tail_patch_weights(s, λ, r)`` and ``t = top_k_indicator(s, r)`` (the
-  top-k indicator / k). For the exact definition (a, b) = (1, 0) the shift is exactly
-  0.0, so s is NLL bit for bit, the first term is ``tail_aware_loss`` and the second
-  (and its gradient) exactly zero: one compiled program serves every definition
-  (λ, r, a, b may all be traced; ``nll_definition_weights``) without changing the
-  exact loss's numbers.
+  ``L = mean_b [ (1−λ) · mean_i NLL_bi + λ · mean_{i ∈ top-k(s_b)} s_bi ]``,
+  ``k = max(1, round(r · N))``,
+
+  with ``nll_BxN`` the exact per-location NLL (``patch_nll``, grid flattened),
+  ``logdet_BxN`` the flow's per-location log|det J| and s the selection score
+
+  ``s_i = ½‖z_i‖² − a · logdet_i − b · (1/N) Σ_j logdet_j + (C/2) log 2π
+        = NLL_i + (1 − a) · logdet_i − b · (1/N) Σ_j logdet_j``
+
+  (a = ``logdet_weight``, b = ``share_weight``; ``NLL_DEFINITIONS``). (a, b) = (1, 0)
+  ranks by the exact NLL; (0, 0) by ½‖z‖² alone; (0, 1) subtracts an even share of the
+  image log-det — what a user of anomalib/FrEIA FastFlow, whose flow returns one
+  log-det per image, can compute. The mean term is the image-level NLL under every
+  definition (a FastFlow user trains on ``mean ½‖z‖² − logdet_image / N``, which is
+  ``mean_i NLL_i``), so only the tail differs: its selection and its average.
+  "even_share" ranks exactly as "sq_norm" does (the share is constant within an image)
+  but its tail term carries ``λ · logdet / N``; the image mean of s equals the mean NLL
+  whenever a + b = 1.
+
+  λ (``tail_weight``) ∈ [0, 1], r (``top_k_ratio``) ∈ (0, 1], a and b may all be traced:
+  the top-k set is a rank mask (one stable sort, ties by index; ``top_k_indicator``),
+  never a static ``lax.top_k(k)``, so one compiled program serves every (λ, r, a, b)
+  (``nll_definition_weights`` gives (a, b) as arrays for ``jax.vmap``). λ = 0 is the
+  usual mean-only loss; λ = 1 trains on the top-k patches only.
+
+  Computed as ``mean_b Σ_i w_bi NLL_bi + λ · mean_b Σ_i t_bi (s_bi − NLL_bi)`` with
+  ``t = top_k_indicator(s, r)`` and ``w = (1−λ)/N + λ·t = tail_patch_weights(s, λ, r)``.
+  For the exact definition the shift is exactly 0.0, so s is NLL bit for bit, the first
+  term is ``mean_b Σ_i tail_patch_weights(NLL, λ, r)_bi NLL_bi`` and the second (and its
+  gradient) exactly zero: the exact loss's numbers do not depend on the definitions
+  being traced alongside it.
+
+  Returns:
+    scalar loss.
   """
   if nll_BxN.ndim != 2 or logdet_BxN.shape != nll_BxN.shape:
     raise ValueError(f"tail_aware_loss_nll expects nll and logdet of one shape [B, N], "
@@ -223,6 +182,17 @@ def tail_aware_loss_nll(nll_BxN: jax.Array, logdet_BxN: jax.Array, tail_weight, 
   w_BxN = (1.0 - lam) / nll_BxN.shape[-1] + lam * t_BxN      # = tail_patch_weights(s, λ, r)
   return (jnp.mean(jnp.sum(w_BxN * nll_BxN, axis=-1))
           + lam * jnp.mean(jnp.sum(t_BxN * shift_BxN, axis=-1)))
+
+
+def tail_aware_loss(nll_BxN: jax.Array, tail_weight, top_k_ratio) -> jax.Array:
+  """The tail-aware loss ranked by the exact NLL, from ``nll_BxN`` [B, N] alone:
+  ``tail_aware_loss_nll`` with (a, b) = (1, 0), where the log-det does not enter.
+
+  ``L = mean_b [ (1−λ) · mean_i NLL_bi + λ · mean_{i ∈ top-k(b)} NLL_bi ]``,
+  ``k = max(1, round(r · N))``; λ and r may be traced.
+  """
+  nll_BxN = jnp.asarray(nll_BxN)
+  return tail_aware_loss_nll(nll_BxN, jnp.zeros_like(nll_BxN), tail_weight, top_k_ratio)
 
 
 # ----------------------------------------------------------------------------
@@ -252,10 +222,11 @@ def bce_with_logits(logits_B, labels_B, pos_weight=None) -> jax.Array:
 
 
 def weighted_bce(logits_B, labels_B, fp_weight) -> jax.Array:
-  """The study's ``WeightedBCE``: plain BCE with every negative's loss × (1 + fp_weight).
+  """The original study's ``WeightedBCE``: plain BCE with every negative's loss × (1 +
+  fp_weight).
 
   ``ℓ_i = BCE_i · (1 + fp_weight · [y_i = 0])``, averaged over the batch (the
-  mean divides by B, not by the sum of weights, as the study's code did).
+  mean divides by B, not by the sum of weights, as the original study's code does).
   """
   y, neg_log_p, neg_log_1mp = _bce_terms(logits_B, labels_B)
   per_example = y * neg_log_p + (1.0 - y) * neg_log_1mp

@@ -1,4 +1,5 @@
-"""Random-effects meta-analysis and meta-regression over categories.
+"""Random-effects meta-analysis and meta-regression over categories, prediction
+intervals for a new category, and equivalence tests.
 
 Each category i contributes an effect estimate ``y_i`` (e.g. tail − mean pixel AP,
 averaged over seeds) with a within-category sampling variance ``v_i`` (e.g. the
@@ -53,6 +54,35 @@ Intervals for β (``ci``):
 Heterogeneity: Cochran's ``Q_E`` with its χ²_{k−p} p-value, and
 ``I² = τ̂² / (τ̂² + s̃²)`` with the typical within-category variance
 ``s̃² = (k − p) / tr(P)`` (Higgins–Thompson; equal to ``(Q − df)/Q`` under DL).
+Q, I², τ̂² and the weights are all functions of the one ``v_K`` passed in: report Q and
+I² from the same fit as the estimate. A Q computed on other variances (e.g. each
+category's own few-seed variance beside an estimate on the pooled one) measures a
+different model; with 3 seeds a category's own variance is often tiny, which inflates
+Q far beyond its df when the pooled-variance fit sees little heterogeneity.
+
+Prediction interval for the true effect of a new category (Higgins, Thompson &
+Spiegelhalter 2009; Riley, Higgins & Deeks 2011): at a design row ``x₀`` (``x₀ = 1``
+for the pooled effect),
+
+  x₀ᵀβ̂ ± t_{k−p−1, 1−α/2} · sqrt(τ̂² + x₀ᵀ Cov(β̂) x₀),
+
+with ``Cov(β̂)`` the covariance of the chosen interval (HKSJ-scaled for ``"hksj"``). For
+the pooled effect that is ``μ̂ ± t_{k−2} · sqrt(τ̂² + SE(μ̂)²)``. Why k − p − 1 degrees
+of freedom, one fewer than the CI's k − p: τ² is estimated too, and the plug-in ``τ̂²``
+ignores its uncertainty; the heavier t tail pays for it (HTS's argument; with k = 5
+categories t_{3} = 3.18 against t_{4} = 2.78). Needs k ≥ p + 2 (NaN below). This is
+metafor's ``predict(rma(yi, vi, method="REML", test="knha"), pi.type="Riley")`` (its
+``pi.ddf = k − p − (p + 1) + p``, its ``pi.se = sqrt(vpred + τ²)`` with ``vpred`` from
+the Knapp–Hartung covariance); metafor's default ``pi.type`` takes the CI's own
+quantile instead (t_{k−p} under ``test="knha"``, z under ``test="z"``), narrower.
+
+Sensitivity: every fit also carries the modified-HKSJ interval (``ci_modified``) and the
+HKSJ scale ``q`` (``hksj_scale``), whatever ``ci`` chose: when ``q < 1`` (categories
+agree more than their variances say) the unmodified HKSJ interval is narrower than the
+Wald one on t quantiles; with few categories (k ≤ 4) report both.
+
+Equivalence: ``tost`` (two one-sided tests) of an estimate with its SE and df, e.g. a
+pooled effect on k − 1 df or a mean of paired seed-level differences (``tost_paired``).
 """
 
 from __future__ import annotations
@@ -83,6 +113,11 @@ class PooledEffect(NamedTuple):
   method: str
   ci_method: str
   weights_K: np.ndarray   # 1 / (v_i + τ̂²), normalised to sum to 1
+  pi: tuple[float, float] = (float("nan"), float("nan"))   # for a new category (HTS)
+  pi_df: int = 0          # k − 2 (module docstring)
+  ci_modified: tuple[float, float] = (float("nan"), float("nan"))   # modified HKSJ
+  hksj_scale: float = float("nan")   # q = Σ w (y − μ̂)² / (k − 1)
+  alpha: float = 0.05
 
 
 class MetaRegression(NamedTuple):
@@ -103,6 +138,21 @@ class MetaRegression(NamedTuple):
   k: int
   method: str
   ci_method: str
+  cov: np.ndarray | None = None   # [2, 2] Cov(intercept, slope) of the chosen interval
+  ci_slope_modified: tuple[float, float] = (float("nan"), float("nan"))   # modified HKSJ
+  hksj_scale: float = float("nan")
+  alpha: float = 0.05
+
+
+class Prediction(NamedTuple):
+  """A meta-regression's mean effect at a covariate value (``predict``): CI for the
+  mean, prediction interval for a new category's true effect there."""
+  x: float
+  mean: float
+  se: float
+  ci: tuple[float, float]
+  pi: tuple[float, float]
+  pi_df: int
 
 
 # ----------------------------------------------------------------------------
@@ -228,10 +278,24 @@ def _fit(y, v, X, method: str, ci: str, alpha: float):
   _, _, q_e, _ = _wls(y, v, X, 0.0)
   trace_p = _trace_p(v, X)
   typical_v = df / trace_p
+  # Sensitivity and prediction pieces, computed beside (never inside) the ones above.
+  scale = rss / df
+  se_mod = np.sqrt(np.diag(max(1.0, scale) * inv))
+  crit_t = scipy.stats.t.ppf(1 - alpha / 2, df)
+  pi_df = df - 1
+  crit_pi = scipy.stats.t.ppf(1 - alpha / 2, pi_df) if pi_df >= 1 else float("nan")
   return dict(beta=beta, se=se, crit=crit, pval=pval, tau2=tau2,
               tau2_ci=_tau2_q_profile(y, v, X, alpha), q=q_e, df=df,
               q_p=float(scipy.stats.chi2.sf(q_e, df)),
-              i2=tau2 / (tau2 + typical_v), w=w)
+              i2=tau2 / (tau2 + typical_v), w=w, cov=cov, scale=float(scale),
+              ci_modified=[(float(b - crit_t * e), float(b + crit_t * e))
+                           for b, e in zip(beta, se_mod)],
+              pi_df=int(pi_df), crit_pi=float(crit_pi))
+
+
+def _prediction_interval(mean: float, var_mean: float, tau2: float, crit_pi: float):
+  half = crit_pi * np.sqrt(tau2 + var_mean)
+  return float(mean - half), float(mean + half)
 
 
 # ----------------------------------------------------------------------------
@@ -248,6 +312,10 @@ def random_effects(y_K, v_K, *, method: str = "reml", ci: str = "hksj",
   DerSimonian–Laird); the interval for μ by ``ci`` ("hksj": ``SE² = Σ w_i (y_i − μ̂)² /
   ((k − 1) Σ w_i)`` with t_{k−1}; "normal": ``SE² = 1/Σ w_i`` with z). Formulas of τ²,
   its Q-profile interval, Q and I² in the module docstring.
+
+  Also: ``pi``, the 1 − α prediction interval for a new category's true effect,
+  ``μ̂ ± t_{k−2} · sqrt(τ̂² + SE²)`` with the SE of ``ci`` (NaN for k < 3); ``ci_modified``,
+  the modified-HKSJ interval (``max(1, q)``) as a sensitivity; ``hksj_scale`` = q.
   """
   y, v, X = _check(y_K, v_K, p=1)
   f = _fit(y, v, X, method, ci, alpha)
@@ -256,7 +324,10 @@ def random_effects(y_K, v_K, *, method: str = "reml", ci: str = "hksj",
                       p_value=f["pval"](mu / se) if se > 0 else float("nan"),
                       tau2=f["tau2"], tau2_ci=f["tau2_ci"], q=f["q"], q_df=f["df"],
                       q_p_value=f["q_p"], i2=f["i2"], k=len(y), method=method, ci_method=ci,
-                      weights_K=f["w"] / f["w"].sum())
+                      weights_K=f["w"] / f["w"].sum(),
+                      pi=_prediction_interval(mu, se * se, f["tau2"], f["crit_pi"]),
+                      pi_df=f["pi_df"], ci_modified=f["ci_modified"][0],
+                      hksj_scale=f["scale"], alpha=alpha)
 
 
 def meta_regression(y_K, v_K, x_K, *, method: str = "reml", ci: str = "hksj",
@@ -280,7 +351,35 @@ def meta_regression(y_K, v_K, x_K, *, method: str = "reml", ci: str = "hksj",
       ci_slope=(float(b1 - c * s1), float(b1 + c * s1)),
       p_slope=f["pval"](b1 / s1) if s1 > 0 else float("nan"),
       tau2=f["tau2"], tau2_ci=f["tau2_ci"], q_e=f["q"], q_df=f["df"], q_p_value=f["q_p"],
-      i2=f["i2"], k=len(y), method=method, ci_method=ci)
+      i2=f["i2"], k=len(y), method=method, ci_method=ci, cov=f["cov"],
+      ci_slope_modified=f["ci_modified"][1], hksj_scale=f["scale"], alpha=alpha)
+
+
+def predict(fit: MetaRegression, x: float) -> Prediction:
+  """Mean effect of a meta-regression at covariate value ``x`` with its CI, and the
+  prediction interval for a new category's true effect there (module docstring):
+
+    m(x) = b₀ + b₁·x,   Var m(x) = x₀ᵀ Cov x₀ with x₀ = (1, x),
+    CI = m ± crit · sqrt(Var m),   PI = m ± t_{k−3} · sqrt(τ̂² + Var m),
+
+  ``crit`` and ``Cov`` those of the fit's ``ci`` (t_{k−2} for HKSJ, z for normal);
+  the PI is NaN for k < 4.
+  """
+  if fit.cov is None:
+    raise ValueError("predict: the MetaRegression carries no covariance (build it with "
+                     "meta_regression)")
+  x0 = np.array([1.0, float(x)])
+  mean = float(fit.intercept + fit.slope * float(x))
+  var = float(x0 @ fit.cov @ x0)
+  df = fit.k - 2
+  crit = (scipy.stats.t.ppf(1 - fit.alpha / 2, df) if fit.ci_method != "normal"
+          else scipy.stats.norm.ppf(1 - fit.alpha / 2))
+  se = float(np.sqrt(var))
+  crit_pi = scipy.stats.t.ppf(1 - fit.alpha / 2, df - 1) if df - 1 >= 1 else float("nan")
+  return Prediction(x=float(x), mean=mean, se=se,
+                    ci=(float(mean - crit * se), float(mean + crit * se)),
+                    pi=_prediction_interval(mean, var, fit.tau2, float(crit_pi)),
+                    pi_df=int(df - 1))
 
 
 def effects_from_seeds(diffs_KxS, pool_variance: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -308,6 +407,73 @@ def effects_from_seeds(diffs_KxS, pool_variance: bool = False) -> tuple[np.ndarr
   return y, v
 
 
-__all__ = ["PooledEffect", "MetaRegression", "random_effects", "meta_regression",
-           "effects_from_seeds", "tau2_dl", "tau2_reml", "restricted_loglik", "METHODS",
-           "CI_METHODS"]
+# ----------------------------------------------------------------------------
+# Equivalence (TOST)
+# ----------------------------------------------------------------------------
+
+
+class Equivalence(NamedTuple):
+  """Two one-sided tests of ``low < θ < high`` (``tost``)."""
+  mean: float
+  se: float
+  df: float
+  margin: tuple[float, float]
+  p: float                      # max of the two one-sided p-values
+  equivalent: bool              # p < alpha  ⇔  ci90 inside (low, high)
+  ci90: tuple[float, float]     # the 1 − 2α interval (90 % at α = 0.05)
+  alpha: float
+
+
+def tost(mean: float, se: float, df: float, margin, *, alpha: float = 0.05) -> Equivalence:
+  """Equivalence test of an estimate with a t (or normal) sampling distribution
+  (Schuirmann 1987): H₀: θ ≤ low or θ ≥ high against H₁: low < θ < high.
+
+  ``margin``: m > 0 for (−m, m), or a pair (low, high) with low < high; fixed before the
+  data are seen. ``df``: the estimate's degrees of freedom (``np.inf``: normal), e.g.
+  n − 1 for a mean of n paired seed-level differences, k − 1 for an HKSJ pooled effect.
+
+    p_low  = P(T_df ≥ (mean − low) / se),   p_high = P(T_df ≤ (mean − high) / se),
+    p = max(p_low, p_high),   equivalent ⇔ p < α,
+
+  which holds exactly when the 1 − 2α interval ``mean ± t_{df, 1−α} · se`` lies inside
+  (low, high). An estimate with se = 0 is equivalent iff it lies strictly inside.
+  """
+  if np.ndim(margin) == 0:
+    m = float(margin)
+    if not m > 0:
+      raise ValueError(f"tost: margin must be > 0 (or a pair low < high), got {margin!r}")
+    low, high = -m, m
+  else:
+    low, high = (float(b) for b in margin)
+    if not low < high:
+      raise ValueError(f"tost: margin pair must have low < high, got {margin!r}")
+  mean, se, df = float(mean), float(se), float(df)
+  if not (np.isfinite(mean) and np.isfinite(se) and se >= 0 and df > 0):
+    raise ValueError(f"tost: need a finite mean, finite se >= 0 and df > 0, got mean={mean}, "
+                     f"se={se}, df={df}")
+  if not 0 < alpha < 0.5:
+    raise ValueError(f"tost: alpha must lie in (0, 0.5), got {alpha}")
+  dist = scipy.stats.norm if np.isinf(df) else scipy.stats.t(df)
+  if se == 0:
+    p = 0.0 if low < mean < high else 1.0
+  else:
+    p = float(max(dist.sf((mean - low) / se), dist.cdf((mean - high) / se)))
+  half = float(dist.ppf(1 - alpha)) * se
+  return Equivalence(mean=mean, se=se, df=df, margin=(low, high), p=p, equivalent=p < alpha,
+                     ci90=(mean - half, mean + half), alpha=alpha)
+
+
+def tost_paired(diffs_S, margin, *, alpha: float = 0.05) -> Equivalence:
+  """``tost`` of the mean of paired differences (e.g. per seed: arm A − arm B on the same
+  seed): mean, ``se = sd/√n`` (ddof 1), n − 1 df; as statsmodels' ``ttost_paired``."""
+  d = np.asarray(diffs_S, np.float64).reshape(-1)
+  if d.size < 2 or not np.isfinite(d).all():
+    raise ValueError(f"tost_paired: need >= 2 finite paired differences, got {d.size} "
+                     f"({int((~np.isfinite(d)).sum())} non-finite)")
+  return tost(float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size)), d.size - 1, margin,
+              alpha=alpha)
+
+
+__all__ = ["PooledEffect", "MetaRegression", "Prediction", "Equivalence", "random_effects",
+           "meta_regression", "predict", "effects_from_seeds", "tost", "tost_paired",
+           "tau2_dl", "tau2_reml", "restricted_loglik", "METHODS", "CI_METHODS"]

@@ -97,7 +97,7 @@ class HParams(NamedTuple):
   patience: Any
 
 
-def make_hparams(rows: Sequence[Mapping[str, float]], *, max_epochs: int | None = None) -> HParams:
+def make_hparams(hparam_rows: Sequence[Mapping[str, float]], *, max_epochs: int | None = None) -> HParams:
   """Stacks dict rows (keys = ``HParams`` fields) into an [H] grid, validating each row.
 
   Errors name the row and field: lr ≤ 0, negative weights, epochs outside
@@ -105,7 +105,7 @@ def make_hparams(rows: Sequence[Mapping[str, float]], *, max_epochs: int | None 
   """
   fields = HParams._fields
   cols = {f: [] for f in fields}
-  for i, row in enumerate(rows):
+  for i, row in enumerate(hparam_rows):
     missing = [f for f in fields if f not in row]
     if missing:
       raise ValueError(f"hparams row {i}: missing field(s) {missing}")

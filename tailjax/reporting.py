@@ -1,6 +1,6 @@
 """The one report toolkit: markdown tables, number / interval formatting, the
 which-side-of-zero verdict and atomic figure saving, shared by every report
-(study A, its analysis, the sweeps, the study-B diagnosis).
+(study A, its mechanism analyses, the sweeps, the study-B diagnosis).
 
 Intervals are dicts with at least ``mean`` and optionally ``lo``/``hi`` (as
 ``tailjax.stats.mean_ci`` returns them); an interval whose ends are not finite

@@ -13,14 +13,14 @@ Every entry point opens its workdir with ``open_run(workdir, cfg, kind=...)``:
    are executed, logging cadence, cache folders, report cosmetics). A rerun
    whose results-relevant fields differ stops with ``ConfigMismatchError``
    listing each differing field with both values, unless ``on_change`` is
-   ``"restart"`` (wipe the workdir's results and start over), ``"branch"``
+   ``"restart"`` (remove the workdir's results and start over, see 6), ``"branch"``
    (run in a new sibling workdir ``<workdir>-<hash8>``) or ``"extend"`` (see 5).
    Only then are ``manifest.json`` and ``config.json`` written.
 3. **Manifest.** Also records the code version (package version, git commit
    and whether the tree was dirty, a hash of the ``tailjax`` sources), the JAX
    backend and devices, the row mode, the installed versions of the packages
    that change results, the sha256 of ``requirements.lock`` and any installed
-   version that differs from it (``_lock.lock_info``), one entry per invocation.
+   version that differs from it (``_requirements.lock_info``), one entry per invocation.
 4. **One resume rule.** A unit of finished work (an evaluation at a step, a
    study-B ratio, ...) is an atomically written JSON file ``units/<name>.json``;
    it belongs to this config because the manifest says so. ``Run.load_unit``
@@ -36,6 +36,14 @@ Every entry point opens its workdir with ``open_run(workdir, cfg, kind=...)``:
    is refused as in 2. The manifest then holds the new config, and its ``extended``
    list (and the invocation) records each extension with the old hash, step count
    and budgets, so the record says the run was trained to s, then extended.
+6. **Restart removes only what tailjax wrote.** Every file tailjax writes in a workdir is
+   listed in its ``.tailjax-files`` (``tailjax.io``: atomic writes, metric logs,
+   TensorBoard runs, checkpoint folders). ``"restart"`` removes the listed files and
+   folders (and their leftover temporary siblings) and nothing else; a workdir that also
+   holds anything unlisted (a user's ``notes.md``, a file dropped into ``<category>/``) is
+   refused with ``ForeignFilesError`` naming a few of those entries, and nothing is
+   removed. Folders the removal empties go too; other empty folders stay. A workdir
+   with files but no manifest is refused the same way, with or without ``"restart"``.
 """
 
 from __future__ import annotations
@@ -63,9 +71,8 @@ LOCK = ".lock"
 # Fields that never change a result: how rows run, cadence, caches, cosmetics.
 # Patterns match dotted config paths (fnmatch).
 NOT_RESULTS = (
-    "train.rows", "train.log_every", "sweep.rows", "sweep.conv_impl", "sweep.batch_devices",
-    "sweep.segment_steps", "train.segment_steps", "train.conv_impl",
-    "data.cache_dir", "backbone.batch_size", "report.*", "analysis.*", "smoke", "progress",
+    "train.rows", "train.segment_steps", "train.conv_impl",
+    "data.cache_dir", "backbone.batch_size", "report.*", "analysis.*",
     # A moved weight file is the same run; a different one changes the features, which
     # the engine's rows.json (features hash) refuses.
     "backbone.weights",
@@ -92,6 +99,10 @@ EXTENDABLE = ("train.num_steps", "eval.budgets")
 
 class ConfigFieldError(ValueError):
   """The config has a field no stage reads, or lacks one a stage needs."""
+
+
+class ForeignFilesError(ConfigMismatchError):
+  """The workdir holds files tailjax did not write, so it cannot be restarted (or started)."""
 
 
 # ----------------------------------------------------------------------------
@@ -220,11 +231,29 @@ def package_versions(names: Sequence[str] = RESULT_PACKAGES) -> dict[str, str | 
   return out
 
 
+def _cpu_model() -> str | None:
+  """The CPU's model name (Linux ``/proc/cpuinfo``; ``platform.processor()`` elsewhere).
+
+  Recorded because XLA's CPU kernels depend on the instruction set and the thread count,
+  so the same code and inputs give different low bits on another CPU
+  (docs/reproducibility.md)."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor() or None
+
+
 def environment() -> dict:
   import jax
   return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
           "device_count": jax.device_count(), "process_count": jax.process_count(),
-          "host": socket.gethostname()}
+          "host": socket.gethostname(), "cpu_model": _cpu_model(),
+          "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+          else os.cpu_count()}
 
 
 # ----------------------------------------------------------------------------
@@ -337,12 +366,70 @@ def read_manifest(workdir: str | Path) -> dict:
   return json.loads(path.read_text())
 
 
-def _clear_results(workdir: Path) -> None:
-  """Removes everything a run wrote, except the lock we hold."""
-  for p in workdir.iterdir():
-    if p.name == LOCK:
+# The run record's own files, known without being listed.
+RECORD_FILES = (MANIFEST, "config.json", LOCK, io.LEDGER)
+
+
+def _sort_entries(workdir: Path) -> tuple[list[Path], list[str]]:
+  """(what tailjax wrote, what it did not) below ``workdir``: listed files and folders
+  (``io.note_written``), their leftover temporary siblings and the record files; and
+  the relative paths of every other file or link (a folder of them once, as
+  ``name/``). Folders holding neither are in neither list."""
+  listed = io.ledger_entries(workdir) or set()
+  prefixes = {p.as_posix() for e in listed for p in Path(e).parents}
+  ours: list[Path] = []
+  foreign: list[str] = []
+
+  def known(rel: str, folder: bool) -> bool:
+    if not folder and rel in RECORD_FILES:
+      return True
+    base = io.temp_sibling_of(Path(rel).name)
+    forms = [rel] + ([(Path(rel).parent / base).as_posix()] if base else [])
+    return any(f in listed or f + "/" in listed for f in forms)
+
+  for dirpath, dirnames, filenames in os.walk(workdir):
+    here = Path(dirpath).relative_to(workdir)
+    for d in sorted(dirnames):
+      rel = (here / d).as_posix()
+      if os.path.islink(os.path.join(dirpath, d)):
+        filenames.append(d)          # a link is removed as a file, never followed
+        dirnames.remove(d)
+      elif known(rel, folder=True):
+        ours.append(workdir / rel)
+        dirnames.remove(d)
+      elif rel not in prefixes and any(f for _, _, f in os.walk(os.path.join(dirpath, d))):
+        foreign.append(rel + "/")    # nothing of ours inside: named once
+        dirnames.remove(d)
+    for f in sorted(filenames):
+      rel = (here / f).as_posix()
+      (ours.append(workdir / rel) if known(rel, folder=False) else foreign.append(rel))
+  return ours, sorted(foreign)
+
+
+def _foreign_error(workdir: Path, foreign: Sequence[str], why: str) -> ForeignFilesError:
+  unlisted = (f"; its run predates tailjax's list of written files ({io.LEDGER})"
+              if (workdir / MANIFEST).is_file() and not (workdir / io.LEDGER).is_file() else "")
+  return ForeignFilesError(
+      f"{workdir} holds files tailjax did not write: {io.first_few(foreign, 3)}{unlisted}. "
+      f"{why} tailjax removes only what it wrote, so nothing was changed: move those "
+      "files elsewhere (or delete the workdir yourself) or use another --workdir.")
+
+
+def _clear_results(workdir: Path, why: str) -> None:
+  """Removes what tailjax wrote in ``workdir`` (module doc, 6.), except the lock we hold,
+  or raises ``ForeignFilesError`` (removing nothing) if anything else is there."""
+  ours, foreign = _sort_entries(workdir)
+  if foreign:
+    raise _foreign_error(workdir, foreign, why)
+  parents = set()
+  for p in ours:
+    if p.name == LOCK and p.parent == workdir:
       continue
-    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    parents.update(q for q in p.parents if q != workdir and workdir in q.parents)
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+  for d in sorted(parents, key=lambda q: -len(q.parts)):   # emptied folders, deepest first
+    with contextlib.suppress(OSError):
+      d.rmdir()
 
 
 @contextlib.contextmanager
@@ -440,12 +527,11 @@ def _follow_lead(workdir: Path, digest: str, fresh: bool) -> Run:
 def _forget_if_empty(workdir: Path) -> None:
   """Removes the record of a fresh run that wrote no result (only manifest, config and
   empty folders): a failed first attempt must not pin the workdir to its config."""
-  record = {MANIFEST, "config.json", LOCK}
   files = [p for p in workdir.rglob("*") if p.is_file() and p.relative_to(workdir).as_posix()
-           not in record]
+           not in RECORD_FILES]
   if files:
     return
-  for name in (MANIFEST, "config.json"):
+  for name in (MANIFEST, "config.json", io.LEDGER):
     (workdir / name).unlink(missing_ok=True)
   for d in sorted((p for p in workdir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
     with contextlib.suppress(OSError):
@@ -505,24 +591,27 @@ def _open_as_writer(stack: contextlib.ExitStack, workdir: Path, cfg, kind: str, 
     elif not same and on_change in ("error", "extend"):
       raise _refusal(workdir, old, fields, kind, extendable)
     if not same and extension is None:   # restart
-      _clear_results(workdir)
+      _clear_results(workdir, "--restart asked to discard its results, but")
     else:
       fresh = False
       invocations = old.get("invocations", [])
       extended = old.get("extended", [])
-  elif any(p.name != LOCK for p in workdir.iterdir()):
-    # Files but no manifest: written by something else (or an older tailjax). Refuse
-    # rather than guess what they are.
+  elif any(p.name not in (LOCK, io.LEDGER) for p in workdir.iterdir()):
+    # Files but no manifest: what tailjax listed there (a run whose manifest is gone) may
+    # go with --restart; anything else is someone's, and is refused either way.
+    _, foreign = _sort_entries(workdir)
+    if foreign:
+      raise _foreign_error(workdir, foreign, f"It has no {MANIFEST}, so it is no tailjax "
+                           "run to resume, and")
     if on_change != "restart":
       raise ConfigMismatchError(
-          f"{workdir} holds files but no {MANIFEST}: it was not written by this version "
-          "of tailjax, so its contents cannot be checked. Use --restart to discard them "
-          "or another --workdir.")
-    _clear_results(workdir)
-  from tailjax import _lock
+          f"{workdir} holds files tailjax wrote but no {MANIFEST}, so they cannot be checked "
+          "against this config. Use --restart to discard them or another --workdir.")
+    _clear_results(workdir, "--restart asked to discard them, but")
+  from tailjax import _requirements
   invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code,
                       **environment(), "packages": package_versions(),
-                      "lock": _lock.lock_info()})
+                      "lock": _requirements.lock_info()})
   if extension is not None:
     invocations[-1]["extended"] = extension
     extended = [*extended, extension]
@@ -532,6 +621,7 @@ def _open_as_writer(stack: contextlib.ExitStack, workdir: Path, cfg, kind: str, 
               "config": to_plain(cfg), "invocations": invocations,
               **({"extended": extended} if extended else {})}
   try:
+    io.start_ledger(workdir)
     _write_manifest(workdir, manifest)
     io.atomic_write_json(workdir / "config.json", to_plain(cfg))
   except OSError as e:

@@ -1,8 +1,9 @@
-"""Small statistics shared by the reports."""
+"""Statistics shared by the studies and their reports: intervals of a mean, paired tests
+with Holm correction and per-category verdicts, AUC intervals over seeds and test sets."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 from scipy import stats
@@ -21,6 +22,86 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict:
   sd = float(v.std(ddof=1))
   half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / np.sqrt(n))
   return {"mean": mean, "std": sd, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+# ----------------------------------------------------------------------------
+# Paired differences: tests, multiplicity, heterogeneity
+# ----------------------------------------------------------------------------
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+  """Holm–Bonferroni adjusted p-values (controls the family-wise error rate).
+
+  Sorted ascending p_(1) ≤ … ≤ p_(m): adj_(i) = max_{j ≤ i} min(1, (m − j + 1)·p_(j)).
+  NaN p-values stay NaN and do not count in m.
+  """
+  p = np.asarray(pvalues, np.float64)
+  out = np.full(p.shape, np.nan)
+  ok = np.isfinite(p)
+  m = int(ok.sum())
+  if m == 0:
+    return out
+  idx = np.where(ok)[0][np.argsort(p[ok])]
+  running = 0.0
+  for rank, i in enumerate(idx):
+    running = max(running, min(1.0, (m - rank) * p[i]))
+    out[i] = running
+  return out
+
+
+def paired_test(diffs: Sequence[float]) -> dict:
+  """Mean, t-interval and two-sided one-sample t-test p of paired differences."""
+  d = np.asarray(diffs, np.float64)
+  d = d[np.isfinite(d)]                  # an undefined value (e.g. no interior pixels) drops out
+  if d.size == 0:
+    return {"mean": float("nan"), "std": float("nan"), "lo": float("nan"), "hi": float("nan"),
+            "n": 0, "p": float("nan")}
+  ci = mean_ci(d)
+  p = float(stats.ttest_1samp(d, 0.0).pvalue) if d.size > 1 and np.std(d) > 0 else (
+      float("nan") if d.size < 2 else (0.0 if d.mean() != 0 else 1.0))
+  return {**ci, "p": p}
+
+
+def heterogeneity(per_category: Mapping[str, Sequence[float]]) -> dict:
+  """Do categories disagree beyond seed noise? Cochran's Q on the per-category mean
+  paired differences (inverse-variance weights from their seed variances) and
+  I² = max(0, (Q − df)/Q). Also the signs of the significant categories."""
+  means, weights = [], []
+  for d in per_category.values():
+    d = np.asarray(d, np.float64)
+    if d.size < 2:
+      return {"q": float("nan"), "df": len(per_category) - 1, "p": float("nan"),
+              "i2": float("nan")}
+    var = max(float(np.var(d, ddof=1)) / d.size, 1e-12)
+    means.append(float(d.mean()))
+    weights.append(1.0 / var)
+  m, w = np.asarray(means), np.asarray(weights)
+  pooled = float(np.sum(w * m) / np.sum(w))
+  q = float(np.sum(w * (m - pooled) ** 2))
+  df = len(m) - 1
+  p = float(stats.chi2.sf(q, df)) if df > 0 else float("nan")
+  i2 = max(0.0, (q - df) / q) if q > 0 else 0.0
+  return {"q": q, "df": df, "p": p, "i2": i2}
+
+
+def category_verdicts(per_category: Mapping[str, Sequence[float]], alpha: float = 0.05) -> dict:
+  """Per-category paired tests with Holm correction, and the pooled reading:
+  "better" / "worse" when every significant category agrees in sign (and at least
+  one is significant), "mixed" when significant effects of both signs exist,
+  "no significant difference" otherwise."""
+  cats = list(per_category)
+  tests = {c: paired_test(per_category[c]) for c in cats}
+  adj = holm([tests[c]["p"] for c in cats])
+  out = {}
+  for c, a in zip(cats, adj):
+    t = tests[c]
+    sign = 0 if not (np.isfinite(a) and a < alpha) else (1 if t["mean"] > 0 else -1)
+    out[c] = {**t, "p_holm": float(a), "sign": sign}
+  signs = {v["sign"] for v in out.values()} - {0}
+  pooled = ("mixed" if signs == {1, -1} else "better" if signs == {1} else
+            "worse" if signs == {-1} else "no significant difference")
+  return {"categories": out, "pooled": pooled, "heterogeneity": heterogeneity(per_category),
+          "alpha": alpha}
 
 
 # ----------------------------------------------------------------------------

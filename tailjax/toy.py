@@ -17,7 +17,6 @@ import numpy as np
 from sklearn import datasets
 
 from tailjax import engine, evaluation, io, runrecord
-from tailjax import train as train_lib
 
 KIND = "toy"
 FIELDS = ("seed", "data.n_train", "data.n_val", "data.grid", "data.channels", "flow.*",
@@ -53,9 +52,8 @@ def run_toy(cfg, workdir: str | Path, *, on_change: str = "error", progress: boo
     raise ValueError(f"config.train.eval_every must be ≥ 1, got {every}")
   total = int(cfg.train.num_steps)
   steps = sorted({0, *range(every, total, every), total})
-  program = train_lib.make_flow_program(cfg, tr.shape)
 
-  def evaluate(step, params_R):
+  def evaluate(step, params_R, program):
     p = jax.tree.map(lambda a: a[0], params_R)
     nll = evaluation.patch_scores(program.model, p, va, "nll", conv_impl=program.conv_impl)
     return {"val_nll": float(np.mean(nll))}

@@ -11,11 +11,12 @@ The contract every study builds on:
   hyperparameters (λ, r, ...) in ``state.hparams``. A stacked state with a
   leading row axis is ``jax.vmap(init)`` away, and ``jax.vmap(train_step)``
   trains every row at once.
-* ``make_train(cfg, feats_shape)`` returns the pure ``train(hparams, key, feats)``
-  of a flow (purejaxrl's shape): ``jit(vmap(vmap(train)))`` sweeps
-  hyperparameters × seeds. ``FlowProgram`` holds the pieces the checkpointed
-  driver (``tailjax.engine.run_rows``) runs in segments: ``init``, ``run`` and
-  ``scores``.
+* ``FlowProgram`` holds the pieces of a flow run: ``init`` and one step loop,
+  ``segment``, which the checkpointed driver (``tailjax.engine.run_rows``, behind
+  every command) runs in segments; ``run`` is that loop over all steps.
+  ``make_train(cfg, feats_shape)`` returns the pure ``train(hparams, key, feats)``
+  of a flow built on it (purejaxrl's shape), for library use:
+  ``jit(vmap(vmap(train)))`` sweeps hyperparameters × seeds.
 * MIL and the ArcFace embedder use the same ``TrainState``, ``make_optimizer``,
   ``make_train_step`` and ``EarlyStopping`` inside their own in-graph loops.
 
@@ -403,13 +404,13 @@ def resolve_row_impl(impl: str, where: str = "config.train.rows") -> str:
 class FlowProgram:
   """Static structure of a flow run; its methods are pure and traceable.
 
-  ``init(hparams, key) -> TrainState``; ``run(state, key, feats, num_steps) ->
-  (state, metrics_T)`` continues from ``state.step``; ``train(hparams, key,
-  feats) = run(init(hparams, key), key, feats, total_steps)``; ``segment(state,
-  key, feats, n)`` runs a *traced* number n ≤ ``segment_len`` of steps (one
-  compiled program for every segment length: the driver cuts runs at evaluation
-  steps and checkpoints without recompiling). ``key`` is the row key
-  (``row_keys``), a typed PRNG key.
+  ``init(hparams, key) -> TrainState``; ``segment(state, key, feats, n,
+  segment_len)`` runs a *traced* number n ≤ ``segment_len`` of steps from
+  ``state.step`` (one compiled program for every segment length: the driver cuts
+  runs at evaluation steps and checkpoints without recompiling); ``run(state, key,
+  feats, num_steps) -> (state, metrics_T)`` is ``segment`` over all the steps, and
+  ``train(hparams, key, feats) = run(init(hparams, key), key, feats, total_steps)``.
+  ``key`` is the row key (``row_keys``), a typed PRNG key.
   """
 
   model: flows.FastFlow2d | flows.MultiScaleFlow
@@ -476,19 +477,21 @@ class FlowProgram:
     return body
 
   def run(self, state: TrainState, key, feats_NxHxWxC, num_steps: int):
-    self._check(feats_NxHxWxC)
-    body = self._body(key, feats_NxHxWxC)
-    with lowering(self.conv_impl):
-      return jax.lax.scan(lambda st, _: body(st), state, None, length=int(num_steps))
+    """``num_steps`` steps from ``state.step``: ``segment`` over all of them (one loop
+    body for every flow run); metrics ``{"loss", "mean_nll"}``, each [num_steps]."""
+    return self.segment(state, key, feats_NxHxWxC, int(num_steps), int(num_steps))
 
   def segment(self, state: TrainState, key, feats_NxHxWxC, n, segment_len: int):
     """Runs ``n`` (traced, ≤ ``segment_len``) steps; metrics are [segment_len] buffers
-    holding the steps' values in their first n entries and NaN after."""
+    holding the steps' values in their first n entries and NaN after. A Python-int ``n``
+    gives a fixed trip count (a ``scan``, so the run is differentiable); a traced one a
+    ``while`` loop, one compiled program for every n."""
     self._check(feats_NxHxWxC)
     body = self._body(key, feats_NxHxWxC)
     # Derived from the state so that, inside shard_map, the buffers vary over the same
-    # mesh axes as the losses written into them.
-    nan = jnp.full((segment_len,), jnp.nan, jnp.float32) + (state.step * 0).astype(jnp.float32)
+    # mesh axes as the losses written into them (a fresh state's step is a Python 0).
+    nan = jnp.full((segment_len,), jnp.nan, jnp.float32) + jnp.asarray(state.step * 0).astype(
+        jnp.float32)
 
     def loop(t, carry):
       st, loss_T, nll_T = carry
@@ -546,16 +549,23 @@ def make_flow_program(cfg, feats_shape: Sequence[int], *, num_steps: int | None 
 
 
 def make_train(cfg, feats_shape: Sequence[int], **kwargs) -> Callable:
-  """``train(hparams, key, feats) -> (TrainState, metrics_T)``: a whole flow run, pure.
+  """``train(hparams, key, feats) -> (TrainState, metrics_T)``: a whole flow run as one
+  pure function (purejaxrl's shape), for using tailjax as a library.
 
-  ``hparams`` = {"tail_weight": λ, "top_k_ratio": r, "learning_rate": lr}, scalars
-  or traced arrays; ``key`` a row key (``row_keys``). Vmap it over hyperparameters
-  and seeds (``sweep_hxs``); ``kwargs`` go to ``make_flow_program``.
+  ``hparams`` = {"tail_weight": λ, "top_k_ratio": r, "learning_rate": lr} and
+  optionally the ``TAIL_NLL_NAMES`` pair, scalars or traced arrays; ``key`` a row key
+  (``row_keys``); metrics ``{"loss", "mean_nll"}``, each [T]. Vmap it over
+  hyperparameters and seeds (``sweep_hxs``); ``kwargs`` go to ``make_flow_program``.
+  It is ``FlowProgram.train``, the same step loop the engine runs in segments, so row
+  i of ``engine.run_rows`` equals ``train`` with row i's hyperparameters and seed (to
+  float rounding: a different compiled program). The command line's studies and sweeps
+  run through ``engine.run_rows`` (checkpoints, resume, evaluation hooks, sharding).
   """
   return make_flow_program(cfg, feats_shape, **kwargs).train
 
 
 def sweep_hxs(train_fn: Callable) -> Callable:
   """``jit(vmap(vmap(train, seeds), hparams))``: ``(hparams_H, keys_S, feats) ->
-  (state_HxS, metrics_HxSxT)``; every leaf gets leading [H, S] axes."""
+  (state_HxS, metrics_HxSxT)``; every leaf gets leading [H, S] axes. The pure-function
+  sweep of ``make_train``; ``tailjax sweep`` runs its grid through ``engine.run_rows``."""
   return jax.jit(jax.vmap(jax.vmap(train_fn, (None, 0, None)), (0, None, None)))

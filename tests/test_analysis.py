@@ -1,4 +1,5 @@
-"""End to end: a tiny trained study-A run → analyze_run → analysis.json, figures, report.md."""
+"""End to end: a tiny trained study-A run → analyze_run → analysis.json, figures, report.md;
+the analyses of ``study_a.main`` (trained rows in memory) equal those of the reloaded run."""
 
 import json
 
@@ -8,7 +9,8 @@ import pytest
 from tailjax.configs import fastflow_mvtec
 from tailjax.analysis import hypotheses as H
 from tailjax.data import pipeline, textures
-from tailjax.studies import analysis as report
+from tailjax import io
+from tailjax.studies import mechanisms as report
 from tailjax.studies import study_a
 
 from fakes import cellstats_extractor
@@ -30,24 +32,54 @@ def tiny_run(tmp_path_factory):
   cfg.data.cache_dir = str(tmp / "cache")
   cfg.eval.size = 64
   cfg.flow.num_steps = 2
+  cfg.train.batch_size = 6           # the 6 training images left after holding out 2
   cfg.train.num_steps = 4
   cfg.train.segment_steps = 2
   cfg.eval.budgets = (0, 2, 4)
   cfg.report.n_examples = 2
+  cfg.analysis.enabled = True
+  cfg.analysis.num_images, cfg.analysis.num_param_images = 4, 2
   run = tmp / "run"
-  study_a.main(cfg, run, progress=False)
+  trained = study_a.main(cfg, run, progress=False)
   sweep = tmp / "sweep"
   sweep.mkdir()
   rows = [{"category": "gravel", "tail_weight": lam, "top_k_ratio": r, "learning_rate": 1e-3,
            "seed": s, "metrics": {"pixel_ap": 0.5 - r + 0.01 * s + 0.05 * lam, "image_auroc": 0.8}}
           for s in range(3) for lam, r in [(0.7, 0.02), (0.7, 0.1), (0.7, 0.5), (0.0, 0.02), (1.0, 0.02)]]
   (sweep / "results.json").write_text(json.dumps({"rows": rows}))
-  yield run, sweep
+  yield run, sweep, trained
   mp.undo()
 
 
+def _numbers(tree, path=()):
+  """Every leaf of a JSON-ready tree by path, wall times left out."""
+  if isinstance(tree, dict):
+    return {p: v for k, x in tree.items() if k not in ("seconds", "timings", "workdir")
+            for p, v in _numbers(x, path + (k,)).items()}
+  if isinstance(tree, list):
+    return {p: v for i, x in enumerate(tree) for p, v in _numbers(x, path + (i,)).items()}
+  return {path: tree}
+
+
+def test_analyses_in_memory_equal_the_reloaded_run(tiny_run):
+  """main hands the trained rows to the analyses in memory; reloading the finished run's
+  checkpoints gives the same numbers, bit for bit."""
+  run, _, trained = tiny_run
+  reloaded = report.analyze_run(run, num_images=4, num_param_images=2, write=False,
+                                verbose=False)
+  in_memory = json.loads(io.to_json(trained["analysis"]))
+  again = json.loads(io.to_json(reloaded))
+  assert in_memory["settings"] == again["settings"]
+  want, got = _numbers(again["categories"]), _numbers(in_memory["categories"])
+  assert len(want) > 1000 and set(got) == set(want)
+  assert [p for p in want if json.dumps(got[p]) != json.dumps(want[p])] == []
+  # The run's report carries the analyses as a section and L1 in the causal chain.
+  text = (run / "report.md").read_text()
+  assert text.count("## Mechanism analyses") == 1 and "L1 gravel" in text
+
+
 def test_analyze_run_writes_json_figures_and_report(tiny_run):
-  run, sweep = tiny_run
+  run, sweep, _ = tiny_run
   out = report.analyze_run(run, num_images=4, sweeps=str(sweep), num_param_images=2,
                            patch_chunk=16, verbose=False)
   res = out["categories"]["gravel"]
@@ -75,14 +107,14 @@ def test_analyze_run_writes_json_figures_and_report(tiny_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
   assert "sweep results at r = 0.02" in saved["ablation"]["source"]
   text = (run / "analysis" / "report.md").read_text()
-  for needle in ("| hypothesis | claim | verdict (ours) | key evidence | study's verdict |",
-                 "## H1", "## H3", "## H4", "## H7", "| *study* | mean-only (λ=0)", "49.99×",
+  for needle in ("| hypothesis | claim | verdict (ours) | key evidence | original study's verdict |",
+                 "## H1", "## H3", "## H4", "## H7", "| *original study* | mean-only (λ=0)", "49.99×",
                  "| 1 % |", "Verdict rules", "../gravel/examples.png"):
     assert needle in text, needle
 
 
 def test_without_sweeps_h4_is_not_tested_and_report_section_is_idempotent(tiny_run):
-  run, _ = tiny_run
+  run, _, _ = tiny_run
   out = report.analyze_run(run, "gravel", num_images=4, num_param_images=2, verbose=False)
   assert out["categories"]["gravel"]["h4"]["verdict"] == H.NOT_TESTED
   text = (run / "analysis" / "report.md").read_text()
@@ -93,11 +125,13 @@ def test_without_sweeps_h4_is_not_tested_and_report_section_is_idempotent(tiny_r
   once = (run / "report.md").read_text()
   report.append_to_report(run, out)
   assert (run / "report.md").read_text() == once
-  assert once.startswith(before.rstrip()) and once.count("## Mechanism analyses") == 1
+  assert once.count("## Mechanism analyses") == 1 and "<!--" not in once
+  # The report is rewritten whole: what does not depend on the analyses is unchanged.
+  assert before.split("## The causal chain")[0] == once.split("## The causal chain")[0]
   assert f"**{out['overall']['H4']}**" in once
 
 
 def test_bad_sweep_path_is_named(tiny_run, tmp_path):
-  run, _ = tiny_run
+  run, _, _ = tiny_run
   with pytest.raises(FileNotFoundError, match="results.json"):
     report.analyze_run(run, sweeps=[tmp_path / "nothing"], verbose=False)

@@ -8,12 +8,6 @@ from tailjax import flows
 from tailjax.analysis import causal, gradients
 
 
-def test_holm_matches_hand_computation():
-  adj = causal.holm([0.01, 0.04, 0.03, np.nan])
-  np.testing.assert_allclose(adj[:3], [0.03, 0.06, 0.06])
-  assert np.isnan(adj[3])
-
-
 def test_image_level_h1_finds_a_planted_effect_and_keeps_its_level_under_the_null():
   rng = np.random.default_rng(0)
   b, n, k = 40, 196, 4
@@ -132,13 +126,3 @@ def test_h4_purity_against_an_independent_model():
   assert same["purity"] > 0.5 and other["independent"]
   assert abs(other["rows"][0]["purity"] - other["chance_purity"]) < 0.03
   assert same["k"] == 4 and same["amplification"] == 49
-
-
-def test_category_verdicts_mixed_and_heterogeneous():
-  res = causal.category_verdicts({"a": [0.05, 0.06, 0.055], "b": [-0.03, -0.035, -0.032],
-                                  "c": [0.01, -0.01, 0.0]})
-  assert res["pooled"] == "mixed"
-  assert res["categories"]["a"]["sign"] == 1 and res["categories"]["b"]["sign"] == -1
-  assert res["categories"]["c"]["sign"] == 0 and res["heterogeneity"]["p"] < 0.01
-  same = causal.category_verdicts({"a": [0.05, 0.06, 0.055], "b": [0.04, 0.05, 0.045]})
-  assert same["pooled"] == "better"

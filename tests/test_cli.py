@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tailjax import _lock, cli
+from tailjax import _requirements, cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,12 +147,12 @@ def test_config_paths_map_to_the_packaged_configs_unless_the_file_exists_here(tm
 
 
 def test_lock_info_names_the_checkout_lock():
-  info = _lock.lock_info()
+  info = _requirements.lock_info()
   lock = REPO / "requirements.lock"
   assert info["lock_file"] == str(lock)
   assert info["sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
   assert isinstance(info["mismatches"], list)
-  pins = _lock.read_pins(lock)
+  pins = _requirements.read_pins(lock)
   assert pins["jax"] and pins["jaxlib"] == pins["jax"] and "tailjax" not in pins
 
 
@@ -160,7 +160,7 @@ def test_read_pins(tmp_path):
   f = tmp_path / "r.lock"
   f.write_text("# c\nScikit_Learn==1.9.1 \\\n    --hash=sha256:ab\n    # via x\n"
                "numpy==2.4.6 ; python_version >= '3.11'\n")
-  assert _lock.read_pins(f) == {"scikit-learn": "1.9.1", "numpy": "2.4.6"}
+  assert _requirements.read_pins(f) == {"scikit-learn": "1.9.1", "numpy": "2.4.6"}
 
 
 def test_a_run_that_fails_loading_data_can_be_rerun_corrected(tmp_path, capsys):
@@ -175,3 +175,37 @@ def test_a_run_that_fails_loading_data_can_be_rerun_corrected(tmp_path, capsys):
   assert cli.main(base + [f"--config.data.path={tmp_path / 'still_nope'}"]) == 2
   second = capsys.readouterr().err.strip()
   assert "still_nope" in second and "ran a different config" not in second
+
+
+@pytest.mark.parametrize("selection", [None, "all", "hard", "calibrated", "brick,gravel", "moon,brick"])
+def test_build_textures_builds_what_train_reads_for_the_same_selection(selection, tmp_path, monkeypatch):
+  """`build-textures --categories=X` and `--config.data.categories=X` share one vocabulary
+  (categories, tiers, "all"; no flag = all nine), and without --root the command builds
+  exactly the build that `train` reads for X (folder and categories)."""
+  from tailjax.configs import fastflow_textures
+  from tailjax.data import pipeline, textures
+  monkeypatch.setenv("TAILJAX_DATA", str(tmp_path))
+  built = []
+  monkeypatch.setattr(textures, "build_texture_benchmark",
+                      lambda root, categories, **kw: built.append((root, tuple(categories))) or root)
+  args = [] if selection is None else [f"--categories={selection}"]
+  assert cli.main(["build-textures", *args]) == 0
+  cfg = fastflow_textures.get_config()
+  cfg.data.categories = selection or "all"
+  assert built == [pipeline.texture_build(cfg)]
+  if selection in (None, "all", "calibrated", "moon,brick"):
+    assert built[0] == (tmp_path / "textures-all", textures.CATEGORIES) and len(textures.CATEGORIES) == 9
+  else:
+    assert built[0] == (tmp_path / "textures", textures.HARD_CATEGORIES)
+  # An explicit --root builds exactly the selection there.
+  assert cli.main(["build-textures", f"--root={tmp_path / 'mine'}", *args]) == 0
+  assert built[1] == (tmp_path / "mine", textures.expand_categories(selection))
+
+
+def test_build_textures_refuses_an_unknown_category_in_one_line(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("TAILJAX_DATA", str(tmp_path))
+  assert cli.main(["build-textures", "--categories=brick,carpet"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: --categories: ['carpet'] are neither texture categories (brick, grass, gravel, "
+                 "moon, tissue, page, notes, retina, coins) nor tiers (hard, calibrated) nor 'all'"]
+  assert not (tmp_path / "textures").exists() and not (tmp_path / "textures-all").exists()

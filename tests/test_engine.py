@@ -82,7 +82,7 @@ def test_evaluation_ladder_rows_equal_runs_stopped_there(tmp_path):
   (one compiled segment program, so cutting the run changes nothing)."""
   seen = {}
 
-  def evaluate(step, params_R):
+  def evaluate(step, params_R, program):
     seen[step] = params_R
     return [{"sum": float(sum(np.sum(x[i]) for x in jax.tree.leaves(params_R)))} for i in range(3)]
 
@@ -210,14 +210,40 @@ def test_sharded_rows_equal_unsharded_with_padding_and_resume(tmp_path):
 
 
 def test_rows_validation_names_the_field():
-  with pytest.raises(ValueError, match=r"config\.variants\.tail_weight \(λ\) must lie in \[0, 1\]"):
+  with pytest.raises(ValueError, match=r"^config\.loss\.tail_weight \(λ\) must lie in \[0, 1\]"):
     engine.Rows.from_dicts([{"tail_weight": 1.5, "top_k_ratio": 0.1, "learning_rate": 1e-3,
-                             "seed": 0}], where="config.variants")
-  with pytest.raises(ValueError, match="learning_rate must be > 0"):
+                             "seed": 0}], where="config.loss")
+  with pytest.raises(ValueError, match=r"^rows\.learning_rate must be > 0"):
     engine.Rows.from_dicts([{"tail_weight": 0.5, "top_k_ratio": 0.1, "learning_rate": 0.0,
                              "seed": 0}])
-  with pytest.raises(ValueError, match="missing"):
+  with pytest.raises(ValueError, match=r"^rows\.top_k_ratio is missing"):
     engine.Rows.from_dicts([{"tail_weight": 0.5, "seed": 0}])
+  with pytest.raises(ValueError, match=r"^config\.seed: seeds must be non-negative integers"):
+    engine.Rows.from_dicts([{"tail_weight": 0.5, "top_k_ratio": 0.1, "learning_rate": 1e-3,
+                             "seed": -1}], seed_field="config.seed")
+
+
+def _variants_cfg(**tail_aware):
+  c = ml_collections.ConfigDict()
+  c.seed, c.num_seeds = 3, 2
+  c.optim = {"learning_rate": 1e-3}
+  c.variants = {"mean_only": {"tail_weight": 0.0, "top_k_ratio": 0.02},
+                "tail_aware": {"tail_weight": 0.7, "top_k_ratio": 0.02, "learning_rate": 3e-3,
+                               "tail_nll": "even_share", **tail_aware}}
+  return c
+
+
+def test_rows_from_variants_are_variant_major_and_name_the_variant():
+  rows = engine.Rows.from_variants(_variants_cfg())
+  assert [(r["variant"], r["seed"], r["learning_rate"], r["tail_nll"]) for r in rows.rows] == [
+      ("mean_only", 3, 1e-3, "exact"), ("mean_only", 4, 1e-3, "exact"),
+      ("tail_aware", 3, 3e-3, "even_share"), ("tail_aware", 4, 3e-3, "even_share")]
+  assert list(rows.row(0)) == ["variant", *engine.HPARAM_NAMES, "tail_nll", "seed"]
+  for field, value, message in (("top_k_ratio", 0.0, r"\(r\) must lie in \(0, 1\]"),
+                                ("learning_rate", -1.0, "must be > 0"),
+                                ("tail_nll", "logdet_only", "must be one of")):
+    with pytest.raises(ValueError, match=rf"^config\.variants\.tail_aware\.{field} {message}"):
+      engine.Rows.from_variants(_variants_cfg(**{field: value}))
 
 
 def test_rows_carry_the_tail_nll_definition():
@@ -231,9 +257,9 @@ def test_rows_carry_the_tail_nll_definition():
   h = rows.hparams_R
   np.testing.assert_array_equal(h["tail_logdet_weight"], [1.0, 0.0, 0.0])
   np.testing.assert_array_equal(h["tail_share_weight"], [0.0, 1.0, 0.0])
-  with pytest.raises(ValueError, match=r"config\.variants: tail_nll must be one of"):
+  with pytest.raises(ValueError, match=r"^config\.variants\.x\.tail_nll must be one of"):
     engine.Rows.from_dicts([{"tail_weight": 0.5, "top_k_ratio": 0.1, "learning_rate": 1e-3,
-                             "seed": 0, "tail_nll": "logdet_only"}], where="config.variants")
+                             "seed": 0, "tail_nll": "logdet_only"}], where="config.variants.x")
 
 
 def test_an_even_share_row_equals_its_pure_train_function(tmp_path):
@@ -263,7 +289,7 @@ def test_extended_run_equals_a_fresh_longer_run(tmp_path):
   before step 5 is evaluated again."""
   calls = []
 
-  def evaluate(step, params_R):
+  def evaluate(step, params_R, program):
     calls.append(step)
     return [{"sum": float(sum(np.sum(x[i]) for x in jax.tree.leaves(params_R)))} for i in range(3)]
 
@@ -311,7 +337,7 @@ def _events(run_dir):
 
 def test_tensorboard_scalars_per_row_and_a_resume_logs_each_step_once(tmp_path):
   cfg = _cfg(num_steps=6, segment_steps=2)
-  evaluate = lambda step, params_R: [{"metrics": {"auc": 0.5 + step / 100 + i}, "tag": "x"}
+  evaluate = lambda step, params_R, program: [{"metrics": {"auc": 0.5 + step / 100 + i}, "tag": "x"}
                                      for i in range(3)]
   _train(tmp_path / "cut", cfg, eval_steps=(0, 4), evaluate=evaluate, max_segments=2)
   res = _train(tmp_path / "cut", cfg, eval_steps=(0, 4), evaluate=evaluate)

@@ -198,21 +198,37 @@ def _np_variant_loss(z, logdet, lam, r, definition):
   return float(np.mean((1 - lam) * nll.mean(1) + lam * tail)), top
 
 
+def _from_flow(z, logdet, lam, r, a=1.0, b=0.0):
+  """The loss entry point on a flow's outputs (z [B, H, W, C], logdet [B, H, W])."""
+  bsz = z.shape[0]
+  return losses.tail_aware_loss_nll(losses.patch_nll(z, logdet).reshape(bsz, -1),
+                                    logdet.reshape(bsz, -1), lam, r, a, b)
+
+
+def _weights_form(nll_BxN, lam, r):
+  """The exact tail-aware loss as its patch weights state it: mean_b Σ_i w_bi NLL_bi."""
+  return jnp.mean(jnp.sum(losses.tail_patch_weights(nll_BxN, lam, r) * nll_BxN, axis=-1))
+
+
 @pytest.mark.parametrize("lam,r", GRID)
-def test_exact_definition_is_the_existing_loss_bit_for_bit(lam, r):
+def test_exact_definition_is_the_weights_form_bit_for_bit(lam, r):
+  """With (a, b) = (1, 0) the selection shift is exactly 0.0: the entry point gives the
+  weights form of the exact loss bit for bit (eager and compiled), whatever the log-dets,
+  and so does ``tail_aware_loss`` (no log-det at all)."""
   z, logdet = _flow_outputs(1)
   nll_BxN = losses.patch_nll(z, logdet).reshape(z.shape[0], -1)
-  want = losses.tail_aware_loss(nll_BxN, lam, r)
+  want = _weights_form(nll_BxN, lam, r)
   a, b = losses.nll_definition_weights("exact")
-  got = losses.tail_aware_loss_from_flow(z, logdet, lam, r, a, b)
-  assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+  for got in (_from_flow(z, logdet, lam, r, a, b), losses.tail_aware_loss(nll_BxN, lam, r)):
+    assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
   # Compiled, both from the flow's outputs (as the training step computes the loss).
-  jit_got = jax.jit(losses.tail_aware_loss_from_flow)(z, logdet, lam, r, a, b)
-  jit_want = jax.jit(lambda z, ld: losses.tail_aware_loss(
+  jit_got = jax.jit(_from_flow)(z, logdet, lam, r, a, b)
+  jit_want = jax.jit(lambda z, ld: _weights_form(
       losses.patch_nll(z, ld).reshape(z.shape[0], -1), lam, r))(z, logdet)
   assert np.asarray(jit_got).tobytes() == np.asarray(jit_want).tobytes()
-  s = losses.selection_nll(z, logdet, 1.0, 0.0)
-  assert np.asarray(s).tobytes() == np.asarray(losses.patch_nll(z, logdet)).tobytes()
+  shift = losses.selection_shift(logdet, 1.0, 0.0)
+  assert np.asarray(losses.patch_nll(z, logdet) + shift).tobytes() == np.asarray(
+      losses.patch_nll(z, logdet)).tobytes()
 
 
 @pytest.mark.parametrize("definition", ["exact", "sq_norm", "even_share"])
@@ -221,9 +237,10 @@ def test_definitions_match_brute_force_including_selection(definition, lam, r):
   z, logdet = _flow_outputs(2)
   want, top_np = _np_variant_loss(z, logdet, lam, r, definition)
   a, b = losses.nll_definition_weights(definition)
-  got = float(losses.tail_aware_loss_from_flow(z, logdet, lam, r, a, b))
+  got = float(_from_flow(z, logdet, lam, r, a, b))
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  score = losses.selection_nll(z, logdet, a, b).reshape(z.shape[0], -1)
+  score = (losses.patch_nll(z, logdet)
+           + losses.selection_shift(logdet, a, b)).reshape(z.shape[0], -1)
   chosen = np.asarray(losses.tail_patch_weights(score, 1.0, r) > 0)
   expect = np.zeros_like(chosen)
   np.put_along_axis(expect, top_np, True, axis=1)
@@ -244,8 +261,7 @@ def test_definitions_really_select_different_patches_and_share_the_mean_term():
   base = float(jnp.mean(losses.patch_nll(z, logdet)))
   for d in losses.NLL_DEFINITIONS:
     a, b = losses.nll_definition_weights(d)
-    np.testing.assert_allclose(float(losses.tail_aware_loss_from_flow(z, logdet, 0.0, r, a, b)),
-                               base, rtol=1e-6)
+    np.testing.assert_allclose(float(_from_flow(z, logdet, 0.0, r, a, b)), base, rtol=1e-6)
 
 
 def test_vmap_over_definitions_equals_separate_calls():
@@ -253,10 +269,9 @@ def test_vmap_over_definitions_equals_separate_calls():
   names = list(losses.NLL_DEFINITIONS)
   a_V, b_V = losses.nll_definition_weights(names)
   lam_V = jnp.asarray([0.7, 0.5, 1.0])
-  sweep = jax.jit(jax.vmap(losses.tail_aware_loss_from_flow, in_axes=(None, None, 0, None, 0, 0)))
+  sweep = jax.jit(jax.vmap(_from_flow, in_axes=(None, None, 0, None, 0, 0)))
   got = sweep(z, logdet, lam_V, 0.05, a_V, b_V)
-  want = [float(losses.tail_aware_loss_from_flow(z, logdet, float(l), 0.05,
-                                                 *losses.nll_definition_weights(n)))
+  want = [float(_from_flow(z, logdet, float(l), 0.05, *losses.nll_definition_weights(n)))
           for l, n in zip(lam_V, names)]
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
@@ -267,7 +282,7 @@ def test_definition_gradients_are_finite_and_follow_the_definition():
   grads = {}
   for d in losses.NLL_DEFINITIONS:
     a, b = losses.nll_definition_weights(d)
-    gz, gl = jax.grad(losses.tail_aware_loss_from_flow, argnums=(0, 1))(z, logdet, lam, r, a, b)
+    gz, gl = jax.grad(_from_flow, argnums=(0, 1))(z, logdet, lam, r, a, b)
     assert np.isfinite(gz).all() and np.isfinite(gl).all()
     grads[d] = np.asarray(gl)
   bsz, h, w = logdet.shape

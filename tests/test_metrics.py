@@ -337,3 +337,58 @@ def test_ap_and_fpr_against_sorted_negatives_equal_sklearn_and_the_sorting_rule(
     np.testing.assert_allclose(ap, sklearn.metrics.average_precision_score(y, s), rtol=1e-10)
     roc_fpr, roc_tpr, _ = sklearn.metrics.roc_curve(y, s)
     assert fpr == pytest.approx(roc_fpr[np.argmax(roc_tpr >= tpr - 1e-12)], abs=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# Pixel AP on bootstrap resamples of the test images (multiplicities)
+# ----------------------------------------------------------------------------
+
+
+def _repeated_ap(maps, masks, w_N):
+  rep = np.repeat(np.arange(len(maps)), np.asarray(w_N).astype(int))
+  y = masks[rep].ravel()
+  return sklearn.metrics.average_precision_score(y, maps[rep].ravel()) if y.any() else np.nan
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])  # packed-key / argsort paths
+@pytest.mark.parametrize("chunk_size,block_size", [(metrics.DEFAULT_CHUNK_SIZE, 1 << 21),
+                                                   (7, 1 << 21), (1, 3), (13, 1)])
+@pytest.mark.parametrize("seed,levels", [(0, 12), (1, 300)])
+def test_pixel_ap_resamples_equal_sklearn_on_repeated_images(seed, levels, chunk_size,
+                                                             block_size, dtype):
+  """Each resample's AP equals sklearn's on the test set with every image repeated by its
+  multiplicity (few score levels: ties within and across images, between normal and
+  anomalous pixels; small chunks split tie groups; resamples without an anomalous
+  pixel give NaN)."""
+  maps, masks = _random_maps(seed, n=7, levels=levels)
+  maps = maps.astype(dtype)
+  assert np.unique(maps).size < maps.size // 4           # the ties are really there
+  rng = np.random.default_rng(seed)
+  w_RxN = rng.multinomial(7, np.full(7, 1 / 7), size=9).astype(np.float64)
+  w_RxN[0] = 1.0                                          # the observed test set
+  w_RxN[1] = 0.0
+  w_RxN[1, 0] = 7.0                                       # only the normal image
+  got = metrics.pixel_ap_resamples(maps, masks, w_RxN, chunk_size=chunk_size,
+                                   block_size=block_size)
+  ref = [_repeated_ap(maps, masks, w) for w in w_RxN]
+  np.testing.assert_allclose(got, ref, rtol=1e-12)
+  assert got[0] == pytest.approx(metrics.pixel_ap(maps, masks), rel=1e-12)
+  assert np.isnan(got[1])
+
+
+def test_pixel_ap_resamples_fractional_weights_are_sample_weights():
+  maps, masks = _random_maps(2, n=6, levels=40)
+  w_RxN = np.random.default_rng(2).uniform(0.0, 2.0, (4, 6))
+  got = metrics.pixel_ap_resamples(maps, masks, w_RxN, chunk_size=11, block_size=5)
+  for r in range(4):
+    sw = np.repeat(w_RxN[r], maps[0].size)
+    ref = sklearn.metrics.average_precision_score(masks.ravel(), maps.ravel(), sample_weight=sw)
+    assert got[r] == pytest.approx(ref, rel=1e-10)
+
+
+def test_pixel_ap_resamples_bad_weights_name_the_field():
+  maps, masks = _random_maps(0)
+  with pytest.raises(ValueError, match="weights_RxN must have shape \\[R, 5\\]"):
+    metrics.pixel_ap_resamples(maps, masks, np.ones(5))
+  with pytest.raises(ValueError, match="weights_RxN must be finite and >= 0"):
+    metrics.pixel_ap_resamples(maps, masks, -np.ones((2, 5)))

@@ -92,7 +92,7 @@ def test_seed_plus_test_interval_covers_the_expected_auc_where_seeds_alone_do_no
     assert ci["se"] ** 2 == pytest.approx(max(ci["se_seed"] ** 2 - ci["se_interaction"] ** 2, 0)
                                           + ci["se_test"] ** 2)
   assert np.mean(full) >= 0.90, np.mean(full)
-  assert np.mean(seeds_only) < 0.75, np.mean(seeds_only)   # why the old report's intervals were too narrow
+  assert np.mean(seeds_only) < 0.75, np.mean(seeds_only)   # seeds alone miss the test-set error
 
 
 def test_paired_difference_uses_the_same_resamples():

@@ -17,7 +17,7 @@ from tailjax import train as train_lib
 from tailjax.backbones import resnet as rn
 from tailjax.data import pipeline, textures
 from tailjax.studies import study_a
-from tailjax.studies import study_a_run
+from tailjax.studies import study_a_record
 
 from test_torch_pickle import tensor, write_zip_checkpoint
 
@@ -78,7 +78,7 @@ def test_multiscale_row_trains_through_the_engine_on_the_summed_loss(tmp_path):
       {"tail_weight": 0.7, "top_k_ratio": 0.25, "learning_rate": 1e-2, "seed": 1}])
   seen = {}
 
-  def evaluate(step, params_R):
+  def evaluate(step, params_R, program):
     seen[step] = sorted(params_R["params"])
     return {"ok": True}
 
@@ -148,7 +148,7 @@ def test_scale_layers_validation():
   assert pipeline.scale_layers(cfg) == ()          # just the reference scale: single scale
 
 
-def test_study_a_runs_on_two_resnet_scales(tmp_path):
+def test_study_a_records_on_two_resnet_scales(tmp_path):
   weights = write_zip_checkpoint(
       tmp_path / "resnet18-seed0.pth",
       {k: tensor(v) for k, v in rn.random_torchvision_state_dict("resnet18", seed=0).items()})
@@ -175,7 +175,7 @@ def test_study_a_runs_on_two_resnet_scales(tmp_path):
   for r in res["rows"]:
     assert all(np.isfinite(v) for v in r["metrics"].values())
   assert "strides 4, 8" in (tmp_path / "run" / "report.md").read_text()
-  tc = study_a_run.load_trained(tmp_path / "run")["gravel"]
+  tc = study_a_record.load_trained(tmp_path / "run")["gravel"]
   assert tc.data.multiscale and tc.data.layers == (4, 8)
   assert [f.shape[1:] for f in tc.data.flow_feats("train")] == [(8, 8, 64), (4, 4, 128)]
   assert tc.data.train_feats.shape[1:] == (4, 4, 128)

@@ -57,9 +57,10 @@ def _features_cfg(path, **eval_kw):
 # ----------------------------------------------------------------------------
 
 
-def test_study_a_runs_end_to_end_on_a_features_file(tmp_path):
+def test_study_a_records_end_to_end_on_a_features_file(tmp_path):
   path = _save(tmp_path / "feats" / "widgets.npz", **_features(np.random.default_rng(0)))
   cfg = _features_cfg(path, size=60)
+  cfg.train.batch_size = 6           # the 6 training images left after holding out 2
   with track_reads(cfg) as reads:
     out = study_a.main(cfg, tmp_path / "run", progress=False)
   assert [p for p in unread(cfg, reads) if not p.startswith("analysis.")] == []

@@ -23,7 +23,7 @@ from tailjax import cli, metrics, runrecord
 from tailjax.data import mvtec, pipeline, textures
 from tailjax.studies import predict as P
 from tailjax.studies import study_a
-from tailjax.studies import study_a_run
+from tailjax.studies import study_a_record
 
 from fakes import cellstats_extractor
 
@@ -45,13 +45,14 @@ def run(tmp_path_factory):
   cfg.eval.size = 32                 # maps at 32 px; masks must come back at 64 px
   cfg.flow.num_steps = 2
   cfg.optim.learning_rate = 2e-3     # (same flow program as tests/test_pipeline.py's run)
+  cfg.train.batch_size = 6           # the 6 training images left after holding out 2
   cfg.report.n_examples = 0
   study_a.main(cfg, tmp / "run", progress=False)
   yield tmp, root / "gravel"
   mp.undo()
 
 
-def _rows(out):
+def _csv_records(out):
   with open(out / "results.csv", newline="") as f:
     return list(csv.DictReader(f))
 
@@ -63,10 +64,10 @@ def test_predict_on_the_test_folder_uses_held_out_normal_images_only(run, tmp_pa
   shutil.copytree(cat / "ground_truth", tmp_path / "ground_truth")
   res = P.predict(tmp / "run", test_dir, tmp_path / "out", progress=False)
   images = sorted(p for p in test_dir.rglob("*.png"))
-  rows = _rows(tmp_path / "out")
-  assert sorted(r["path"] for r in rows) == [str(p) for p in images] and len(rows) == 8
-  assert {r["defect_type"] for r in rows} >= {"good"} and len({r["defect_type"] for r in rows}) > 1
-  for r in rows:
+  records = _csv_records(tmp_path / "out")
+  assert sorted(r["path"] for r in records) == [str(p) for p in images] and len(records) == 8
+  assert {r["defect_type"] for r in records} >= {"good"} and len({r["defect_type"] for r in records}) > 1
+  for r in records:
     mask = np.asarray(Image.open(tmp_path / "out" / r["mask"]))
     overlay = np.asarray(Image.open(tmp_path / "out" / r["overlay"]))
     assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}   # the image's size
@@ -78,7 +79,7 @@ def test_predict_on_the_test_folder_uses_held_out_normal_images_only(run, tmp_pa
   assert res["row"]["variant"] == "tail_aware" and res["row"]["seed"] == 0
   assert thr["mode"] == "val_quantile" and thr["quantile"] == 0.99 and thr["n_images"] == 2
   # The recorded data are exactly the run's held-out training images — no test image.
-  cfg = study_a_run.load_config(tmp / "run")
+  cfg = study_a_record.load_config(tmp / "run")
   train = sorted((cat / "train" / "good").glob("*.png"))
   _, va = pipeline.split_train_val(len(train), cfg.data.val_fraction, cfg.data.split_seed)
   assert thr["data"] == [str(train[i]) for i in va]
@@ -150,7 +151,7 @@ def test_f1_thresholds_from_a_labelled_folder(run, tmp_path):
     P.predict(tmp / "run", cat / "test", tmp_path / "out3", threshold="f1",
               labelled_dir=cat / "test", progress=False)
   # ... and so is a folder holding an image the run trained on.
-  cfg = study_a_run.load_config(tmp / "run")
+  cfg = study_a_record.load_config(tmp / "run")
   train = sorted((cat / "train" / "good").glob("*.png"))
   tr, _ = pipeline.split_train_val(len(train), cfg.data.val_fraction, cfg.data.split_seed)
   leaky = tmp_path / "leaky"
@@ -323,4 +324,4 @@ def test_a_channel_mismatch_with_the_training_images_is_warned_and_recorded(run,
   assert by_name == {"same.png": next(iter(trained)), "other.png": 4 - next(iter(trained))}
   saved = json.loads((tmp_path / "out" / "results.json").read_text())
   assert saved["warnings"] == res["warnings"]
-  assert {r["channels"] for r in _rows(tmp_path / "out")} == {"1", "3"}
+  assert {r["channels"] for r in _csv_records(tmp_path / "out")} == {"1", "3"}

@@ -84,13 +84,43 @@ def test_seed_and_test_components_are_each_counted_once():
   assert (ci["lo"], ci["hi"]) == pytest.approx((lo, hi))
   # Seeds that differ only by the seed x item interaction (same population AUC): the seed
   # spread on one test set is that interaction, which the bootstrap already holds. Counting
-  # it once leaves se ≈ se_test; adding both (the old rule) inflated the variance by ~70 %.
-  new, both = [], []
+  # it once leaves se ≈ se_test; adding both variances would count it twice (~70 % more).
+  once, both = [], []
   for i in range(40):
     s, y = _scores(rng, [1.0] * 5, sd_bag=0.3, sd_seed_bag=1.0)
     ci = tstats.auc_interval(s, y, n_boot=300, seed=i)
     assert ci["se"] ** 2 == pytest.approx(max(ci["se_seed"] ** 2 - ci["se_interaction"] ** 2, 0)
                                           + ci["se_test"] ** 2)
-    new.append(ci["se"] ** 2 / ci["se_test"] ** 2)
+    once.append(ci["se"] ** 2 / ci["se_test"] ** 2)
     both.append((ci["se_seed"] ** 2 + ci["se_test"] ** 2) / ci["se_test"] ** 2)
-  assert np.mean(new) < 1.3 < 1.5 < np.mean(both), (np.mean(new), np.mean(both))
+  assert np.mean(once) < 1.3 < 1.5 < np.mean(both), (np.mean(once), np.mean(both))
+
+
+# ----------------------------------------------------------------------------
+# paired tests, Holm, per-category verdicts
+# ----------------------------------------------------------------------------
+
+
+def test_holm_matches_hand_computation():
+  adj = tstats.holm([0.01, 0.04, 0.03, np.nan])
+  np.testing.assert_allclose(adj[:3], [0.03, 0.06, 0.06])
+  assert np.isnan(adj[3])
+
+
+def test_category_verdicts_mixed_and_heterogeneous():
+  res = tstats.category_verdicts({"a": [0.05, 0.06, 0.055], "b": [-0.03, -0.035, -0.032],
+                                  "c": [0.01, -0.01, 0.0]})
+  assert res["pooled"] == "mixed"
+  assert res["categories"]["a"]["sign"] == 1 and res["categories"]["b"]["sign"] == -1
+  assert res["categories"]["c"]["sign"] == 0 and res["heterogeneity"]["p"] < 0.01
+  same = tstats.category_verdicts({"a": [0.05, 0.06, 0.055], "b": [0.04, 0.05, 0.045]})
+  assert same["pooled"] == "better"
+
+
+def test_paired_test_is_scipys_one_sample_t_test_without_undefined_values():
+  d = [0.02, 0.05, -0.01, 0.04, np.nan]
+  got = tstats.paired_test(d)
+  want = stats.ttest_1samp([0.02, 0.05, -0.01, 0.04], 0.0)
+  assert got["n"] == 4 and got["p"] == pytest.approx(want.pvalue)
+  assert got["mean"] == pytest.approx(0.025) and got["lo"] < 0.025 < got["hi"]
+  assert tstats.paired_test([np.nan])["n"] == 0 and np.isnan(tstats.paired_test([])["p"])

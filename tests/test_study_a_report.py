@@ -1,18 +1,22 @@
-"""Study A's conclusions on synthetic per-budget records with planted answers."""
+"""Study A's conclusions on synthetic per-budget records with planted answers, and the
+report pipeline: conclusions → sections → one writer."""
 
-import ml_collections
+import json
+
 import numpy as np
 import pytest
 
 from tailjax import io, metaanalysis, reporting
+from tailjax.configs import fastflow_mvtec
 from tailjax.evaluation import METRIC_KEYS
+from tailjax.studies import study_a_conclusions as sac
 from tailjax.studies import study_a_report as rep
 
 
 def _cfg():
-  c = ml_collections.ConfigDict()
-  c.report = {"baseline": "mean_only", "treatment": "tail_aware"}
-  c.eval = {"plateau_tol": 0.01}
+  c = fastflow_mvtec.get_config("smoke")
+  c.report.baseline, c.report.treatment = "mean_only", "tail_aware"
+  c.eval.plateau_tol = 0.01
   return c
 
 
@@ -35,12 +39,23 @@ def _results(gap_shift_by_step, seed=0):
     budgets = {str(step): [_record(rng, step, r["variant"], shift) for r in rows]
                for step, shift in gap_shift_by_step.items()}
     out[cat] = {"rows": rows, "budgets": budgets}
-  return out
+  return _finished(out)
+
+
+def _finished(results):
+  """Adds what a finished category's results hold beside the budgets: the last step's
+  metrics per row, PaDiM and the grid."""
+  for res in results.values():
+    last = res["budgets"][str(max(int(s) for s in res["budgets"]))]
+    res["rows"] = [{**r, "metrics": rec["metrics"]} for r, rec in zip(res["rows"], last)]
+    res["padim"] = {k: 0.5 for k in METRIC_KEYS}
+    res["grid"] = [8, 8]
+  return results
 
 
 def test_same_step_l2_finds_a_planted_gap_and_not_a_null():
-  con = rep.conclusions(_cfg(), _results({0: 0.0, 10: -5.0, 20: 0.0}))
-  same = con["links_same_step"]
+  con = sac.conclusions(_cfg(), _results({0: 0.0, 10: -5.0, 20: 0.0}))
+  same = con.links_same_step
   assert sorted(same) == [10, 20]                         # trained budgets only
   planted, null = same[10]["gap"], same[20]["gap"]
   assert planted["mean"] == pytest.approx(-5.0, abs=0.5) and planted["hi"] < 0
@@ -76,12 +91,12 @@ def _regime_results(effect_of, auroc_of, cats, seeds=4, noise=0.004, seed=0):
         recs.append(rec)
       budgets[str(step)] = recs
     out[c] = {"rows": rows, "budgets": budgets}
-  return out
+  return _finished(out)
 
 
 def _textures_cfg():
   c = _cfg()
-  c.data = {"kind": "textures"}
+  c.data.kind = "textures"
   return c
 
 
@@ -90,8 +105,8 @@ def test_by_regime_finds_a_slope_planted_on_detectability_and_groups_tiers():
   auroc = dict(zip(cats, (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)))
   effect = {c: 0.5 * (auroc[c] - 0.8) for c in cats}       # 0.5 pp per pp of AUROC
   results = _regime_results(effect, auroc, cats)
-  con = rep.conclusions(_textures_cfg(), results)
-  br = con["by_regime"]
+  con = sac.conclusions(_textures_cfg(), results)
+  br = con.by_regime
   assert {c: v["tier"] for c, v in br["categories"].items()} == {
       **{c: "hard" for c in HARD}, **{c: "calibrated" for c in CALIBRATED}}
   assert br["tiers"]["hard"]["categories"] == list(HARD)
@@ -106,8 +121,8 @@ def test_by_regime_finds_a_slope_planted_on_detectability_and_groups_tiers():
   # The seed-paired pooled row is the existing pooled estimate; random effects is the
   # meta-analysis of the per-category (mean, var / S).
   pooled = br["pooled"]["pixel_ap"]
-  assert pooled["seed_paired"] == con["pooled_diff"]["pixel_ap"]
-  d = rep.paired(rep.view(results, {c: [20] * 8 for c in cats}), "mean_only", "tail_aware",
+  assert pooled["seed_paired"] == con.pooled_diff["pixel_ap"]
+  d = sac.paired(sac.view(results, {c: [20] * 8 for c in cats}), "mean_only", "tail_aware",
                  lambda r: r["metrics"]["pixel_ap"])
   want = metaanalysis.random_effects(*metaanalysis.effects_from_seeds(list(d.values()),
                                                                      pool_variance=True))
@@ -117,17 +132,17 @@ def test_by_regime_finds_a_slope_planted_on_detectability_and_groups_tiers():
   mr = pooled["meta_regression"]
   assert mr["slope"]["lo"] > 0 and mr["slope"]["mean"] == pytest.approx(0.5, abs=0.1)
   assert mr["verdict"].startswith("the tail-aware effect grows with detectability")
-  text = "\n".join(rep.regime_section(_textures_cfg(), con))
+  text = "\n".join(rep.regime_section(con))
   assert "| hard: seed-paired | hard | 3 |" in text and "| calibrated: random effects |" in text
   assert "grows with detectability" in text
   assert "**By regime** (6 categories; tiers: hard 3, calibrated 3)" in "\n".join(
-      rep.answer_lines(_regime_cfg(), results, con))
-  io.to_json(con)                                          # conclusions.json stays writable
+      rep.answer_lines(con))
+  io.to_json(con.to_json())                                # conclusions.json stays writable
 
 
 def _regime_cfg():
   c = _textures_cfg()
-  c.flow = {"num_steps": rep.STUDY_COUPLING_STEPS}
+  c.flow.num_steps = sac.ORIGINAL["coupling_steps"]
   return c
 
 
@@ -135,7 +150,7 @@ def test_by_regime_null_slope_covers_zero_and_small_k_is_not_estimable():
   cats = HARD + CALIBRATED
   auroc = dict(zip(cats, (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)))
   results = _regime_results({c: 0.02 for c in cats}, auroc, cats, seed=1)   # constant effect
-  br = rep.conclusions(_textures_cfg(), results)["by_regime"]
+  br = sac.conclusions(_textures_cfg(), results).by_regime
   mr = br["pooled"]["pixel_ap"]["meta_regression"]
   assert mr["slope"]["lo"] < 0 < mr["slope"]["hi"]
   assert mr["verdict"].startswith("no dependence on detectability shown")
@@ -143,19 +158,20 @@ def test_by_regime_null_slope_covers_zero_and_small_k_is_not_estimable():
   assert re["lo"] > 0 and re["mean"] == pytest.approx(0.02, abs=0.003)
   assert re["verdict"].startswith("tail-aware better")
   # Two categories: estimates per category and seed-paired, no random effects.
-  two = rep.conclusions(_cfg(), _regime_results({"a": 0.02, "b": 0.0},
+  two = sac.conclusions(_cfg(), _regime_results({"a": 0.02, "b": 0.0},
                                                 {"a": 0.8, "b": 0.9}, ("a", "b")))
-  br2 = two["by_regime"]
+  br2 = two.by_regime
   assert list(br2["tiers"]) == ["—"] and br2["tiers"]["—"]["categories"] == ["a", "b"]
-  for k in rep.REGIME_METRICS:
+  for k in sac.REGIME_METRICS:
     assert br2["pooled"][k]["random_effects"] == {"estimable": False,
                                                   "reason": "not estimable (k < 3)"}
     assert not br2["pooled"][k]["meta_regression"]["estimable"]
-  text = "\n".join(rep.regime_section(_cfg(), two))
+  text = "\n".join(rep.regime_section(two))
   assert "not estimable (k < 3)" in text and "—: seed-paired" not in text   # one tier: no tier rows
   # One category: no by-regime key, no section, no answer bullet.
-  one = rep.conclusions(_cfg(), _regime_results({"a": 0.02}, {"a": 0.8}, ("a",)))
-  assert "by_regime" not in one and rep.regime_section(_cfg(), one) == []
+  one = sac.conclusions(_cfg(), _regime_results({"a": 0.02}, {"a": 0.8}, ("a",)))
+  assert one.by_regime is None and rep.regime_section(one) == []
+  assert "by_regime" not in one.to_json()
 
 
 # ----------------------------------------------------------------------------
@@ -165,10 +181,8 @@ def test_by_regime_null_slope_covers_zero_and_small_k_is_not_estimable():
 
 def _nll_cfg():
   c = _regime_cfg()
-  c.variants = {"mean_only": {"tail_weight": 0.0, "top_k_ratio": 0.02},
-                "tail_aware": {"tail_weight": 0.7, "top_k_ratio": 0.02},
-                "tail_even_share": {"tail_weight": 0.7, "top_k_ratio": 0.02,
-                                    "tail_nll": "even_share"}}
+  c.variants.tail_even_share = {"tail_weight": 0.7, "top_k_ratio": 0.02,
+                                "tail_nll": "even_share"}
   return c
 
 
@@ -188,14 +202,14 @@ def _variant_results(effects, cats, seeds=4, noise=0.004, seed=0):
         recs.append(rec)
       budgets[str(step)] = recs
     out[c] = {"rows": rows, "budgets": budgets}
-  return out
+  return _finished(out)
 
 
 def test_nll_comparison_finds_a_gain_planted_on_the_approximation_only():
   cats = HARD + CALIBRATED
   results = _variant_results({"mean_only": 0.0, "tail_aware": 0.0, "tail_even_share": 0.03}, cats)
-  con = rep.conclusions(_nll_cfg(), results)
-  nc = con["tail_nll"]
+  con = sac.conclusions(_nll_cfg(), results)
+  nc = con.tail_nll
   assert nc["definitions"] == {"tail_aware": "exact", "tail_even_share": "even_share"}
   exact = nc["variants"]["tail_aware"]["vs_baseline"]["pixel_ap"]["all"]["random_effects"]
   approx = nc["variants"]["tail_even_share"]["vs_baseline"]["pixel_ap"]["all"]["random_effects"]
@@ -205,31 +219,89 @@ def test_nll_comparison_finds_a_gain_planted_on_the_approximation_only():
   assert vs["all"]["random_effects"]["mean"] == pytest.approx(0.03, abs=0.003)
   assert set(vs) == {"hard", "calibrated", "all"}
   assert nc["variants"]["tail_even_share"]["vs_exact_reading"] == "better than exact"
-  assert nc["verdict"] == "the seed's gain could come from the approximation"
-  text = "\n".join(rep.nll_section(_nll_cfg(), con))
+  assert nc["verdict"] == "the original study's gain could come from the approximation"
+  text = "\n".join(rep.nll_section(con))
   assert "## Exact vs approximate per-patch NLL in the tail" in text
   assert "| tail_even_share | even_share | hard |" in text
-  assert "**the seed's gain could come from the approximation**" in text
-  assert "Exact vs approximate per-patch NLL" in "\n".join(
-      rep.answer_lines(_nll_cfg(), results, con))
+  assert "**the original study's gain could come from the approximation**" in text
+  assert "Exact vs approximate per-patch NLL" in "\n".join(rep.answer_lines(con))
   # The treatment's own by-regime answer is untouched by the third variant.
-  assert con["by_regime"]["pooled"]["pixel_ap"]["random_effects"]["mean"] == pytest.approx(
+  assert con.by_regime["pooled"]["pixel_ap"]["random_effects"]["mean"] == pytest.approx(
       exact["mean"])
-  io.to_json(con)
+  io.to_json(con.to_json())
 
 
 def test_nll_comparison_null_and_absent():
   cats = HARD + CALIBRATED
-  null = rep.conclusions(_nll_cfg(), _variant_results(
-      {"mean_only": 0.0, "tail_aware": 0.0, "tail_even_share": 0.0}, cats, seed=2))["tail_nll"]
+  null = sac.conclusions(_nll_cfg(), _variant_results(
+      {"mean_only": 0.0, "tail_aware": 0.0, "tail_even_share": 0.0}, cats, seed=2)).tail_nll
   assert null["verdict"] == "the approximation does not produce a gain here"
   assert null["variants"]["tail_even_share"]["vs_exact_reading"] == "no difference from exact shown"
-  both = rep.conclusions(_nll_cfg(), _variant_results(
-      {"mean_only": 0.0, "tail_aware": 0.03, "tail_even_share": 0.03}, cats, seed=3))["tail_nll"]
+  both = sac.conclusions(_nll_cfg(), _variant_results(
+      {"mean_only": 0.0, "tail_aware": 0.03, "tail_even_share": 0.03}, cats, seed=3)).tail_nll
   assert both["verdict"] == "the approximation gains, and so does the exact loss"
   # No approximate variant (or no variants in the config): no comparison, no section.
   cfg = _nll_cfg()
   del cfg.variants["tail_even_share"]
-  con = rep.conclusions(cfg, _variant_results({"mean_only": 0.0, "tail_aware": 0.0}, cats))
-  assert "tail_nll" not in con and rep.nll_section(cfg, con) == []
-  assert "tail_nll" not in rep.conclusions(_cfg(), _results({0: 0.0, 10: 0.0}))
+  con = sac.conclusions(cfg, _variant_results({"mean_only": 0.0, "tail_aware": 0.0}, cats))
+  assert con.tail_nll is None and rep.nll_section(con) == []
+  assert sac.conclusions(_cfg(), _results({0: 0.0, 10: 0.0})).tail_nll is None
+
+
+# ----------------------------------------------------------------------------
+# The pipeline: conclusions → SECTIONS → one writer
+# ----------------------------------------------------------------------------
+
+
+def _analysis(cats, beyond=True):
+  """The part of ``mechanisms.analyze_run``'s output the report reads."""
+  l1 = lambda lam, p: {"share": 0.5, "null": 0.3, "excess": {"mean": 0.2, "lo": 0.1, "hi": 0.3,
+                                                               "p": p}, "beyond": beyond}
+  return {"overall": {h: "PARTIAL" for h in sac.HYPOTHESES},
+          "categories": {c: {"l1": {"treatment": l1(0.7, 0.01), "baseline": l1(0.0, 0.5)},
+                             **{h.lower(): {"verdict": "PARTIAL", "evidence": f"{c} {h}"}
+                                for h in sac.HYPOTHESES}} for c in cats}}
+
+
+def test_one_writer_writes_the_sections_report_and_conclusions_in_one_pass(tmp_path):
+  cfg = _cfg()
+  con = sac.conclusions(cfg, _results({0: 0.0, 10: -5.0, 20: 0.0}), _analysis(("a", "b")),
+                        examples=("a",))
+  lines = rep.write_report(tmp_path, con)
+  assert lines == [line for section in rep.SECTIONS for line in section(con)]
+  assert (tmp_path / "report.md").read_text() == "\n".join(lines).rstrip("\n") + "\n"
+  assert (tmp_path / "budget_curve.png").read_bytes()[:4] == b"\x89PNG"
+  saved = json.loads((tmp_path / "conclusions.json").read_text())
+  assert saved == json.loads(io.to_json(con.to_json()))
+  assert saved["setup"]["variants"][1] == {"name": "tail_aware", "tail_weight": 0.7,
+                                           "top_k_ratio": 0.02, "tail_nll": "exact"}
+  text = "\n".join(lines)
+  # Every section once, in SECTIONS order; the analyses are a section like the others.
+  heads = ["## Answer", "## The answer by regime", "## Setup", "## Results at the last step",
+           "## Budget curve", "## Model selection without the test set", "## The causal chain",
+           "## Anomaly-map examples", "## Mechanism analyses"]
+  assert [text.index(h) for h in heads] == sorted(text.index(h) for h in heads)
+  assert all(sum(line.startswith(h) for line in lines) == 1 for h in heads)
+  assert "![a](a/examples.png)" in text and "![b](b/examples.png)" not in text
+  assert "<!--" not in text                     # nothing to splice into
+  # The analyses' L1 enters the causal chain and the Holm family.
+  assert con.links["L1"]["verdict"] == "BEYOND CONSTRUCTION"
+  assert set(con.link_holm) == {"L2", "L3", "L4", "L1 a", "L1 b"}
+  assert "| **H3** | " + sac.ORIGINAL["claims"]["H3"] + " | **PARTIAL** | a: PARTIAL — a H3" in text
+  # Without the analyses: no section, L1 not tested.
+  bare = sac.conclusions(cfg, _results({0: 0.0, 10: -5.0, 20: 0.0}))
+  assert bare.mechanisms is None and rep.mechanisms_section(bare) == []
+  assert "needs the analysis" in "\n".join(rep.causal_section(bare))
+
+
+def test_the_original_study_comes_from_the_data_file():
+  h = sac.ORIGINAL["headline"]
+  assert h["pixel_ap_percent"][1] - h["pixel_ap_percent"][0] == pytest.approx(
+      h["pixel_ap_gain_pp"])
+  con = sac.conclusions(_cfg(), _results({0: 0.0, 10: 0.0}))
+  text = "\n".join(rep.answer_lines(con))
+  assert ("The original study reported +9.94 pp pixel AP (45.86 → 55.80 %) and image AUROC "
+          "96.62 → 98.05 % on its own data, from single runs.") in text
+  # The smoke config's 4 coupling steps differ from the original study's 8: said once.
+  assert f"default is {sac.ORIGINAL['coupling_steps']}" in text
+  assert set(sac.ORIGINAL["claims"]) == set(sac.HYPOTHESES) == set(sac.ORIGINAL["hypotheses"])

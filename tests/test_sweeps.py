@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tailjax.configs import sweep_tail_weight
-from tailjax import runrecord
+from tailjax import engine, runrecord
 from tailjax.data import textures
 from tailjax.studies import sweeps
 
@@ -27,32 +27,37 @@ def _cfg(**grid):
 @pytest.mark.parametrize("field,value", [
     ("tail_weight", (0.0, 1.5)), ("tail_weight", (-0.1,)), ("top_k_ratio", (0.0,)),
     ("top_k_ratio", (1.2,)), ("learning_rate", (0.0,)), ("learning_rate", (-1e-3, 1e-3)),
-    ("seeds", ()), ("seeds", (0, 0)), ("seeds", (1.5,))])
+    ("seeds", ()), ("seeds", (0, 0)), ("seeds", (1.5,)), ("seeds", (-1,)),
+    ("tail_weight", "(0.1, x)")])
 def test_grid_validation_names_the_field(field, value):
-  with pytest.raises(ValueError, match=rf"config\.sweep\.{field}"):
-    sweeps.grid_from_config(_cfg(**{field: value}).sweep)
+  with pytest.raises(ValueError, match=rf"^config\.sweep\.{field}\b"):
+    engine.Rows.from_grid({**_cfg().sweep.to_dict(), field: value})
 
 
 def test_grid_rows_are_point_major():
-  grid = sweeps.grid_from_config(_cfg(tail_weight=(0.0, 1.0), top_k_ratio=(0.02, 0.5),
-                                     seeds=(3, 4, 5)).sweep)
-  rows = grid.rows()
+  grid = engine.Rows.from_grid(_cfg(tail_weight=(0.0, 1.0), top_k_ratio=(0.02, 0.5),
+                                    seeds=(3, 4, 5)).sweep)
+  rows = grid.to_json()
   assert grid.num_rows == len(rows) == 12
   assert [r["seed"] for r in rows[:3]] == [3, 4, 5]
   assert [(r["tail_weight"], r["top_k_ratio"]) for r in rows[::3]] == [
       (0.0, 0.02), (0.0, 0.5), (1.0, 0.02), (1.0, 0.5)]
-  np.testing.assert_array_equal(grid.hparams_R()["tail_weight"], [0.0] * 6 + [1.0] * 6)
+  np.testing.assert_array_equal(grid.hparams_R["tail_weight"], [0.0] * 6 + [1.0] * 6)
+  # A command-line flag gives the lists as strings: read as Python literals.
+  flags = engine.Rows.from_grid({**_cfg().sweep.to_dict(), "tail_weight": "(0.0, 1.0)",
+                                 "top_k_ratio": "(0.02, 0.5)", "seeds": "3, 4, 5"})
+  assert flags == grid
 
 
 def test_grid_tail_nll_axis():
-  grid = sweeps.grid_from_config(_cfg(tail_nll=("exact", "even_share"), seeds=(0,)).sweep)
-  assert [(r["tail_weight"], r["tail_nll"]) for r in grid.rows()] == [
+  grid = engine.Rows.from_grid(_cfg(tail_nll=("exact", "even_share"), seeds=(0,)).sweep)
+  assert [(r["tail_weight"], r["tail_nll"]) for r in grid.rows] == [
       (0.0, "exact"), (0.0, "even_share"), (0.7, "exact"), (0.7, "even_share")]
-  np.testing.assert_array_equal(grid.hparams_R()["tail_share_weight"], [0, 1, 0, 1])
-  assert [r["tail_nll"] for r in sweeps.grid_from_config(_cfg().sweep).rows()] == ["exact"] * 4
+  np.testing.assert_array_equal(grid.hparams_R["tail_share_weight"], [0, 1, 0, 1])
+  assert [r["tail_nll"] for r in engine.Rows.from_grid(_cfg().sweep).rows] == ["exact"] * 4
   for bad in (("exact", "exact"), ("logdet_only",)):
     with pytest.raises(ValueError, match=r"config\.sweep\.tail_nll"):
-      sweeps.grid_from_config(_cfg(tail_nll=bad).sweep)
+      engine.Rows.from_grid(_cfg(tail_nll=bad).sweep)
 
 
 def test_sweep_smoke_end_to_end(tmp_path):
@@ -69,6 +74,7 @@ def test_sweep_smoke_end_to_end(tmp_path):
   cfg.train.num_steps, cfg.train.segment_steps = 4, 2
   cfg.sweep.top_k_ratio = (0.02, 0.5)
   cfg.flow.num_steps = 1
+  cfg.train.batch_size = 6           # the 6 training images left after holding out 2
   with track_reads(cfg) as reads:
     out = sweeps.run_and_evaluate(cfg, tmp_path / "run", progress=False)
   assert unread(cfg, reads) == []
@@ -96,12 +102,12 @@ def test_sweep_smoke_end_to_end(tmp_path):
 def test_results_markdown_means_over_seeds_and_categories():
   cfg = _cfg(tail_weight=(0.0, 1.0), seeds=(0, 1))
   cfg.data = {"kind": "mvtec"}
-  grid = sweeps.grid_from_config(cfg.sweep)
+  grid = engine.Rows.from_grid(cfg.sweep)
   ap = {("a", 0.0): (0.10, 0.20), ("a", 1.0): (0.30, 0.50), ("b", 0.0): (0.30, 0.40),
         ("b", 1.0): (0.10, 0.10)}
   rows = [{"category": c, **r, "metrics": {"image_auroc": 0.5, "pixel_auroc": 0.5, "aupro": 0.5,
                                            "pixel_ap": ap[(c, r["tail_weight"])][r["seed"]]}}
-          for c in ("a", "b") for r in grid.rows()]
+          for c in ("a", "b") for r in grid.to_json()]
   md = sweeps.results_markdown(cfg, rows, grid, n_patches=16)
   a, b, mean = (md.split(f"## {s}")[1].split("##")[0] for s in ("a", "b", "mean over categories"))
   assert "| 1 | 0.25 | 4 | 0.01 | exact | 50.00 ± 0.00 | 50.00 ± 0.00 | **40.00 ± 14.14** |" in a

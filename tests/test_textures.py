@@ -203,15 +203,15 @@ def test_bad_arguments_are_rejected(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# Tiers: the hard tier unchanged, the calibrated tier's exact masks and calibration
+# Tiers: the hard tier pinned, the calibrated tier's exact masks and calibration
 # ----------------------------------------------------------------------------
 
-# sha256 over "path:sha256\n" of every PNG of the TINY-like build below, made with the
-# builder before the tiers existed (BUILDER_VERSION 1): the hard tier must not move.
+# sha256 over "path:sha256\n" of every PNG of the TINY-like build below: the hard tier's
+# images are pinned (results on them stay comparable), whatever the builder adds.
 HARD_TIER_GOLDEN = "4001578048ef447ff61d2b0ae581918964e4767dcc0afe137fb6612d4ca310fc"
 
 
-def test_hard_tier_images_are_byte_identical_to_the_pre_tier_builder(tmp_path):
+def test_hard_tier_images_match_their_golden_digest(tmp_path):
   root = T.build_texture_benchmark(tmp_path / "t", seed=3, image_size=64, n_train=3, n_test=10,
                                    categories=T.HARD_CATEGORIES, crop_range=(64, 80))
   pngs = {k: v for k, v in _digests(root).items() if k.endswith(".png")}
@@ -392,3 +392,75 @@ def test_calibration_out_of_reach_is_an_error(tmp_path):
     T.calibrate_strength("brick", _cell_features, tiny)
   with pytest.raises(ValueError, match="strengths"):
     T.build_texture_benchmark(tmp_path / "x", categories=("moon",), strengths={"brick": 1.0})
+
+
+def test_category_vocabulary_expands_all_tiers_and_names_in_order():
+  assert T.expand_categories() == T.expand_categories("") == T.expand_categories(["all"]) == T.CATEGORIES
+  assert set(T.CATEGORIES) == set(T.CATEGORY_SPECS) and len(T.CATEGORIES) == 9
+  assert T.expand_categories("hard") == T.HARD_CATEGORIES
+  assert T.expand_categories(["calibrated"]) == T.CALIBRATED_CATEGORIES
+  # First mention wins, each category once; whitespace around names is ignored.
+  assert T.expand_categories("moon, hard,brick,all") == (
+      "moon", *T.HARD_CATEGORIES, *(c for c in T.CALIBRATED_CATEGORIES if c != "moon"))
+  with pytest.raises(ValueError, match=r"^--categories: \['carpet'\] are neither texture categories"):
+    T.expand_categories("brick,carpet", where="--categories")
+
+
+def test_shared_build_keeps_the_hard_tier_apart_from_the_full_build(tmp_path):
+  base = tmp_path / "textures"
+  for selection in ("hard", "brick", "gravel,brick"):
+    assert T.shared_build(base, T.expand_categories(selection)) == (base, T.HARD_CATEGORIES)
+  for selection in ("all", "calibrated", "brick,moon"):
+    assert T.shared_build(base, T.expand_categories(selection)) == (tmp_path / "textures-all", T.CATEGORIES)
+
+
+def test_a_build_reads_the_same_vocabulary(tmp_path):
+  kw = dict(seed=3, image_size=32, n_train=1, n_test=2, crop_range=(64, 80))
+  root = T.build_texture_benchmark(tmp_path / "t", categories="gravel,hard", **kw)
+  assert T.read_manifest(root)["params"]["categories"] == ["gravel", "brick", "grass"]
+
+
+# ----------------------------------------------------------------------------
+# Strength left open (the difficulty ladder's draws) and the shared bisection
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("category", ["grass", "coins"])
+def test_a_defect_draw_is_render_sample_at_every_strength(category, all_photos):
+  kw = dict(seed=7, image_size=64, crop_range=(64, 80), noise_sigma=1.5)
+  for i, kind in enumerate(T.DEFECT_TYPES):
+    draw = T.draw_defective(category, all_photos, "test", kind, i, **kw)
+    clean = draw.clean()
+    for s in (0.4, 2.5):
+      image, mask, prov, params = T.render_sample(category, all_photos, "test", kind, i,
+                                                  strength=s, **kw)
+      np.testing.assert_array_equal(draw.image(s), image)
+      np.testing.assert_array_equal(draw.mask_HxW, mask)
+      assert prov == draw.provenance and params == draw.defect_params(s)
+      np.testing.assert_array_equal(image[~mask], clean[~mask])   # off the mask: clean
+  with pytest.raises(ValueError, match="strength"):
+    draw.image(0.0)
+
+
+def test_bisection_shares_evaluations_and_stops_at_saturation():
+  # A planted smooth AUROC curve a(s) = 0.5 + 0.45 · s / (s + 1), saturating at 0.95.
+  calls = []
+
+  def auroc(s):
+    calls.append(s)
+    return 0.5 + 0.45 * s / (s + 1.0)
+
+  bounds, tol = (1 / 32, 8.0), 0.01
+  seen = [[8.0, auroc(8.0)]]
+  chosen, seen = T.bisect_strengths(auroc, [0.6, 0.7, 0.8, 0.97], bounds, tol, 8, seen=seen)
+  assert calls == [s for s, _ in seen]  # each strength evaluated once, in order
+  for t, (s, a) in zip([0.6, 0.7, 0.8], chosen):
+    assert abs(a - t) <= tol and a == auroc(s)
+  # 0.97 lies above a(8) = 0.9: no evaluation, the top strength is kept.
+  assert chosen[3] == [8.0, auroc(8.0)]
+  # Shared evaluations: fewer than three separate searches need.
+  separate = sum(len(T.bisect_strengths(auroc, [t], bounds, tol, 8)[1]) for t in (0.6, 0.7, 0.8))
+  assert len(seen) - 1 < separate
+  # One target, nothing seen: plain geometric bisection (first point sqrt(lo · hi)).
+  _, single = T.bisect_strengths(auroc, [0.8], bounds, tol, 1)
+  assert single == [[0.5, auroc(0.5)]]

@@ -149,8 +149,9 @@ def test_optimizer_refuses_fields_it_would_ignore():
   train.make_optimizer({"name": "adamw", "learning_rate": 1e-3, "weight_decay": 0.1})
 
 
-def test_segment_with_traced_length_equals_scan():
-  """One compiled segment program runs any n ≤ its buffer length, bit-identical to the scan."""
+def test_segment_with_traced_length_is_one_program_and_run_is_segment():
+  """One compiled segment program runs any n ≤ its buffer length, bit-identical however
+  the steps are cut; ``run`` is that loop over all steps (a fixed trip count)."""
   program = train.make_flow_program(_cfg(), SWEEP_FEATS.shape, conv_impl="xla")
   h = {"tail_weight": 0.7, "top_k_ratio": 0.25, "learning_rate": 1e-2}
   key = train.row_keys([3])[0]
@@ -164,17 +165,22 @@ def test_segment_with_traced_length_equals_scan():
   assert all(np.array_equal(a, b) for a, b in zip(_leaves(st.params), _leaves(whole.params)))
   np.testing.assert_array_equal(np.concatenate([m["loss"][:3], m2["loss"][:2]]), m5["loss"])
   assert np.all(np.isnan(np.asarray(m["loss"][3:])))
-  # ... and the same maths as lax.scan (a different program: equal to float rounding).
+  # run: the same loop body with a trip count fixed at trace time (a scan, not a while
+  # loop: another compiled program, so equal to float rounding), metrics [num_steps].
   ref, m_ref = jax.jit(lambda: program.run(program.init(h, key), key, feats, 5))()
+  assert int(ref.step) == 5 and set(m_ref) == {"loss", "mean_nll"}
+  assert m_ref["loss"].shape == (5,) and np.isfinite(np.asarray(m_ref["loss"])).all()
   assert _close(st.params, ref.params, atol=1e-5)
   np.testing.assert_allclose(m5["loss"], m_ref["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m5["mean_nll"], m_ref["mean_nll"], rtol=1e-5)
 
 
 # Three train steps of a small flow (C = 10, 4 alternating steps, image LayerNorm, λ = 0.7,
-# r = 0.25, Adam 1e-2, batch 4, seed 3), recorded with the code before the speed work
+# r = 0.25, Adam 1e-2, batch 4, seed 3) as a straightforward implementation computes them
 # (per-step minor-axis gathers for the channel permutations, commit a6a548a): the losses
-# and each parameter leaf's squared norm afterwards. The speed work must not change them.
-_PRE_SPEED_WORK = {
+# and each parameter leaf's squared norm afterwards. The optimised step (permutations
+# folded into the weights, matmul convolutions) must do the same maths.
+_REFERENCE_STEPS = {
     False: ([16.270395279, 16.080665588, 15.94999218],
             [0.001265654, 5.87554121, 0.004712183, 0.209327042, 0.001243871, 3.748811007, 0.004989278, 0.02470961, 0.0009485, 5.036163807, 0.004914781, 0.200970367, 0.001185758, 5.866299629, 0.004637584, 0.027806606]),
     True: ([16.270395279, 16.005580902, 15.81278801],
@@ -184,7 +190,7 @@ _PRE_SPEED_WORK = {
 
 @pytest.mark.parametrize("global_affine", [False, True])
 @pytest.mark.parametrize("conv_impl", ["matmul", "xla"])
-def test_train_steps_equal_the_pre_speed_work_recording(global_affine, conv_impl):
+def test_train_steps_equal_the_reference_recording(global_affine, conv_impl):
   c = ml_collections.ConfigDict()
   c.flow = {"num_steps": 4, "kernel_mode": "alternate", "hidden_ratio": 1.0, "clamp": 2.0,
             "layer_norm": "image", "global_affine": global_affine}
@@ -196,28 +202,33 @@ def test_train_steps_equal_the_pre_speed_work_recording(global_affine, conv_impl
   key = train.row_keys([3])[0]
   state = program.init({"tail_weight": 0.7, "top_k_ratio": 0.25, "learning_rate": 1e-2}, key)
   state, m = jax.jit(lambda s: program.run(s, key, feats, 3))(state)
-  want_loss, want_sq = _PRE_SPEED_WORK[global_affine]
+  want_loss, want_sq = _REFERENCE_STEPS[global_affine]
   np.testing.assert_allclose(np.asarray(m["loss"]), want_loss, rtol=1e-5)
   got_sq = [float(jnp.sum(jnp.square(l))) for l in jax.tree.leaves(state.params)]
   np.testing.assert_allclose(got_sq, want_sq, rtol=1e-4)
 
 
 
-def test_flow_loss_exact_definition_is_the_old_loss_bit_for_bit():
+def test_flow_loss_exact_definition_is_the_weights_form_bit_for_bit():
   """The training loss with (a, b) = (1, 0) — and with no definition given — has the
-  value and gradients of ``tail_aware_loss(flat_nll)``, bit for bit, compiled."""
+  value and gradients of the exact loss in its weights form,
+  ``mean_b Σ_i tail_patch_weights(NLL)_bi NLL_bi`` of the flow's NLL, bit for bit, compiled."""
   from tailjax import losses
   model = flows.build_flow({"channels": 6, "num_steps": 2, "kernel_mode": "alternate",
                             "layer_norm": "image"})
   x = jnp.asarray(SWEEP_FEATS[:4])
   params = model.init(jax.random.key(0), x)
   loss_fn = train.make_flow_loss(model)
-  old = lambda p, h: losses.tail_aware_loss(flows.flat_nll(model, p, x), h["tail_weight"],
-                                            h["top_k_ratio"])
+
+  def weights_form(p, h):
+    nll_BxN = flows.flat_nll(model, p, x)
+    w_BxN = losses.tail_patch_weights(nll_BxN, h["tail_weight"], h["top_k_ratio"])
+    return jnp.mean(jnp.sum(w_BxN * nll_BxN, axis=-1))
+
   base = {"tail_weight": jnp.float32(0.7), "top_k_ratio": jnp.float32(0.125)}
   for h in (base, {**base, **{k: v[0] for k, v in train.tail_nll_hparams(["exact"]).items()}}):
     got, g_got = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, x, h, None)[0]))(params)
-    want, g_want = jax.jit(jax.value_and_grad(lambda p: old(p, h)))(params)
+    want, g_want = jax.jit(jax.value_and_grad(lambda p: weights_form(p, h)))(params)
     assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
     for a, b in zip(_leaves(g_got), _leaves(g_want)):
       assert a.tobytes() == b.tobytes()
@@ -225,8 +236,8 @@ def test_flow_loss_exact_definition_is_the_old_loss_bit_for_bit():
 
 @pytest.mark.parametrize("definition", ["sq_norm", "even_share"])
 def test_flow_loss_approximate_definitions_follow_the_losses_module(definition):
-  """The training loss of a sq_norm / even_share row is ``tail_aware_loss_from_flow`` of
-  the flow's own (z, logdet), and differs from the exact row's (selection and average)."""
+  """The training loss of a sq_norm / even_share row is ``tail_aware_loss_nll`` of the
+  flow's own (NLL, logdet), and differs from the exact row's (selection and average)."""
   from tailjax import losses
   model = flows.build_flow({"channels": 6, "num_steps": 2, "kernel_mode": "alternate",
                             "layer_norm": "image"})
@@ -241,10 +252,11 @@ def test_flow_loss_approximate_definitions_follow_the_losses_module(definition):
        **{k: v[0] for k, v in train.tail_nll_hparams([definition]).items()}}
   got = float(train.make_flow_loss(model)(params, x, h, None)[0])
   z, logdet = model.apply(params, x)
-  want = float(losses.tail_aware_loss_from_flow(z, logdet, 1.0, 0.125,
-                                                *losses.nll_definition_weights(definition)))
+  nll_BxN, logdet_BxN = losses.patch_nll(z, logdet).reshape(4, -1), logdet.reshape(4, -1)
+  want = float(losses.tail_aware_loss_nll(nll_BxN, logdet_BxN, 1.0, 0.125,
+                                          *losses.nll_definition_weights(definition)))
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  exact = float(losses.tail_aware_loss_from_flow(z, logdet, 1.0, 0.125))
+  exact = float(losses.tail_aware_loss_nll(nll_BxN, logdet_BxN, 1.0, 0.125))
   assert abs(got - exact) > 1e-3
 
 

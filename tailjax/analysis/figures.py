@@ -1,7 +1,7 @@
 """Figures of the mechanism report: one PNG per analysis, one row per category.
 
-Each function takes the JSON-ready results of ``report.analyze_category`` (or
-sweep summaries) and writes a PNG atomically with ``tailjax.figures.save``.
+Each function takes the JSON-ready results of ``tailjax.studies.mechanisms.analyze_category``
+(or sweep summaries) and writes a PNG atomically with ``tailjax.figures.save``.
 """
 
 from __future__ import annotations

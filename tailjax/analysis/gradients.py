@@ -81,21 +81,8 @@ corner patches are exact too (tests check all of them against ``jacrev``).
   re-stated NLLs against the model's own and raises if they disagree.
 
 Measured (``python -m benchmarks.bench_gradients``, the 196 norms of one
-14×14×112 image, hidden ratio 1.0, 3×3/1×1, image LayerNorm), see
-``benchmarks/README.md`` for the tables and the PyTorch peer:
-                          H200 GPU            16-core CPU          2 cores (idle VM)
-  coupling steps          4        8          4        8           4        8
-  ghost              5.5 ms   8.9 ms      16 ms   129 ms       21 ms   332 ms
-  window             5.0 ms    11 ms      95 ms   412 ms      146 ms   809 ms
-  jacrev/28           12 ms    20 ms     260 ms   585 ms      375 ms   810 ms
-  loop               343 ms   480 ms     750 ms  1600 ms      679 ms  1533 ms
-  PyTorch peer loop  971 ms  1969 ms     684 ms  1386 ms      690 ms  1731 ms
-  peer / ghost         177×     221×        43×      11×         33×     5.2×
-
-(GPU and 16-core CPU: one H200 host, JAX 0.11.2, peer torch 2.11 on CUDA /
-on the CPU; 2 cores: this repo's dev machine, JAX 0.10.2, torch 2.13 CPU; the
-peer's CPU figure is the faster of all cores and 1 thread; this VM's speed drifts by up
-to ±30 % between runs: the previous session's two runs gave 4.2× and 7.0× at 8 steps.) "ghost" is the
+14×14×112 image; the tables, on a GPU and on CPUs, beside the PyTorch peer, are in
+``benchmarks/README.md``): "ghost" is the
 fastest for norms everywhere (on the GPU at 4 steps "window" is within noise
 of it) and "window" the fastest exact way to the gradients themselves, hence
 ``default_method``. What bounds the ratio is work, not only speed: "ghost"
@@ -104,8 +91,8 @@ the peer's loop 30.7 / 63.6 GFLOP (torch's FlopCounterMode: one forward and 196
 whole-image backwards), 25× / 4.3× more. At 8 steps the windows are nearly the
 image (radius 6 after step 0: 13×13 of 14×14), so a patch's windowed backward
 costs about a third of a whole-image one, and ≥ 5× over the peer there needs
-a higher FLOP rate than the peer's (it has one on some runs of this VM, not on
-others). Compilation is not included: "ghost" compiles in about
+a higher FLOP rate than the peer's, which the measured CPUs do not reliably
+give. Compilation is not included: "ghost" compiles in about
 twice jacrev's time (XLA:CPU, ~10–20 s at 8 steps).
 
 Memory: jacrev/vmap_grad hold ``image_chunk · patch_chunk`` gradients per
@@ -282,7 +269,8 @@ def flow_spec(model: flows.FastFlow2d, params) -> tuple[StepSpec, ...]:
   re-derived. Anything but FastFlow2d's step structure — conv(k×k) → ReLU →
   conv(k×k) subnets with biases, an optional global affine and nothing else —
   raises TypeError: the windowed methods re-state that forward pass,
-  so a flow they do not know must fail loudly (the old methods still work).
+  so a flow they do not know must fail loudly (the generic "jacrev", "vmap_grad" and
+  "loop" methods take any flow).
   """
   if not isinstance(model, flows.FastFlow2d):
     raise TypeError(f"windowed per-patch gradients need a flows.FastFlow2d, got {type(model).__name__}")

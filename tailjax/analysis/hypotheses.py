@@ -1,4 +1,4 @@
-"""Statistics and verdict rules for the study's hypotheses H1, H3, H4 and H7.
+"""Statistics and verdict rules for the original study's hypotheses H1, H3, H4 and H7.
 
 H1 (tail location): are the tail patches (each image's top-k NLL patches) at
   the grid border, or on image edges / texture boundaries?

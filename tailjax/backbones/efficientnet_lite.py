@@ -55,8 +55,8 @@ benchmarks.bench_features --evidence`` recomputes both):
    input ~2.2x relative to the 0.5 the weights were trained with).
 
 Hence ``(x - 0.5) / 0.5`` (``normalization="inception"``) is the default;
-``"imagenet"`` stays available. This deviates from the SPEC's "ImageNet
-normalisation" wording on purpose: the weights, not the wording, decide.
+``"imagenet"`` stays available. A description of the model as
+"ImageNet-normalised" does not decide this; the weights' own statistics do.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ own LayerNorm over its own features, trained together on the sum of the scales'
 tail-aware losses (anomalib's combination), maps = every scale's scores upsampled
 to 256 px and averaged. `backbone.layer` (8) stays the reference scale for PaDiM,
 the validation statistics and the per-patch analyses. The field exists only in
-the multi-scale variant (so the single-scale config and its workdirs are
-unchanged); `--config.backbone.layers=(8,16)` then picks other strides.
+the multi-scale variant (so a single-scale config carries no field it does not
+read); `--config.backbone.layers=(8,16)` then picks other strides.
 
 Published MVTec AD means for comparison (image AUROC / pixel AUROC, %):
   FastFlow paper, ResNet-18 (3 scales): pixel AUROC 97.2 (as quoted in the

@@ -19,17 +19,17 @@ last budget. If not, extend the finished run instead of retraining it:
 records the extension).
 
 Measured on a 2-core CPU from an empty cache: 80 min of running (README; 68 min of it
-training). Why 4 coupling steps and not the SPEC's default 8: a row-step costs 41–44 ms
+training). Why 4 coupling steps and not FastFlow's 8: a row-step costs 41–44 ms
 at 4 steps and 87 ms at 8 (benchmarks/results.md), so 81 rows × 1000 steps would be
-about 2 h of training at 8, and the plan gives `make study` 90 min.
+about 2 h of training at 8, and `make study` is meant to finish within 90 min.
 The categories (the power of the random-effects estimate) and the third loss (the
-exact-vs-approximate question) were kept instead of the depth. `:arch8` is the same
-study with 8 coupling steps (about 2.3 h here; the GPU script's job, with
+exact-vs-approximate question) take priority over the depth. `:arch8` is the same
+study with 8 coupling steps (about 2.3 h on a 2-core CPU; on a GPU, run it with
 `--config.num_seeds=5`).
 
-Variants: `:arch8` as above; `:hard` is the study before the tiers (hard tier,
-mean-only and tail-aware, 8 coupling steps, 2000 steps; the README's hard-tier study
-table); `:smoke` is the demo's smoke run with 8 coupling steps.
+Variants: `:arch8` as above; `:hard` is the study on the hard tier alone (brick,
+grass, gravel; mean-only and tail-aware, 8 coupling steps, 2000 steps); `:smoke` is
+the demo's smoke run with 8 coupling steps.
 """
 
 import ml_collections

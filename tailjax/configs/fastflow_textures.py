@@ -8,7 +8,7 @@ categories at ``<data.root>-all``, ``pipeline.texture_build``) and runs four of 
 the first two of each tier in ``CATEGORY_SPECS`` order: brick and grass (hard: the
 original photographs, uncalibrated, PaDiM near chance on grass) and moon and tissue
 (calibrated: defect strength set so PaDiM's image AUROC on a calibration split lies
-in 85–97 %, the seed's regime). It extracts EfficientNet-Lite0 stride-16 features
+in 85–97 %, the original study's regime). It extracts EfficientNet-Lite0 stride-16 features
 (14×14 grid, cached) and trains, 3 seeds each, mean-only (λ = 0), tail-aware (λ = 0.7,
 r = 0.02, the tail ranked by the exact per-location NLL) and the same tail-aware loss
 with the tail ranked by ½‖z‖² minus an even share of the image log-det
@@ -23,12 +23,13 @@ the tables, and the mechanism analyses (exact per-patch gradients, H1/H3/H4/H7;
 Variants:
   * `:smoke` shrinks the run (one category of a tiny benchmark, 2 seeds, 10 steps;
     about 20 s after the install).
-  * `:hard` is the demo as it ran before the tiers (brick, grass, gravel; mean-only and
-    tail-aware only; its results are the README's hard-tier table).
+  * `:hard` is the demo on the hard tier alone (brick, grass, gravel; mean-only and
+    tail-aware only).
   * `:all_nll` adds the third per-patch NLL, ½‖z‖² alone (``tail_sq_norm``; it ranks the
     tail as even_share does and differs only in the tail's average).
 Any field can be overridden, e.g. `--config.num_seeds=5`, `--config.train.num_steps=400`,
-`--config.variants.tail_aware.tail_weight=1.0`, `--config.data.categories=calibrated`.
+`--config.variants.tail_aware.tail_weight=1.0`, `--config.data.categories=calibrated`
+(categories, tiers or `all`, as `tailjax build-textures --categories` takes them).
 A field no stage reads is an error, and rerunning a workdir with different
 results-relevant fields is refused (`--restart`, `--branch`).
 """
@@ -48,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.kind = "textures"        # textures | mvtec | visa
   c.data.root = "data/textures-smoke" if smoke else ""   # "" = default_benchmark_root()
-  # Comma list of categories or tiers (hard, calibrated); "" = the hard tier.
+  # Comma list of categories, tiers (hard, calibrated) or "all" (textures.expand_categories);
+  # "" = the default build, the hard tier.
   c.data.categories = "brick" if smoke else ("" if hard else "brick,grass,moon,tissue")
   c.data.benchmark_seed = 0
   c.data.image_size = 256

@@ -16,7 +16,9 @@ Image order is part of the key because row i of the result belongs to image i.
 
 Entries are ``<cache_dir>/<key>.npz`` holding one float32 array per layer plus
 a JSON metadata record, written atomically; an unreadable or mismatching entry
-is recomputed and replaced.
+is recomputed and replaced. A cache that cannot be written (a shared, read-only one;
+a full disk) is still read; what it lacks is extracted and used without being stored,
+with one warning per folder (``data.cache_dir`` names a writable one instead).
 
 Features extracted elsewhere come in as ``.npz`` files: ``load_feature_category``
 reads one category for ``data.kind=features`` (``train_features``,
@@ -33,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
@@ -166,10 +169,26 @@ def cached_features(image_paths: Sequence[str | os.PathLike], extractor: Extract
           "layers": [repr(l) for l in layers], "n": len(image_paths),
           "first_image": str(image_paths[0])}
   arrays = {f"layer_{i}": result[layer] for i, layer in enumerate(layers)}
-  with atomic_path(entry) as tmp:
-    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-      np.savez(f, __meta__=np.asarray(json.dumps(meta)), **arrays)
+  try:
+    with atomic_path(entry) as tmp:
+      with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, __meta__=np.asarray(json.dumps(meta)), **arrays)
+  except OSError as e:   # a read-only (shared) cache, a full disk: the features are still good
+    _warn_unwritable(Path(cache_dir), e)
   return result
+
+
+_warned_unwritable: set[str] = set()
+
+
+def _warn_unwritable(cache_dir: Path, e: OSError) -> None:
+  """One warning per cache folder that cannot store an entry (the run goes on)."""
+  if str(cache_dir) in _warned_unwritable:
+    return
+  _warned_unwritable.add(str(cache_dir))
+  print(f"warning: the feature cache {cache_dir} cannot be written ({e.strerror or e}): "
+        "features it lacks are extracted and used without being stored; set data.cache_dir "
+        "(or $TAILJAX_CACHE) to a writable folder to keep them", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------

@@ -157,22 +157,15 @@ def parse_categories(value) -> list[str] | None:
 def requested_categories(cfg) -> list[str] | None:
   """The categories ``data.categories`` asks for, or None (empty: all the source has).
 
-  ``parse_categories`` of the field; for ``data.kind=textures`` a tier name (``hard``,
-  ``calibrated``: ``textures.TIERS``) stands for the tier's categories, duplicates are
-  dropped (first occurrence kept), and a name that is neither a texture category nor a
-  tier is refused here, before anything is built."""
+  ``parse_categories`` of the field; for ``data.kind=textures`` the names are read by
+  ``textures.expand_categories`` (a tier name or ``all`` stands for its categories,
+  duplicates are dropped, first occurrence kept; an unknown name is refused here,
+  before anything is built)."""
   wanted = parse_categories(cfg.data.categories)
   if wanted is None or cfg.data.kind != "textures":
     return wanted
   from tailjax.data import textures
-  tiers = {t: [c for c in textures.CATEGORIES if textures.category_tier(c) == t]
-           for t in textures.TIERS}
-  bad = [c for c in wanted if c not in textures.CATEGORIES and c not in tiers]
-  if bad:
-    raise ValueError(f"config.data.categories: {bad} are neither texture categories "
-                     f"({', '.join(textures.CATEGORIES)}) nor tiers ({', '.join(tiers)})")
-  expanded = [c for w in wanted for c in tiers.get(w, [w])]
-  return list(dict.fromkeys(expanded))
+  return list(textures.expand_categories(wanted, where="config.data.categories"))
 
 
 def texture_build(cfg) -> tuple[Path, tuple[str, ...]]:
@@ -180,15 +173,11 @@ def texture_build(cfg) -> tuple[Path, tuple[str, ...]]:
 
   The hard tier (``textures.SOURCE_PHOTOS``) at ``data.root`` (default
   ``textures.default_benchmark_root()``) when every requested category is in it (or
-  none is requested): the build of the pre-tier releases, unchanged. Otherwise all of
-  ``textures.CATEGORIES`` at the sibling ``<root>-all``, whatever subset is requested,
-  so that any selection reuses one build and the default build is never replaced."""
+  none is requested); otherwise all of ``textures.CATEGORIES`` at the sibling
+  ``<root>-all`` (``textures.shared_build``, which ``tailjax build-textures`` uses too)."""
   from tailjax.data import textures
   base = Path(cfg.data.root).expanduser() if cfg.data.root else textures.default_benchmark_root()
-  wanted = requested_categories(cfg) or []
-  if all(c in textures.SOURCE_PHOTOS for c in wanted):
-    return base, tuple(textures.SOURCE_PHOTOS)
-  return base.with_name(base.name + "-all"), tuple(textures.CATEGORIES)
+  return textures.shared_build(base, requested_categories(cfg) or [])
 
 
 def dataset_root(cfg) -> Path:
@@ -450,6 +439,24 @@ class Dataset:
       return load_feature_category(self.cfg, name, self._files[name])
     return load_category(self.cfg, name, *self._splits[name], *self._extract())
 
+  def check_sizes(self, name: str) -> None:
+    """Before any feature of category ``name`` is extracted: refuses a ``train.batch_size``
+    larger than its training split (known from the image count; the engine checks every
+    grid again, a features file's included), and an ``eval.image_topk`` larger than the
+    eval.size × eval.size pixels of a map (``eval.image_score=topk_mean``)."""
+    e = self.cfg.get("eval")
+    if e is not None and e.get("image_score") == "topk_mean":
+      pixels = int(e.size) ** 2
+      if not 1 <= int(e.image_topk) <= pixels:
+        raise ValueError(f"config.eval.image_topk={e.image_topk} must lie in [1, {pixels}], "
+                         f"the pixels of an eval.size={int(e.size)} map")
+    train = self.cfg.get("train")
+    if self.kind == "features" or train is None or "batch_size" not in train:
+      return
+    tr, _ = _val_split(self.cfg, len(self._splits[name][0].image_paths))
+    from tailjax import engine
+    engine.check_batch_size(train.batch_size, len(tr), name)
+
   def train_images(self, name: str, size: int | None = None) -> np.ndarray | None:
     """Training images ``[N, size, size, 3]`` uint8 in ``train_feats`` order (``size``
     defaults to ``backbone.resolution``); None for ``data.kind=features``."""
@@ -574,10 +581,12 @@ def open_dataset(cfg) -> Dataset:
 
 
 def load_once(dataset: Dataset, name: str) -> CategoryData:
-  """``dataset.load(name)`` with features extracted once: with several processes, process
-  0 extracts (filling the cache) while the others wait, then they read the cache
-  (``features.cache_only``: the cache folder must be shared, or a miss names it)."""
+  """``dataset.load(name)`` for training: sizes checked first (``Dataset.check_sizes``),
+  features extracted once: with several processes, process 0 extracts (filling the
+  cache) while the others wait, then they read the cache (``features.cache_only``: the
+  cache folder must be shared, or a miss names it)."""
   from tailjax import distributed
+  dataset.check_sizes(name)
 
   def others():
     with feature_cache.cache_only(

@@ -19,8 +19,8 @@ MVTec's grid/screw/zipper).
 Tiers (``CATEGORY_SPECS``, ``category_tier``):
 
 * ``hard`` — brick, grass, gravel (512x512 grey), the default build
-  (``SOURCE_PHOTOS``). Their images are byte-identical to the pre-tier builder
-  (a golden hash in the tests): results on them stay comparable. Their defect
+  (``SOURCE_PHOTOS``). Their images are pinned by a golden hash in the tests, so
+  results on them stay comparable across builder versions. Their defect
   strengths are whatever the draw gives, so PaDiM sits near chance on grass and
   gravel (see Difficulty below).
 * ``calibrated`` — moon (``skimage.data.moon``), tissue (``immunohistochemistry``,
@@ -30,8 +30,12 @@ Tiers (``CATEGORY_SPECS``, ``category_tier``):
   exact and scaled by one strength per category (``confine_defect``) that a
   no-training reference fixes: PaDiM's image AUROC on a calibration split must land
   in ``CALIBRATION_SETTINGS.band`` (85–97 %). The flows never take part.
-  (``hubble_deep_field`` was tried and left out: its bright galaxies make normal
-  crops score as high as defective ones, and no strength reached the band.)
+  (``hubble_deep_field`` is not a category: its bright galaxies make normal crops
+  score as high as defective ones, and no strength reaches the band.)
+
+A selection (``tailjax build-textures --categories``, ``config.data.categories``)
+names categories, tiers or ``all`` (``expand_categories``); ``shared_build`` says
+which of the two shared builds (the hard tier, or all nine at ``<root>-all``) holds it.
 
 Images. The photo is cut into a checkerboard of cells (``split_regions``): the
 hard tier's is 2x2 (256x256 quadrants): the diagonal (top-left, bottom-right)
@@ -96,6 +100,13 @@ lengths at 256 px). Off the mask nothing changes (tolerance 0 on the float image
 on it every pixel changes by at least ``s · τ / 2``. The strength s (the defect's
 opacity; s > 1 exaggerates, clipped at quantisation) changes neither the mask nor
 any random draw, so PaDiM's AUROC is a smooth, nearly monotone function of s.
+
+Strength left open: ``draw_defective`` draws a defective sample of the exact-mask
+generator once (``DefectDraw``: crop, defect, mask, sensor noise) and ``image(s)``
+renders it at any strength, byte for byte ``render_sample(..., strength=s)``. The
+calibration split (``CalibrationSplit``) and the difficulty ladder
+(``tailjax.data.ladder``: one train split, test sets at several strengths, every photo)
+are built on it.
 
 Calibration (``calibrate_strength`` / ``calibrate_benchmark``; result committed in
 ``CALIBRATED_STRENGTHS`` and ``CALIBRATION_RESULTS``, written into every build's
@@ -162,8 +173,12 @@ from scipy.spatial import cKDTree
 
 from tailjax.io import atomic_directory, atomic_write_json, atomic_write_text
 
-BUILDER_VERSION = 2  # 2: tiers and calibrated categories; hard-tier images unchanged from 1
+# Part of a build's parameters (COMPLETE): a build of another version is rebuilt. Bump it
+# when a change alters any built file; the hard tier's images are pinned by a golden
+# hash in the tests, so a bump never moves them.
+BUILDER_VERSION = 2
 TIERS = ("hard", "calibrated")
+ALL = "all"  # the category selection that names every category
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +218,7 @@ CATEGORY_SPECS: dict[str, CategorySpec] = {
 HARD_CATEGORIES = tuple(c for c, s in CATEGORY_SPECS.items() if s.tier == "hard")
 CALIBRATED_CATEGORIES = tuple(c for c, s in CATEGORY_SPECS.items() if s.tier == "calibrated")
 CATEGORIES = HARD_CATEGORIES + CALIBRATED_CATEGORIES
-SOURCE_PHOTOS = HARD_CATEGORIES  # the default build; the name predates the tiers
+SOURCE_PHOTOS = HARD_CATEGORIES  # the default build (the hard tier)
 DEFECT_TYPES = ("scratch", "foreign_material", "stain", "hole", "warp")
 MIN_DEFECT_AREA, MAX_DEFECT_AREA = 0.001, 0.05  # fraction of the image
 # Every image's generator is keyed by its split; the calibration splits have their own
@@ -228,6 +243,41 @@ def category_tier(category: str) -> str:
   if category not in CATEGORY_SPECS:
     raise ValueError(f"unknown texture category {category!r}; choose from {CATEGORIES}")
   return CATEGORY_SPECS[category].tier
+
+
+def expand_categories(names: str | Sequence[str] | None = None, *,
+                      where: str = "categories") -> tuple[str, ...]:
+  """The texture categories a selection names: the one vocabulary of
+  ``tailjax build-textures --categories`` and ``config.data.categories``.
+
+  ``names`` is a comma list or a sequence of names, each a category
+  (``CATEGORIES``), a tier (``TIERS``: its categories in ``CATEGORY_SPECS`` order)
+  or ``"all"`` (every category); None or empty means ``"all"``. Returns the
+  categories in the order first named, each once. An unknown name raises a
+  ValueError on one line that starts with ``where`` (the flag or config field).
+  """
+  if isinstance(names, str):
+    names = names.split(",")
+  wanted = [str(n).strip() for n in (names or ()) if str(n).strip()] or [ALL]
+  groups = {ALL: CATEGORIES, **{t: tuple(c for c in CATEGORIES if category_tier(c) == t) for t in TIERS}}
+  bad = [n for n in wanted if n not in CATEGORIES and n not in groups]
+  if bad:
+    raise ValueError(f"{where}: {bad} are neither texture categories ({', '.join(CATEGORIES)}) "
+                     f"nor tiers ({', '.join(TIERS)}) nor {ALL!r}")
+  return tuple(dict.fromkeys(c for n in wanted for c in groups.get(n, (n,))))
+
+
+def shared_build(base: Path, categories: Sequence[str]) -> tuple[Path, tuple[str, ...]]:
+  """``(root, categories built)`` of the shared build that holds ``categories``.
+
+  The hard tier (``SOURCE_PHOTOS``) at ``base`` when every requested category is in
+  it; otherwise every category (``CATEGORIES``) at the sibling ``<base>-all``,
+  whatever subset is requested. So any selection reuses one of two builds, and a
+  selection outside the hard tier never replaces the default build at ``base``.
+  """
+  if all(c in SOURCE_PHOTOS for c in categories):
+    return base, tuple(SOURCE_PHOTOS)
+  return base.with_name(base.name + "-all"), tuple(CATEGORIES)
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -464,32 +514,79 @@ _DEFECTS = {
 }
 
 
-def confine_defect(image_HxW: np.ndarray, defective_HxW: np.ndarray, region_HxW: np.ndarray,
-                   strength: float, feather_px: float) -> tuple[np.ndarray, np.ndarray]:
-  """The calibrated tier's defect: the drawn change, scaled and confined to an exact mask.
+def exact_defect(image_HxW: np.ndarray, defective_HxW: np.ndarray, region_HxW: np.ndarray,
+                 feather_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The strength-free parts of the calibrated tier's defect: ``(w_HxW, Δ_HxW, M_HxW)``.
 
   With Δ = defective − image (the drawn defect), the mask is the part of the drawn
   region that Δ visibly changes,
 
     M = region ∧ (|Δ| >= τ),   τ = CHANGE_TOL = 0.5 grey levels (half a quantisation step),
 
-  and the output is ``image + s · w · Δ`` with ``w_p = [p ∈ M] · clip(d_p / f, 0, 1)``,
-  where d_p is pixel p's Euclidean distance to the nearest pixel outside the region
+  and the weight is ``w_p = [p ∈ M] · clip(d_p / f, 0, 1)``, where d_p is pixel p's
+  Euclidean distance to the nearest pixel outside the region
   (``scipy.ndimage.distance_transform_edt``: ≥ 1 on the region) and f = ``feather_px``.
-  So off M the image is returned bit for bit, and on M every pixel changes by at least
-  ``s · τ / f`` (w >= 1/f there): the mask holds every changed pixel and no unchanged
-  one. ``s`` is the defect's opacity (s = 1: the drawn defect; s < 1 fainter; s > 1
-  exaggerated, clipped to [0, 255] when quantised). Returns (image, mask M).
+  The defect at strength s is ``apply_defect(image, w, Δ, s)`` (``confine_defect``).
   """
   delta_HxW = defective_HxW - image_HxW
   mask_HxW = region_HxW & (np.abs(delta_HxW) >= CHANGE_TOL)
   depth_HxW = ndi.distance_transform_edt(region_HxW)
   w_HxW = mask_HxW * np.clip(depth_HxW / max(float(feather_px), 1.0), 0.0, 1.0)
-  return image_HxW + float(strength) * w_HxW * delta_HxW, mask_HxW
+  return w_HxW, delta_HxW, mask_HxW
+
+
+def apply_defect(image_HxW: np.ndarray, w_HxW: np.ndarray, delta_HxW: np.ndarray,
+                 strength: float) -> np.ndarray:
+  """``image + s · w · Δ``: an exact defect (``exact_defect``) at opacity s (float64)."""
+  return image_HxW + float(strength) * w_HxW * delta_HxW
+
+
+def confine_defect(image_HxW: np.ndarray, defective_HxW: np.ndarray, region_HxW: np.ndarray,
+                   strength: float, feather_px: float) -> tuple[np.ndarray, np.ndarray]:
+  """The calibrated tier's defect: the drawn change, scaled and confined to an exact mask.
+
+  The output is ``image + s · w · Δ`` with w, Δ and the mask M of ``exact_defect``.
+  So off M the image is returned bit for bit, and on M every pixel changes by at least
+  ``s · τ / f`` (w >= 1/f there): the mask holds every changed pixel and no unchanged
+  one. ``s`` is the defect's opacity (s = 1: the drawn defect; s < 1 fainter; s > 1
+  exaggerated, clipped to [0, 255] when quantised). Returns (image, mask M).
+  """
+  w_HxW, delta_HxW, mask_HxW = exact_defect(image_HxW, defective_HxW, region_HxW, feather_px)
+  return apply_defect(image_HxW, w_HxW, delta_HxW, strength), mask_HxW
 
 
 CHANGE_TOL = 0.5  # grey levels: a smaller change of the float image can vanish in rounding
 _FEATHER_PX = 2.0  # calibrated tier's inward feather at 256 px
+
+
+def _check_strength(strength) -> None:
+  if not (math.isfinite(strength) and strength > 0):
+    raise ValueError(f"defect strength must be a finite number > 0, got {strength}")
+
+
+def _draw_defect(image_HxW, defect, rng, photos, category, max_tries, exact):
+  """The draw both tiers share: redraws until the mask covers between MIN_DEFECT_AREA
+  and MAX_DEFECT_AREA of the image. Returns ``(drawn image, mask, params, area
+  fraction, (w, Δ) of exact_defect or None)``; ``exact`` takes the calibrated tier's
+  mask, which consumes no random number, so both tiers draw the same numbers."""
+  if defect not in _DEFECTS:
+    raise ValueError(f"unknown defect {defect!r}; choose from {DEFECT_TYPES}")
+  size = image_HxW.shape[0]
+  scale = size / _REFERENCE_SIZE
+  gain = float(np.clip((image_HxW.std() / 26.0) ** 2.5, 1.0, 3.0))
+  for _ in range(max_tries):
+    out, mask, params = _DEFECTS[defect](image_HxW, rng, scale, gain, photos, category)
+    parts = None
+    if exact:
+      w_HxW, delta_HxW, mask = exact_defect(image_HxW, out, mask, _FEATHER_PX * scale)
+      parts = (w_HxW, delta_HxW)
+    frac = float(mask.mean())
+    if MIN_DEFECT_AREA <= frac <= MAX_DEFECT_AREA:
+      params = {k: (float(v) if isinstance(v, (float, np.floating)) else v)
+                for k, v in params.items()}
+      return out, mask, params, frac, parts
+  raise RuntimeError(f"could not draw a {defect} with area in "
+                     f"[{MIN_DEFECT_AREA}, {MAX_DEFECT_AREA}] for a {size}px image")
 
 
 def synthesize_defect(image_HxW: np.ndarray, defect: str, rng: np.random.Generator,
@@ -508,25 +605,14 @@ def synthesize_defect(image_HxW: np.ndarray, defect: str, rng: np.random.Generat
   a 2 px (at 256 px) inward feather, so the mask holds exactly the changed pixels. The
   mask (hence the area check and every random draw) does not depend on s.
   """
-  if defect not in _DEFECTS:
-    raise ValueError(f"unknown defect {defect!r}; choose from {DEFECT_TYPES}")
-  if strength is not None and not (math.isfinite(strength) and strength > 0):
-    raise ValueError(f"defect strength must be a finite number > 0, got {strength}")
-  size = image_HxW.shape[0]
-  scale = size / _REFERENCE_SIZE
-  gain = float(np.clip((image_HxW.std() / 26.0) ** 2.5, 1.0, 3.0))
-  for _ in range(max_tries):
-    out, mask, params = _DEFECTS[defect](image_HxW, rng, scale, gain, photos, category)
-    if strength is not None:
-      out, mask = confine_defect(image_HxW, out, mask, strength, _FEATHER_PX * scale)
-      params["strength"] = float(strength)
-    frac = float(mask.mean())
-    if MIN_DEFECT_AREA <= frac <= MAX_DEFECT_AREA:
-      params = {k: (float(v) if isinstance(v, (float, np.floating)) else v)
-                for k, v in params.items()}
-      return out.astype(np.float32), mask, {**params, "area_fraction": frac}
-  raise RuntimeError(f"could not draw a {defect} with area in "
-                     f"[{MIN_DEFECT_AREA}, {MAX_DEFECT_AREA}] for a {size}px image")
+  if strength is not None:
+    _check_strength(strength)
+  out, mask, params, frac, parts = _draw_defect(image_HxW, defect, rng, photos, category,
+                                                max_tries, exact=strength is not None)
+  if strength is not None:
+    out = apply_defect(image_HxW, *parts, strength)
+    params = {**params, "strength": float(strength)}
+  return out.astype(np.float32), mask, {**params, "area_fraction": frac}
 
 
 # ----------------------------------------------------------------------------
@@ -535,8 +621,11 @@ def synthesize_defect(image_HxW: np.ndarray, defect: str, rng: np.random.Generat
 
 
 def _quantize(image, rng, noise_sigma):
-  noisy = image + rng.normal(0.0, noise_sigma, size=image.shape)
-  return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+  return _quantize_noisy(image, rng.normal(0.0, noise_sigma, size=image.shape))
+
+
+def _quantize_noisy(image, noise):
+  return np.clip(np.round(image + noise), 0, 255).astype(np.uint8)
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
@@ -553,6 +642,18 @@ def _category_id(name: str) -> int:
   return zlib.crc32(name.encode())
 
 
+def _sample_rng(category: str, split: str, index: int, seed: int) -> np.random.Generator:
+  if split not in _SPLIT_IDS:
+    raise ValueError(f"split must be one of {tuple(_SPLIT_IDS)}, got {split!r}")
+  return np.random.default_rng([seed, _category_id(category), _SPLIT_IDS[split], index])
+
+
+def _sample_view(category, photos, split, rng, image_size, crop_range):
+  photo = photos[category]
+  regions = split_regions(photo.shape, _SPLIT_REGIONS[split], CATEGORY_SPECS[category].cells)
+  return _random_view(photo, regions, crop_range, image_size, rng)
+
+
 def render_sample(category: str, photos: Mapping[str, np.ndarray], split: str, kind: str,
                   index: int, *, seed: int, image_size: int, crop_range: tuple[int, int],
                   noise_sigma: float, strength: float | None = None):
@@ -560,18 +661,81 @@ def render_sample(category: str, photos: Mapping[str, np.ndarray], split: str, k
   split id, index])``: a crop of the split's regions, a ``kind`` defect unless "good",
   sensor noise, quantisation. Returns (uint8 image [S, S], bool mask or None,
   provenance dict, defect params or None). ``split`` is "train", "test" (the build) or
-  "calibration_fit" / "calibration_eval" (train / test regions, own streams)."""
-  if split not in _SPLIT_IDS:
-    raise ValueError(f"split must be one of {tuple(_SPLIT_IDS)}, got {split!r}")
-  photo = photos[category]
-  rng = np.random.default_rng([seed, _category_id(category), _SPLIT_IDS[split], index])
-  regions = split_regions(photo.shape, _SPLIT_REGIONS[split], CATEGORY_SPECS[category].cells)
-  image, prov = _random_view(photo, regions, crop_range, image_size, rng)
+  "calibration_fit" / "calibration_eval" (train / test regions, own streams). With a
+  ``strength`` (exact masks), a defective image is ``draw_defective(...).image(strength)``."""
+  if kind != "good" and strength is not None:
+    _check_strength(strength)
+    draw = draw_defective(category, photos, split, kind, index, seed=seed,
+                          image_size=image_size, crop_range=crop_range,
+                          noise_sigma=noise_sigma)
+    return draw.image(strength), draw.mask_HxW, draw.provenance, draw.defect_params(strength)
+  rng = _sample_rng(category, split, index, seed)
+  image, prov = _sample_view(category, photos, split, rng, image_size, crop_range)
   mask = params = None
   if kind != "good":
-    image, mask, params = synthesize_defect(image, kind, rng, photos, category,
-                                            strength=strength)
+    image, mask, params = synthesize_defect(image, kind, rng, photos, category)
   return _quantize(image, rng, noise_sigma), mask, prov, params
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DefectDraw:
+  """One defective sample of the exact-mask generator with its strength left open.
+
+  Everything ``render_sample`` draws for it (crop, defect kind and shape, position,
+  sensor noise) is fixed; the strength s is applied last, so the images of one draw at
+  any two strengths are identical off the mask and differ on it only by s:
+
+    image(s) = quantise(clean + s · w · Δ + noise),   clean() = quantise(clean + noise),
+
+  quantise = round and clip to [0, 255] (uint8). ``image(s)`` is byte for byte
+  ``render_sample(..., strength=s)``'s image.
+
+  Attributes:
+    clean_HxW: the defect-free float view (float32).
+    w_HxW, delta_HxW, mask_HxW: ``exact_defect``'s weight, change and mask.
+    noise_HxW: the sensor noise added before quantisation.
+    provenance: crop box, rotation and mirroring (as in the manifest).
+    params: the defect's drawn parameters (no strength).
+    area_fraction: the mask's share of the image.
+  """
+  clean_HxW: np.ndarray
+  w_HxW: np.ndarray
+  delta_HxW: np.ndarray
+  mask_HxW: np.ndarray
+  noise_HxW: np.ndarray
+  provenance: dict
+  params: dict
+  area_fraction: float
+
+  def clean(self) -> np.ndarray:
+    """The quantised defect-free image with this draw's noise, uint8 [S, S]."""
+    return _quantize_noisy(self.clean_HxW, self.noise_HxW)
+
+  def image(self, strength: float) -> np.ndarray:
+    """The quantised defective image at ``strength``, uint8 [S, S]."""
+    _check_strength(strength)
+    out = apply_defect(self.clean_HxW, self.w_HxW, self.delta_HxW, strength)
+    return _quantize_noisy(out.astype(np.float32), self.noise_HxW)
+
+  def defect_params(self, strength: float | None = None) -> dict:
+    """The manifest's defect parameters (with ``strength`` when given)."""
+    extra = {} if strength is None else {"strength": float(strength)}
+    return {**self.params, **extra, "area_fraction": self.area_fraction}
+
+
+def draw_defective(category: str, photos: Mapping[str, np.ndarray], split: str, kind: str,
+                   index: int, *, seed: int, image_size: int, crop_range: tuple[int, int],
+                   noise_sigma: float) -> DefectDraw:
+  """The ``kind`` defect sample ``render_sample`` draws for (split, index), through the
+  exact-mask generator, with its strength left open (``DefectDraw``)."""
+  if kind not in DEFECT_TYPES:
+    raise ValueError(f"unknown defect {kind!r}; choose from {DEFECT_TYPES}")
+  rng = _sample_rng(category, split, index, seed)
+  image, prov = _sample_view(category, photos, split, rng, image_size, crop_range)
+  _, mask, params, frac, (w_HxW, delta_HxW) = _draw_defect(
+      image, kind, rng, photos, category, max_tries=200, exact=True)
+  noise_HxW = rng.normal(0.0, noise_sigma, size=image.shape)
+  return DefectDraw(image, w_HxW, delta_HxW, mask, noise_HxW, prov, params, frac)
 
 
 def _build_category(out_dir: Path, category: str, photos, *, seed, image_size, n_train,
@@ -689,6 +853,23 @@ def _remove_stale_partials(root: Path) -> None:
       pass  # vanished meanwhile
 
 
+def _check_build_arguments(defects, test_good_fraction, n_train, n_test, image_size,
+                           crop_range) -> tuple[int, int]:
+  """Refuses out-of-range build arguments, naming them; returns the crop range as ints."""
+  bad = [d for d in defects if d not in DEFECT_TYPES]
+  if bad or not defects:
+    raise ValueError(f"defects must be a non-empty subset of {DEFECT_TYPES}, got {defects}")
+  if not 0.0 <= test_good_fraction <= 0.6:
+    raise ValueError(f"test_good_fraction must lie in [0, 0.6], got {test_good_fraction}")
+  if n_train < 1 or n_test < 1 or image_size < 16:
+    raise ValueError(f"need n_train >= 1, n_test >= 1, image_size >= 16; got "
+                     f"{n_train}, {n_test}, {image_size}")
+  lo, hi = (int(c) for c in crop_range)
+  if not 8 <= lo <= hi <= 256:
+    raise ValueError(f"crop_range must satisfy 8 <= min <= max <= 256, got {crop_range}")
+  return lo, hi
+
+
 def build_texture_benchmark(root: str | os.PathLike | None = None, seed: int = 0,
                             image_size: int = 256, n_train: int = 120, n_test: int = 80,
                             categories: Sequence[str] = SOURCE_PHOTOS, *,
@@ -707,8 +888,9 @@ def build_texture_benchmark(root: str | os.PathLike | None = None, seed: int = 0
     n_train: defect-free train images per category.
     n_test: test images per category; ``round(n_test * test_good_fraction)`` are
       good, the rest cycle through ``defects`` (defaults: 30 good, 10 per defect).
-    categories: subset of ``CATEGORIES`` (default: the hard tier, brick, grass,
-      gravel; ``CATEGORIES`` builds all eight).
+    categories: what to build, in ``expand_categories``' vocabulary: category and
+      tier names or ``"all"`` (default: the hard tier, brick, grass, gravel; empty or
+      ``"all"``: all nine).
     test_good_fraction: share of good test images, in [0, 0.6] so that at least
       40 % of the test split is defective.
     defects: subset of ``DEFECT_TYPES``.
@@ -722,22 +904,9 @@ def build_texture_benchmark(root: str | os.PathLike | None = None, seed: int = 0
     and ``images``.
   """
   root = Path(root) if root is not None else default_benchmark_root()
-  categories = tuple(categories)
+  categories = expand_categories(categories)
   defects = tuple(defects)
-  bad = [c for c in categories if c not in CATEGORIES]
-  if bad or not categories:
-    raise ValueError(f"categories must be a non-empty subset of {CATEGORIES}, got {categories}")
-  bad = [d for d in defects if d not in DEFECT_TYPES]
-  if bad or not defects:
-    raise ValueError(f"defects must be a non-empty subset of {DEFECT_TYPES}, got {defects}")
-  if not 0.0 <= test_good_fraction <= 0.6:
-    raise ValueError(f"test_good_fraction must lie in [0, 0.6], got {test_good_fraction}")
-  if n_train < 1 or n_test < 1 or image_size < 16:
-    raise ValueError(f"need n_train >= 1, n_test >= 1, image_size >= 16; got "
-                     f"{n_train}, {n_test}, {image_size}")
-  lo, hi = (int(c) for c in crop_range)
-  if not 8 <= lo <= hi <= 256:
-    raise ValueError(f"crop_range must satisfy 8 <= min <= max <= 256, got {crop_range}")
+  lo, hi = _check_build_arguments(defects, test_good_fraction, n_train, n_test, image_size, crop_range)
   strength_of = resolve_strengths(categories, strengths)
   params = {"builder_version": BUILDER_VERSION, "seed": int(seed), "image_size": int(image_size),
             "n_train": int(n_train), "n_test": int(n_test), "categories": list(categories),
@@ -829,15 +998,6 @@ CALIBRATION_SETTINGS = CalibrationSettings()
 FeaturesFn = Callable[[Sequence[Path]], np.ndarray]
 
 
-@dataclasses.dataclass
-class _CalibrationData:
-  """A category's calibration split at one strength: fit and evaluation image files."""
-  fit_paths: list[Path]
-  good_paths: list[Path]
-  defect_paths: list[Path]
-  defect_kinds: list[str]
-
-
 def _write_png_set(folder: Path, images) -> list[Path]:
   paths = []
   for i, image in enumerate(images):
@@ -864,22 +1024,32 @@ def calibration_normals(category: str, settings: CalibrationSettings = CALIBRATI
   return np.stack(fit), np.stack(good)
 
 
+def calibration_draws(category: str, settings: CalibrationSettings = CALIBRATION_SETTINGS,
+                      photos: Mapping[str, np.ndarray] | None = None
+                      ) -> tuple[list[DefectDraw], list[str]]:
+  """The calibration split's defective samples with their strength left open
+  (``DefectDraw``): test-region crops ``n_good..n_good+n_defective-1`` of
+  ``calibration_eval``, kinds cycling through ``settings.defects``. Returns (draws, kinds)."""
+  photos = photos or load_photos([category])
+  kinds = [settings.defects[i % len(settings.defects)] for i in range(settings.n_defective)]
+  draws = [draw_defective(category, photos, "calibration_eval", kind, settings.n_good + i,
+                          seed=settings.seed, image_size=settings.image_size,
+                          crop_range=tuple(settings.crop_range),
+                          noise_sigma=settings.noise_sigma)
+           for i, kind in enumerate(kinds)]
+  return draws, kinds
+
+
 def calibration_defects(category: str, strength: float,
                         settings: CalibrationSettings = CALIBRATION_SETTINGS,
                         photos: Mapping[str, np.ndarray] | None = None
                         ) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """The calibration split's defective images at ``strength``: ``(images_NxSxS uint8,
-  masks_NxSxS bool, kinds)``, test-region crops ``n_good..n_good+n_defective-1`` of
-  ``calibration_eval``, kinds cycling through ``settings.defects``. The random draws do
-  not depend on the strength (common random numbers), so AUROC(strength) is smooth."""
-  photos = photos or load_photos([category])
-  kinds = [settings.defects[i % len(settings.defects)] for i in range(settings.n_defective)]
-  out = [render_sample(category, photos, "calibration_eval", kind, settings.n_good + i,
-                       seed=settings.seed, image_size=settings.image_size,
-                       crop_range=tuple(settings.crop_range),
-                       noise_sigma=settings.noise_sigma, strength=strength)
-         for i, kind in enumerate(kinds)]
-  return np.stack([o[0] for o in out]), np.stack([o[1] for o in out]), kinds
+  masks_NxSxS bool, kinds)`` of ``calibration_draws``. The random draws do not depend
+  on the strength (common random numbers), so AUROC(strength) is smooth."""
+  draws, kinds = calibration_draws(category, settings, photos)
+  return (np.stack([d.image(strength) for d in draws]), np.stack([d.mask_HxW for d in draws]),
+          kinds)
 
 
 def padim_image_auroc(fit_feats_NxhxwxC: np.ndarray, eval_feats_MxhxwxC: np.ndarray,
@@ -899,24 +1069,78 @@ def padim_image_auroc(fit_feats_NxhxwxC: np.ndarray, eval_feats_MxhxwxC: np.ndar
                                    labels_M))
 
 
-class _Calibrator:
-  """AUROC(strength) for one category; normal-image features computed once."""
+class CalibrationSplit:
+  """AUROC(strength) on one category's calibration split (any category, both tiers'
+  photos, through the exact-mask generator): the normal images' features are computed
+  once and the defective samples drawn once (``calibration_draws``), so each strength
+  costs only its quantisation, PNG files and their features.
 
-  def __init__(self, category, features_fn, workdir: Path, settings, photos):
-    self.category, self.features_fn, self.settings, self.photos = (
-        category, features_fn, settings, photos)
-    self.dir = workdir / category
+  Attributes:
+    draws, kinds: the defective samples (``DefectDraw``) and their defect kinds.
+  """
+
+  def __init__(self, category: str, features_fn: FeaturesFn, workdir: Path,
+               settings: CalibrationSettings = CALIBRATION_SETTINGS,
+               photos: Mapping[str, np.ndarray] | None = None):
+    _check_settings(settings)
+    photos = photos or load_photos([category])
+    self.category, self.features_fn, self.settings = category, features_fn, settings
+    self.dir = Path(workdir) / category
     fit, good = calibration_normals(category, settings, photos)
     self.fit_feats = np.asarray(features_fn(_write_png_set(self.dir / "fit", fit)))
     self.good_feats = np.asarray(features_fn(_write_png_set(self.dir / "good", good)))
+    self.draws, self.kinds = calibration_draws(category, settings, photos)
+
+  def images(self, strength: float) -> np.ndarray:
+    """The defective images at ``strength``, uint8 [n_defective, S, S]."""
+    return np.stack([d.image(strength) for d in self.draws])
 
   def auroc(self, strength: float) -> float:
-    images, _, _ = calibration_defects(self.category, strength, self.settings, self.photos)
-    paths = _write_png_set(self.dir / f"defective_s{strength:.6f}", images)
+    """PaDiM's image AUROC (``padim_image_auroc``) of the good against the defective
+    images at ``strength``."""
+    paths = _write_png_set(self.dir / f"defective_s{strength:.6f}", self.images(strength))
     defect_feats = np.asarray(self.features_fn(paths))
     labels = np.r_[np.zeros(len(self.good_feats)), np.ones(len(defect_feats))].astype(np.int32)
     return padim_image_auroc(self.fit_feats, np.concatenate([self.good_feats, defect_feats]),
                              labels, self.settings)
+
+
+def bisect_strengths(auroc_fn: Callable[[float], float], targets: Sequence[float],
+                     bounds: tuple[float, float], tol: float, max_iter: int,
+                     seen: list[list[float]] | None = None
+                     ) -> tuple[list[list[float]], list[list[float]]]:
+  """Geometric bisection of the strength for each AUROC target, evaluations shared.
+
+  For each target t in order: with ``seen`` the [s, a(s)] pairs evaluated so far (every
+  target's), the bracket is s_lo = the largest seen s with a(s) < t (else bounds[0])
+  and s_hi = the smallest seen s > s_lo with a(s) >= t (else bounds[1]); while no seen
+  pair lies within ``tol`` of t, evaluate ``a(sqrt(s_lo · s_hi))``, at most ``max_iter``
+  times for this target (none when the bracket is empty: t lies beyond a(bounds[1])
+  once bounds[1] is seen). The target's strength is the seen pair whose AUROC is
+  nearest t (the first evaluated on ties). For one target and nothing seen, this is
+  plain geometric bisection on ``bounds`` stopping within ``tol``.
+
+  Returns:
+    (chosen: one [s, a] per target, seen: every evaluation in order; ``seen`` is
+    extended in place when given).
+  """
+  if max_iter < 1:
+    raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+  seen = [] if seen is None else seen
+  b_lo, b_hi = (float(b) for b in bounds)
+  chosen = []
+  for t in targets:
+    for _ in range(max_iter):
+      if any(abs(a - t) <= tol for _, a in seen):
+        break
+      s_lo = max([b_lo] + [s for s, a in seen if a < t])
+      s_hi = min([b_hi] + [s for s, a in seen if a >= t and s > s_lo])
+      if not s_lo < s_hi:
+        break
+      s = math.sqrt(s_lo * s_hi)
+      seen.append([s, float(auroc_fn(s))])
+    chosen.append(list(min(seen, key=lambda sa: abs(sa[1] - t))))
+  return chosen, seen
 
 
 def calibration_auroc(category: str, strength: float, features_fn: FeaturesFn,
@@ -924,10 +1148,9 @@ def calibration_auroc(category: str, strength: float, features_fn: FeaturesFn,
                       workdir: str | os.PathLike | None = None) -> float:
   """PaDiM's image AUROC on ``category``'s calibration split at ``strength`` (the
   quantity ``calibrate_strength`` searches; deterministic given the features)."""
-  _check_settings(settings)
   with tempfile.TemporaryDirectory(prefix="tailjax-calibration-") as tmp:
-    calib = _Calibrator(category, features_fn, Path(workdir) if workdir else Path(tmp),
-                        settings, load_photos([category]))
+    calib = CalibrationSplit(category, features_fn, Path(workdir) if workdir else Path(tmp),
+                             settings)
     return calib.auroc(float(strength))
 
 
@@ -955,9 +1178,10 @@ def calibrate_strength(category: str, features_fn: FeaturesFn,
   """The defect strength at which PaDiM's image AUROC on ``category``'s calibration
   split lands in ``settings.band``.
 
-  Geometric bisection on ``settings.bounds`` = [s_lo, s_hi]: with c the band centre,
-  evaluate ``a(s)`` at ``s = sqrt(s_lo · s_hi)``; ``a(s) < c`` moves s_lo up to s, else
-  s_hi down, until ``|a(s) − c| <= tol`` or ``max_iter`` evaluations. Returned: the
+  Geometric bisection (``bisect_strengths`` with one target, the band centre c) on
+  ``settings.bounds`` = [s_lo, s_hi]: evaluate ``a(s)`` at ``s = sqrt(s_lo · s_hi)``;
+  ``a(s) < c`` moves s_lo up to s, else s_hi down, until ``|a(s) − c| <= tol`` or
+  ``max_iter`` evaluations. Returned: the
   evaluated strength nearest c (it must lie in the band, else ValueError naming the
   category and the AUROCs seen: the band is out of reach within the bounds). The
   search is deterministic: the split is fixed by ``settings.seed`` and its random
@@ -979,21 +1203,13 @@ def calibrate_strength(category: str, features_fn: FeaturesFn,
                      f"only {CALIBRATED_CATEGORIES} are calibrated")
   _check_settings(settings)
   start = time.perf_counter()
+  lo, hi = settings.band
+  centre = 0.5 * (lo + hi)
   with tempfile.TemporaryDirectory(prefix="tailjax-calibration-") as tmp:
-    calib = _Calibrator(category, features_fn, Path(workdir) if workdir else Path(tmp),
-                        settings, load_photos([category]))
-    lo, hi = settings.band
-    centre = 0.5 * (lo + hi)
-    s_lo, s_hi = (float(b) for b in settings.bounds)
-    seen = []
-    for _ in range(settings.max_iter):
-      s = math.sqrt(s_lo * s_hi)
-      a = calib.auroc(s)
-      seen.append([s, a])
-      if abs(a - centre) <= settings.tol:
-        break
-      s_lo, s_hi = (s, s_hi) if a < centre else (s_lo, s)
-  best_s, best_a = min(seen, key=lambda sa: abs(sa[1] - centre))
+    calib = CalibrationSplit(category, features_fn, Path(workdir) if workdir else Path(tmp),
+                             settings)
+    [[best_s, best_a]], seen = bisect_strengths(calib.auroc, [centre], settings.bounds,
+                                                settings.tol, settings.max_iter)
   if not lo <= best_a <= hi:
     raise ValueError(f"calibration of {category!r}: no strength in {settings.bounds} gives a "
                      f"PaDiM image AUROC in {settings.band}; tried "

@@ -24,7 +24,8 @@ evaluation, uncertainty that includes the test set, and the report.
 
 and stores each finished ratio as the unit ``ratios/<ratio>`` (a rerun reuses
 it). ``mil_verdicts.answers`` applies the verdict rules below, which were fixed before
-the run; ``mil_report`` renders ``report.md`` and the figures.
+the run; ``mil_report`` gathers results and verdicts into one ``Conclusions`` and
+writes ``report.md``, ``results.json`` and the figures from it in one pass.
 
 Verdict rules (each re-stated under the seed + test-set interval):
 
@@ -55,14 +56,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tailjax import distributed
-from tailjax import io as tio
 from tailjax import mil
 from tailjax import reporting
 from tailjax import runrecord
@@ -80,7 +80,7 @@ from tailjax.studies.mil_verdicts import BASELINES
 from tailjax.studies.mil_verdicts import GAIN_CANDIDATES
 from tailjax.studies.mil_verdicts import NULL_RECIPE
 
-UNIT_VERSION = 4          # bump when the per-ratio unit layout changes: old units are recomputed
+UNIT_VERSION = 4          # bump when the per-ratio unit layout changes: a unit of another version is recomputed
 FIGURE_BAGS = 8           # positive test bags whose instance weights are kept for the figure
 RECIPE_KEYS = ("model", "pooling", "layer_norm", "loss", "fp_weight", "learning_rate", "epochs", "patience")
 
@@ -307,7 +307,7 @@ def diagnose_ratio(config, ds: bags_lib.BagDataset, ratio: str, recipes: Sequenc
 
 
 def _diagnose_ratio(config, ds, ratio, recipes) -> dict:
-  seed, n_boot, top_k = int(config.seed), int(config.n_boot), int(config.medoid_top_k)
+  seed, n_boot = int(config.seed), int(config.n_boot)
   info = ds.split_info(ratio)
   pos_weight = info["train"]["negatives"] / max(info["train"]["positives"], 1)
   split = dict(zip(bags_lib.SPLITS, (ds.padded(ratio, s) for s in bags_lib.SPLITS)))
@@ -315,54 +315,84 @@ def _diagnose_ratio(config, ds, ratio, recipes) -> dict:
   y_B = te.labels_B.astype(np.int64)
   w_bag = stats.bootstrap_weights(y_B, n_boot, seed)          # stratified by bag label
   inst = _Instances(te, stats.bootstrap_weights(np.zeros(int(y_B.sum())), n_boot, seed + 1))
-  out: dict[str, Any] = {"version": UNIT_VERSION, "split_info": info, "pos_weight": pos_weight,
-                         "chance_top1": inst.chance_top1, "baselines": {}, "recipes": {}}
+  arms: dict[str, tuple] = {}   # name -> (test AUC per seed, per bootstrap resample): the paired arms
 
-  # No-learning scores.
-  def no_learning(s: bags_lib.Split) -> dict:
-    med_BxN = np.asarray(mil.medoid_distances(s.features_BxNxD, s.mask_BxN))
-    return {"dispersion": np.asarray(mil.bag_dispersion(s.features_BxNxD, s.mask_BxN)),
-            "medoid_max": np.asarray(mil.top_k_mean(med_BxN, s.mask_BxN, 1)),
-            "medoid_topk": np.asarray(mil.top_k_mean(med_BxN, s.mask_BxN, top_k)), "_instances": med_BxN}
-
-  base = {s: no_learning(split[s]) for s in bags_lib.SPLITS}
-  arms = {}
+  base = {s: _no_learning_scores(split[s], int(config.medoid_top_k)) for s in bags_lib.SPLITS}
+  baselines = {}
   for name in BASELINES:
     arms[name] = _auc_arm(base["test"][name][None], y_B, w_bag)
-    out["baselines"][name] = {
+    baselines[name] = {
         "test": _interval(arms[name]),
         "val_auc": stats.weighted_auc(stats.auc_pair_counts(base["val"][name], split["val"].labels_B))}
-  out["instance_baseline"] = inst.evaluate(base["test"]["_instances"][None])
+  instance_baseline = inst.evaluate(base["test"]["_instances"][None])
+  shift = _shift_check(base, split, w_bag, n_boot, seed)
 
-  # Train/test shift of the no-learning score: it needs no training, so its
-  # AUC should agree across the splits up to sampling error.
+  data = bag_data(split["train"], split["val"])
+  root = jax.random.PRNGKey(seed)
+  keys_S = jax.vmap(lambda s: jax.random.fold_in(root, s))(jnp.arange(int(config.num_seeds)))
+  trained = _train_recipes(config, ratio, recipes, data, keys_S, te, pos_weight, inst)
+  for name, (arm, _) in trained.items():
+    arms[name] = _auc_arm(arm, y_B, w_bag)
+  recipe_results = {name: {"test": _interval(arms[name]), "test_auc": arms[name][0].tolist(), **rest}
+                    for name, (_, rest) in trained.items()}
+
+  # Paired differences (same seeds ⇒ same init, batches and dropout; same test resamples).
+  for name, rec in recipe_results.items():
+    rec["vs_before"] = _interval(arms[name], arms["before"])
+    rec["vs_dispersion"] = _interval(arms[name], arms["dispersion"])
+    rec["vs_medoid_max"] = _interval(arms[name], arms["medoid_max"])
+  present = [a for a in GAIN_CANDIDATES if a in arms]
+  gain_pairs = {f"{a}|{b}": _interval(arms[a], arms[b]) for a in present for b in present if a != b}
+
+  null_logits_PxB = _permutation_logits(config, recipes, data, root, te, pos_weight)
+  return {"version": UNIT_VERSION, "split_info": info, "pos_weight": pos_weight,
+          "chance_top1": inst.chance_top1, "baselines": baselines, "recipes": recipe_results,
+          "instance_baseline": instance_baseline, "shift": shift, "gain_pairs": gain_pairs,
+          "null": {"recipe": NULL_RECIPE, "test": _interval(_auc_arm(null_logits_PxB, y_B, w_bag))}}
+
+
+def _no_learning_scores(s: bags_lib.Split, top_k: int) -> dict:
+  """Bag scores that need no training (dispersion; medoid distance pooled by max and
+  by the top-k mean) and, under ``_instances``, the per-instance medoid distances."""
+  med_BxN = np.asarray(mil.medoid_distances(s.features_BxNxD, s.mask_BxN))
+  return {"dispersion": np.asarray(mil.bag_dispersion(s.features_BxNxD, s.mask_BxN)),
+          "medoid_max": np.asarray(mil.top_k_mean(med_BxN, s.mask_BxN, 1)),
+          "medoid_topk": np.asarray(mil.top_k_mean(med_BxN, s.mask_BxN, top_k)), "_instances": med_BxN}
+
+
+def _shift_check(base: dict, split: dict, w_bag, n_boot: int, seed: int) -> dict:
+  """Train/test shift of the no-learning score: it needs no training, so its AUC
+  should agree across the splits up to sampling error."""
   shift = {}
   for s in bags_lib.SPLITS:
     w = w_bag if s == "test" else stats.bootstrap_weights(split[s].labels_B, n_boot, seed + 2)
     shift[s] = _interval(_auc_arm(base[s]["dispersion"][None], split[s].labels_B, w))
   diff = stats.linear_combination_interval([shift["test"], shift["train"]], [1.0, -1.0])
-  out["shift"] = {"dispersion_auc": shift, "test_minus_train": diff,
-                  "shifted": reporting.side_of_zero(diff) != 0}
+  return {"dispersion_auc": shift, "test_minus_train": diff, "shifted": reporting.side_of_zero(diff) != 0}
 
-  # Every recipe × seed; one program per model structure.
-  data = bag_data(split["train"], split["val"])
-  root = jax.random.PRNGKey(seed)
-  keys_S = jax.vmap(lambda s: jax.random.fold_in(root, s))(jnp.arange(int(config.num_seeds)))
+
+def _train_recipes(config, ratio, recipes, data, keys_S, te, pos_weight, inst) -> dict:
+  """Every recipe × seed, one compiled program per model structure; identical
+  hyperparameter rows (e.g. "before" and fp_sweep_2) are trained once.
+
+  Returns ``{name: (test logits [S, B], the recipe's JSON-ready results but its test
+  AUCs)}``, structure by structure, recipes in config order within each."""
   test_x, test_mask = jnp.asarray(te.features_BxNxD), jnp.asarray(te.mask_BxN)
   n_B = te.mask_BxN.sum(1)
   groups: dict[tuple, list[Recipe]] = {}
   for r in recipes:
     groups.setdefault((r.model, r.layer_norm, r.pooling), []).append(r)
+  out = {}
   for (kind, ln, pooling), rs in groups.items():
-    rows, row_of = [], {}
-    for r in rs:  # identical rows (e.g. "before" and fp_sweep_2) are trained once
+    hparam_rows, row_of = [], {}
+    for r in rs:
       row = r.hparam_row(pos_weight)
       k = tuple(sorted(row.items()))
       if k not in row_of:
-        row_of[k] = len(rows)
-        rows.append(row)
+        row_of[k] = len(hparam_rows)
+        hparam_rows.append(row)
       row_of[r.name] = row_of[k]
-    hp_H = make_hparams(rows, max_epochs=int(config.train.max_epochs))
+    hp_H = make_hparams(hparam_rows, max_epochs=int(config.train.max_epochs))
     res, (logits_HxSxB, alpha_HxSxBxN, s_HxSxBxN) = jax.device_get(
         _program(config, kind, ln, pooling)(data, hp_H, keys_S, test_x, test_mask))
     if np.any(res.nonfinite):
@@ -372,27 +402,21 @@ def _diagnose_ratio(config, ds, ratio, recipes) -> dict:
                                "training stopped there (the last finite params were kept)")
     for r in rs:
       h = row_of[r.name]
-      arms[r.name] = _auc_arm(logits_HxSxB[h], y_B, w_bag)
       # Attention as α·n (1 = uniform), comparable across bags of different sizes.
       weights = alpha_HxSxBxN[h] * n_B[None, :, None] if pooling == "attention" else s_HxSxBxN[h]
-      out["recipes"][r.name] = {
-          "test": _interval(arms[r.name]), "test_auc": arms[r.name][0].tolist(),
+      out[r.name] = (logits_HxSxB[h], {
           "val_auc": res.best_val_auc[h].tolist(), "best_epoch": res.best_epoch[h].tolist(),
           "epochs_run": res.epochs_run[h].tolist(), "val_auc_history_mean": _nanmean_rows(res.val_auc_E[h]),
-          "hparams": rows[h], "model": r.model, "pooling": r.pooling, "layer_norm": r.layer_norm,
-          "instance": inst.evaluate(weights, s_HxSxBxN[h])}
+          "hparams": hparam_rows[h], "model": r.model, "pooling": r.pooling, "layer_norm": r.layer_norm,
+          "instance": inst.evaluate(weights, s_HxSxBxN[h])})
+  return out
 
-  # Paired differences (same seeds ⇒ same init, batches and dropout; same test resamples).
-  for name, rec in out["recipes"].items():
-    rec["vs_before"] = _interval(arms[name], arms["before"])
-    rec["vs_dispersion"] = _interval(arms[name], arms["dispersion"])
-    rec["vs_medoid_max"] = _interval(arms[name], arms["medoid_max"])
-  present = [a for a in GAIN_CANDIDATES if a in arms]
-  out["gain_pairs"] = {f"{a}|{b}": _interval(arms[a], arms[b]) for a in present for b in present if a != b}
 
-  # Chance-level check: "before" trained on permuted training and validation
-  # labels (one permutation and one seed per run). These models cannot have
-  # learned the labels, so their test AUC shows what chance looks like here.
+def _permutation_logits(config, recipes, data, root, te, pos_weight) -> np.ndarray:
+  """Test logits ``[P, B]`` of the chance-level check: ``NULL_RECIPE`` trained on
+  permuted training and validation labels, one permutation and one seed per run.
+  These models cannot have learned the labels, so their test AUC shows what chance
+  looks like here."""
   null_rec = next(r for r in recipes if r.name == NULL_RECIPE)
   p = int(config.permutation_runs)
   null_root = jax.random.fold_in(root, 1_000_003)
@@ -405,9 +429,8 @@ def _diagnose_ratio(config, ds, ratio, recipes) -> dict:
                                                  max_epochs=int(config.train.max_epochs)))
   _, (null_logits_PxB, _, _) = jax.device_get(
       _program(config, null_rec.model, null_rec.layer_norm, null_rec.pooling, null=True)(
-          data_P, hp, keys_P, test_x, test_mask))
-  out["null"] = {"recipe": NULL_RECIPE, "test": _interval(_auc_arm(null_logits_PxB, y_B, w_bag))}
-  return out
+          data_P, hp, keys_P, jnp.asarray(te.features_BxNxD), jnp.asarray(te.mask_BxN)))
+  return null_logits_PxB
 
 
 # ----------------------------------------------------------------------------
@@ -456,14 +479,8 @@ def run_diagnosis(config, workdir: str | Path, *, progress: bool = True, on_chan
     per_ratio = {r: fresh[r] if r in fresh else run.load_unit(f"ratios/{r}") for r in ds.ratios}
     # Units went through JSON; make fresh results look the same.
     per_ratio = {r: runrecord.to_plain(v) for r, v in per_ratio.items()}
-    ans = mil_verdicts.answers(config, per_ratio)
     data_info = {k: v for k, v in ds.info.items() if k != "settings"}
-    text = mil_report.answer_text(config, per_ratio, ans)
-    mil_report.figure_auc(config, per_ratio, run.path("auc_vs_ratio.png"))
-    mil_report.figure_attention(per_ratio, run.path("attention_bags.png"))
-    wall = time.time() - t0
-    mil_report.write_report(config, per_ratio, ans, data_info, run.workdir, wall, computed)
-    results = {"wall_s": wall, "computed_ratios": computed, "answers": ans, "per_ratio": per_ratio,
-               "data": data_info, "answer_text": text, "workdir": str(run.workdir)}
-    tio.atomic_write_json(run.path("results.json"), results)
+    conclusions = mil_report.conclusions(config, per_ratio, mil_verdicts.answers(config, per_ratio),
+                                         data_info, time.time() - t0, computed)
+    results = mil_report.write(conclusions, run.workdir)
   return results

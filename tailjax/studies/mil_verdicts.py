@@ -60,101 +60,134 @@ def instance_models(per_ratio: Mapping[str, dict], ratio: str) -> list[str]:
   return [n for n in dict.fromkeys(names) if n is not None and n in recs]
 
 
-def answers(config, per_ratio: Mapping[str, dict]) -> dict:
-  """The verdicts, each from an explicit rule (module docstring), with and without test-set error."""
-  ratios = list(per_ratio)
-  thr = float(config.baseline_threshold)
-  flat_range = float(config.flat_range)
-  rec = lambda r, n: per_ratio[r]["recipes"][n]
-  out: dict[str, Any] = {}
+def _rec(per_ratio: Mapping[str, dict], ratio: str, name: str) -> dict:
+  return per_ratio[ratio]["recipes"][name]
 
-  # 1. Do the features carry the signal?
-  out["baseline_rule"] = {}
-  for r in ratios:
+
+def _features_carry_signal(per_ratio, thr: float) -> dict:
+  """Per ratio: "signal" / "weak" by the dispersion baseline's mean test AUC against
+  ``thr``, and by its interval ("undetermined" when the interval covers ``thr``)."""
+  out = {}
+  for r in per_ratio:
     ci = per_ratio[r]["baselines"]["dispersion"]["test"]
-    out["baseline_rule"][r] = {"point": "signal" if ci["mean"] >= thr else "weak",
-                               "interval": side_words(_side(ci, thr), "signal", "weak", "undetermined")}
+    out[r] = {"point": "signal" if ci["mean"] >= thr else "weak",
+              "interval": side_words(_side(ci, thr), "signal", "weak", "undetermined")}
+  return out
 
-  # 2. Is "before" flat?
-  before = {r: rec(r, "before")["test"] for r in ratios}
+
+def _before_is_flat(per_ratio, flat_range: float, lo_r: str, hi_r: str) -> dict:
+  before = {r: _rec(per_ratio, r, "before")["test"] for r in per_ratio}
   spread = max(c["mean"] for c in before.values()) - min(c["mean"] for c in before.values())
-  lo_r, hi_r = min(ratios, key=bags_lib.ratio_value), max(ratios, key=bags_lib.ratio_value)
   d = stats.linear_combination_interval([before[hi_r], before[lo_r]], [1.0, -1.0])
   flat_iv = ("not flat" if _side(d) != 0 else
              "flat" if d["lo"] > -flat_range and d["hi"] < flat_range else "undetermined")
-  out["flat"] = {"spread": spread, "point": "flat" if spread < flat_range else "not flat",
-                 "ends": [lo_r, hi_r], "end_difference": d, "interval": flat_iv}
+  return {"spread": spread, "point": "flat" if spread < flat_range else "not flat",
+          "ends": [lo_r, hi_r], "end_difference": d, "interval": flat_iv}
 
-  # 3. Did the loss weighting cause it?
-  loss = {r: rec(r, "loss_only")["vs_before"] for r in ratios if "loss_only" in per_ratio[r]["recipes"]}
+
+def _loss_is_a_cause(per_ratio) -> dict:
+  loss = {r: _rec(per_ratio, r, "loss_only")["vs_before"] for r in per_ratio
+          if "loss_only" in per_ratio[r]["recipes"]}
   seed_side = {r: _side(ci["seed_ci"]) for r, ci in loss.items()}
   full_side = {r: _side(ci) for r, ci in loss.items()}
   majority = lambda sides: len(sides) > 0 and sum(v > 0 for v in sides.values()) > len(sides) / 2
-  out["loss"] = {"seed_side": seed_side, "side": full_side, "cause_seeds": majority(seed_side),
-                 "cause": majority(full_side)}
+  return {"seed_side": seed_side, "side": full_side, "cause_seeds": majority(seed_side),
+          "cause": majority(full_side)}
 
-  # 4. Is the plain attention-MIL below the no-learning baseline?
-  out["attention_vs_baseline"] = {}
-  for r in ratios:
-    best = attention_choice(per_ratio, r)
-    ci = rec(r, best)["vs_dispersion"]
-    out["attention_vs_baseline"][r] = {
-        "recipe": best, "test": rec(r, best)["test"], "baseline": per_ratio[r]["baselines"]["dispersion"]["test"],
-        "diff": ci, "side_seeds": _side(ci["seed_ci"]), "side": _side(ci)}
 
-  # 5. Which single change matters most? Mean over ratios (independent test sets).
+def _versus_dispersion(per_ratio, ratio: str, recipe: str) -> dict:
+  """``recipe`` at ``ratio`` against the dispersion baseline: both intervals and the
+  side of zero of their paired difference, over seeds and with test-set error."""
+  ci = _rec(per_ratio, ratio, recipe)["vs_dispersion"]
+  return {"recipe": recipe, "test": _rec(per_ratio, ratio, recipe)["test"],
+          "baseline": per_ratio[ratio]["baselines"]["dispersion"]["test"], "diff": ci,
+          "side_seeds": _side(ci["seed_ci"]), "side": _side(ci)}
+
+
+def _gains(per_ratio) -> tuple[dict, dict | None]:
+  """Mean paired gain over "before" across ratios (independent test sets) of each
+  ``GAIN_CANDIDATES`` arm, and the largest single change against the runner-up."""
+  ratios = list(per_ratio)
   gains = {}
   for a in GAIN_CANDIDATES:
     if all(a in per_ratio[r]["recipes"] for r in ratios):
-      gains[a] = stats.linear_combination_interval([rec(r, a)["vs_before"] for r in ratios],
+      gains[a] = stats.linear_combination_interval([_rec(per_ratio, r, a)["vs_before"] for r in ratios],
                                                    [1.0 / len(ratios)] * len(ratios))
-  out["gains"] = gains
   singles = sorted((a for a in gains if a != "after"), key=lambda a: -gains[a]["mean"])
   if len(singles) >= 2:
     best, second = singles[:2]
     diff = stats.linear_combination_interval([per_ratio[r]["gain_pairs"][f"{best}|{second}"] for r in ratios],
                                              [1.0 / len(ratios)] * len(ratios))
-    out["largest_gain"] = {"best": best, "runner_up": second, "difference": diff, "clear": _side(diff) > 0}
-  elif singles:
-    out["largest_gain"] = {"best": singles[0], "runner_up": None, "difference": None, "clear": True}
+    return gains, {"best": best, "runner_up": second, "difference": diff, "clear": _side(diff) > 0}
+  if singles:
+    return gains, {"best": singles[0], "runner_up": None, "difference": None, "clear": True}
+  return gains, None
 
-  # 6. Does the relation-aware model beat the dispersion baseline at the smallest ratio?
-  rel = relation_choice(per_ratio, lo_r)
-  if rel is not None:
-    ci = rec(lo_r, rel)["vs_dispersion"]
-    out["relation"] = {"ratio": lo_r, "recipe": rel, "test": rec(lo_r, rel)["test"],
-                       "baseline": per_ratio[lo_r]["baselines"]["dispersion"]["test"], "diff": ci,
-                       "side_seeds": _side(ci["seed_ci"]), "side": _side(ci)}
 
-  # 7. Does attention find the contaminants?
-  out["instances"] = {}
-  for r in ratios:
-    row = {}
+def _instances(per_ratio) -> dict:
+  """Per ratio, whether each examined model's pooling weights find the foreign instances."""
+  out = {}
+  for r in per_ratio:
+    models = {}
     for n in instance_models(per_ratio, r):
-      ins = rec(r, n)["instance"]
-      row[n] = {"auroc": ins["pool_auroc"], "uses": _side(ins["pool_auroc"], 0.5),
-                "score_auroc": ins["score_auroc"], "top1": ins["top1"]}
+      ins = _rec(per_ratio, r, n)["instance"]
+      models[n] = {"auroc": ins["pool_auroc"], "uses": _side(ins["pool_auroc"], 0.5),
+                   "score_auroc": ins["score_auroc"], "top1": ins["top1"]}
     base = per_ratio[r]["instance_baseline"]
-    out["instances"][r] = {"models": row, "baseline": base["pool_auroc"], "baseline_top1": base["top1"],
-                           "chance_top1": per_ratio[r]["chance_top1"]}
+    out[r] = {"models": models, "baseline": base["pool_auroc"], "baseline_top1": base["top1"],
+              "chance_top1": per_ratio[r]["chance_top1"]}
+  return out
 
-  # 8. Learned pooling vs the instance-level no-learning score (medoid distance, max).
-  out["vs_instance_baseline"] = {}
-  for r in ratios:
+
+def _versus_instance_baseline(per_ratio) -> dict:
+  out = {}
+  for r in per_ratio:
     names = [n for n in [relation_choice(per_ratio, r)] + max_pool_recipes(per_ratio[r]["recipes"]) + ["after"]
              if n is not None and n in per_ratio[r]["recipes"]]
-    out["vs_instance_baseline"][r] = {n: {"diff": rec(r, n)["vs_medoid_max"],
-                                          "side": _side(rec(r, n)["vs_medoid_max"])}
-                                      for n in dict.fromkeys(names)}
+    diff = lambda n: _rec(per_ratio, r, n)["vs_medoid_max"]
+    out[r] = {n: {"diff": diff(n), "side": _side(diff(n))} for n in dict.fromkeys(names)}
+  return out
 
-  # 9. Below-chance cells: noise?
+
+def _below_chance(per_ratio) -> list[dict]:
   cells = []
-  for r in ratios:
+  for r in per_ratio:
     for n, v in per_ratio[r]["recipes"].items():
       if v["test"]["mean"] < 0.5:
         cells.append({"ratio": r, "recipe": n, "test": v["test"], "seed_side": _side(v["test"]["seed_ci"], 0.5),
                       "side": _side(v["test"], 0.5)})
-  out["below_chance"] = cells
+  return cells
+
+
+def answers(config, per_ratio: Mapping[str, dict]) -> dict:
+  """The verdicts, each from an explicit rule (module docstring), with and without test-set error.
+
+  Keys, in the report's order: ``baseline_rule`` (do the features carry the signal?),
+  ``flat`` (is "before" flat?), ``loss`` (did the loss weighting cause it?),
+  ``attention_vs_baseline`` (is the plain attention-MIL below the no-learning
+  baseline?), ``gains`` and ``largest_gain`` (which single change matters most?),
+  ``relation`` (does the relation-aware model beat the baseline at the smallest
+  ratio?), ``instances`` (does attention find the contaminants?),
+  ``vs_instance_baseline`` (learned pooling vs the medoid-distance score), and
+  ``below_chance``, ``null``, ``shift`` (are below-chance cells noise?).
+  """
+  ratios = list(per_ratio)
+  lo_r, hi_r = min(ratios, key=bags_lib.ratio_value), max(ratios, key=bags_lib.ratio_value)
+  out: dict[str, Any] = {
+      "baseline_rule": _features_carry_signal(per_ratio, float(config.baseline_threshold)),
+      "flat": _before_is_flat(per_ratio, float(config.flat_range), lo_r, hi_r),
+      "loss": _loss_is_a_cause(per_ratio),
+      "attention_vs_baseline": {r: _versus_dispersion(per_ratio, r, attention_choice(per_ratio, r))
+                                for r in ratios}}
+  out["gains"], largest = _gains(per_ratio)
+  if largest is not None:
+    out["largest_gain"] = largest
+  rel = relation_choice(per_ratio, lo_r)
+  if rel is not None:
+    out["relation"] = {"ratio": lo_r, **_versus_dispersion(per_ratio, lo_r, rel)}
+  out["instances"] = _instances(per_ratio)
+  out["vs_instance_baseline"] = _versus_instance_baseline(per_ratio)
+  out["below_chance"] = _below_chance(per_ratio)
   out["null"] = {r: {"test": per_ratio[r]["null"]["test"], "side": _side(per_ratio[r]["null"]["test"], 0.5)}
                  for r in ratios}
   out["shift"] = {r: per_ratio[r]["shift"] for r in ratios}

@@ -5,7 +5,7 @@
 
 1. **Model.** The run's trained row (variant, seed) — by default the
    ``report.treatment`` variant's first seed — restored from its final
-   checkpoint (``study_a_run.load_trained``); nothing is trained. The run is only
+   checkpoint (``study_a_record.load_trained``); nothing is trained. The run is only
    read: its manifest is verified without a lock (``runrecord.read_run``) and
    nothing is written under the workdir, so a read-only workdir works; everything
    predict writes goes to ``out_dir``.
@@ -86,7 +86,7 @@ from PIL import Image
 from tailjax import anomaly, evaluation, io, runrecord
 from tailjax.data import features as feature_cache
 from tailjax.data import mvtec, pipeline
-from tailjax.studies import study_a_run
+from tailjax.studies import study_a_record
 
 THRESHOLDS = ("val_quantile", "f1")
 GROUND_TRUTH = "ground_truth"
@@ -217,7 +217,7 @@ def _digest(paths) -> str:
 # ----------------------------------------------------------------------------
 
 
-def _scorer(cfg, tc: study_a_run.TrainedCategory, row: int):
+def _scorer(cfg, tc: study_a_record.TrainedCategory, row: int):
   params = jax.tree.map(lambda a: a[row], tc.params_R)
   e = cfg.eval
 
@@ -231,16 +231,17 @@ def _scorer(cfg, tc: study_a_run.TrainedCategory, row: int):
   return score
 
 
-def _select_row(cfg, rows: list[dict], variant, seed) -> int:
+def _select_row(cfg, grid_rows: list[dict], variant, seed) -> int:
+  """The index of the trained row (variant, seed); default ``report.treatment``, its first seed."""
   variant = cfg.report.treatment if variant is None else variant
-  names = list(dict.fromkeys(r["variant"] for r in rows))
+  names = list(dict.fromkeys(r["variant"] for r in grid_rows))
   if variant not in names:
     raise ValueError(f"variant {variant!r} is not in the run (variants: {', '.join(names)})")
-  seeds = [r["seed"] for r in rows if r["variant"] == variant]
+  seeds = [r["seed"] for r in grid_rows if r["variant"] == variant]
   seed = seeds[0] if seed is None else int(seed)
   if seed not in seeds:
     raise ValueError(f"seed {seed} is not in the run for variant {variant!r} (seeds: {seeds})")
-  return next(i for i, r in enumerate(rows) if r["variant"] == variant and r["seed"] == seed)
+  return next(i for i, r in enumerate(grid_rows) if r["variant"] == variant and r["seed"] == seed)
 
 
 def _trained_categories(workdir: Path) -> list[str]:
@@ -275,19 +276,21 @@ def _outputs(path: Path, map_SxS: np.ndarray, pixel_thr: float, colour: tuple[fl
   return float(mask.mean())
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def _write_csv(path: Path, image_records: list[dict]) -> None:
   buf = _io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
   writer.writeheader()
-  for r in rows:
+  for r in image_records:
     writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in CSV_COLUMNS})
   io.atomic_write_text(path, buf.getvalue())
 
 
-def _summary(rows: list[dict]) -> dict:
-  flagged = np.asarray([r["decision"] == "anomalous" for r in rows])
-  out: dict[str, Any] = {"n_images": len(rows), "n_anomalous": int(flagged.sum())}
-  labels = [r["label"] for r in rows]
+def _summary(image_records: list[dict]) -> dict:
+  """Counts of decisions and, when every image has a label, the confusion matrix,
+  precision, recall and F1 against the labels."""
+  flagged = np.asarray([r["decision"] == "anomalous" for r in image_records])
+  out: dict[str, Any] = {"n_images": len(image_records), "n_anomalous": int(flagged.sum())}
+  labels = [r["label"] for r in image_records]
   if all(l is not None for l in labels):
     y = np.asarray(labels, bool)
     tp, fp = int((flagged & y).sum()), int((flagged & ~y).sum())
@@ -357,6 +360,142 @@ def _check_out_dir(out_dir: Path, workdir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------
+# The steps of predict, in order: arguments, the run's category and row, thresholds,
+# then one writer for every output
+# ----------------------------------------------------------------------------
+
+
+def _check_threshold_arguments(threshold: str, quantile: float, labelled_dir) -> None:
+  if threshold not in THRESHOLDS:
+    raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+  if threshold == "val_quantile":
+    if not 0.0 < float(quantile) <= 1.0:
+      raise ValueError(f"quantile must lie in (0, 1], got {quantile}")
+    if labelled_dir is not None:
+      raise ValueError("labelled_dir is used only with threshold='f1'")
+  elif labelled_dir is None:
+    raise ValueError("threshold='f1' needs labelled_dir: a labelled validation folder "
+                     "(MVTec test layout with masks)")
+
+
+def _choose_category(cfg, workdir: Path, category: str | None) -> str:
+  """The trained category whose model scores the images (the only one by default);
+  multi-scale runs are refused."""
+  trained = _trained_categories(workdir)
+  if category is None:
+    if len(trained) != 1:
+      raise ValueError(f"{workdir} holds the categories {trained}: pass category=...")
+    category = trained[0]
+  elif category not in trained:
+    raise ValueError(f"category {category!r} was not trained in {workdir} "
+                     f"(trained: {', '.join(trained)})")
+  if len(pipeline.scale_layers(cfg)) > 1:
+    raise ValueError(f"{workdir} is a multi-scale run (config.backbone.layers="
+                     f"{tuple(cfg.backbone.layers)}); predict scores single-scale runs only")
+  return category
+
+
+def _val_quantile_threshold(cfg, workdir: Path, tc, paths, score, quantile: float):
+  """Thresholds from the run's held-out normal training images: ``(record, data,
+  reference maps for the colour scale, id key)``."""
+  if len(tc.data.val_feats) == 0:
+    raise ValueError(
+        f"{workdir} holds no held-out normal images (data.val_fraction = "
+        f"{cfg.data.get('val_fraction', 0.0)}): retrain with --config.data.val_fraction=0.2, "
+        "or use threshold='f1' with a labelled validation folder")
+  ref_maps, ref_scores = score(tc.data.val_feats)
+  data = [str(q) for q in paths["val"]]
+  thr = {"mode": "val_quantile", "quantile": float(quantile),
+         "source": f"the run's held-out normal training images (data.val_fraction = "
+                   f"{cfg.data.val_fraction}, data.split_seed = {cfg.data.split_seed})",
+         "image": float(np.quantile(ref_scores, quantile)),
+         "pixel": float(np.quantile(ref_maps, quantile))}
+  return thr, data, ref_maps, f"val-q{float(quantile):g}"
+
+
+def _f1_threshold(cfg, tc, paths, split: mvtec.ImageSplit, score, labelled_dir, progress: bool):
+  """F1-optimal thresholds on a labelled folder that shares no image with the run's
+  training or test images: ``(record, data, reference maps, id key)``."""
+  seen = {**{feature_cache.file_digest(q): ("training image", q) for q in paths["train"]},
+          **{feature_cache.file_digest(q): ("test image", q) for q in paths["test"]}}
+  for q in split.image_paths:
+    what, other = seen.get(feature_cache.file_digest(q), (None, None))
+    if what == "test image":
+      raise ValueError(f"labelled_dir: {q} is the run's test image {other}; thresholds must "
+                       "not be chosen on the test split")
+    if what:
+      raise ValueError(f"labelled_dir: {q} is the run's training image {other}; its scores "
+                       "are optimistic (trained on), so it cannot choose thresholds")
+  ref_maps, ref_scores = score(tc.dataset.image_features(split.image_paths, progress))
+  masks = split.load_masks(cfg.eval.size)
+  image_thr, image_f1 = f1_threshold(ref_scores, split.labels)
+  pixel_thr, pixel_f1 = f1_threshold(ref_maps, masks)
+  data = [str(q) for q in split.image_paths]
+  thr = {"mode": "f1", "quantile": None,
+         "source": f"labelled validation folder {Path(labelled_dir).expanduser()}",
+         "image": image_thr, "pixel": pixel_thr,
+         "image_f1": image_f1, "pixel_f1": pixel_f1}
+  key = "f1-" + _digest([*split.image_paths, *(m for m in split.mask_paths if m)])[:12]
+  return thr, data, ref_maps[split.labels == 0], key
+
+
+def _threshold_record(thr: dict, data: list[str], colour_ref, key: str, category: str, row: dict) -> dict:
+  """The full threshold record: ``thr`` plus its data, the model row, the decision rule,
+  the overlays' colour scale (median of the threshold data's pixels to pixel
+  threshold + (threshold − median)) and an id."""
+  lo = float(np.median(colour_ref))
+  hi = thr["pixel"] + (thr["pixel"] - lo)
+  return {**thr, "data": data, "n_images": len(data), "category": category,
+          "variant": row["variant"], "seed": row["seed"],
+          "rule": "anomalous iff score >= threshold (image: image score, pixel: map value)",
+          "colour_scale": [lo, hi if hi > lo else lo + 1e-6],
+          "id": f"{category}/threshold-{row['variant']}-seed{row['seed']}-{key}"}
+
+
+def _image_record(to_score: ImageSet, j: int, score: float, thr: dict, fraction: float,
+                  mask_rel: str, overlay_rel: str, channels: int) -> dict:
+  """One row of results.csv / one entry of results.json's ``images`` (``CSV_COLUMNS``)."""
+  anomalous = bool(score >= thr["image"])
+  return {"path": str(to_score.paths[j]),
+          "defect_type": to_score.types[j] if to_score.types else None,
+          "label": int(to_score.labels[j]) if to_score.labels is not None else None,
+          "image_score": float(score), "image_threshold": thr["image"],
+          "decision": "anomalous" if anomalous else "normal",
+          "anomalous_pixel_fraction": fraction, "mask": mask_rel,
+          "overlay": overlay_rel, "channels": channels}
+
+
+def _write_outputs(out_dir: Path, to_score: ImageSet, maps, scores, channels: list[int], thr: dict,
+                   results_of) -> dict:
+  """Writes every output into ``out_dir``, all or nothing: masks and overlays, then
+  ``threshold.json``, ``results.json`` (``results_of(image records)``) and
+  ``results.csv``; returns what ``results.json`` holds.
+
+  Everything goes into a staging folder renamed onto out_dir when complete: a failure
+  anywhere leaves out_dir as it was. Only writes happen inside (the images were read
+  before), so an OSError there is about out_dir: one line naming it."""
+  try:
+    with io.atomic_directory(out_dir) as stage:
+      image_records = []
+      for j, path in enumerate(to_score.paths):
+        name = to_score.names[j]
+        mask_rel, overlay_rel = f"masks/{name}_mask.png", f"overlays/{name}.png"
+        fraction = _outputs(path, maps[j], thr["pixel"], tuple(thr["colour_scale"]),
+                            stage / mask_rel, stage / overlay_rel)
+        image_records.append(_image_record(to_score, j, scores[j], thr, fraction, mask_rel,
+                                           overlay_rel, channels[j]))
+      result = results_of(image_records)
+      io.atomic_write_json(stage / "threshold.json", thr)
+      io.atomic_write_json(stage / "results.json", result)
+      _write_csv(stage / "results.csv", image_records)
+  except OSError as e:
+    raise OutputNotWritableError(
+        f"--out {out_dir}: cannot write the predict outputs there ({e.strerror or e}); give "
+        "a writable --out (predict only reads the run)") from None
+  return result
+
+
+# ----------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------
 
@@ -386,43 +525,23 @@ def predict(workdir: str | Path, images: str | Path, out_dir: str | Path, *,
     as ``threshold.json``.
   """
   t0 = time.time()
-  if threshold not in THRESHOLDS:
-    raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
-  if threshold == "val_quantile":
-    if not 0.0 < float(quantile) <= 1.0:
-      raise ValueError(f"quantile must lie in (0, 1], got {quantile}")
-    if labelled_dir is not None:
-      raise ValueError("labelled_dir is used only with threshold='f1'")
-  elif labelled_dir is None:
-    raise ValueError("threshold='f1' needs labelled_dir: a labelled validation folder "
-                     "(MVTec test layout with masks)")
+  _check_threshold_arguments(threshold, quantile, labelled_dir)
   workdir, out_dir = Path(workdir), Path(out_dir).expanduser()
   started = time.strftime("%Y-%m-%d %H:%M:%S")
-  manifest = runrecord.read_run(workdir, kind=study_a_run.KIND)   # verified, no lock, no write
-  cfg = study_a_run.load_config(workdir)
+  manifest = runrecord.read_run(workdir, kind=study_a_record.KIND)   # verified, no lock, no write
+  cfg = study_a_record.load_config(workdir)
   if cfg.data.kind == "features":
     raise ValueError(f"{workdir} was trained on pre-extracted features (data.kind=features): "
                      "it has no backbone to extract features of new images")
   _check_out_dir(out_dir, workdir)
   to_score = scan_images(images)
-  labelled = scan_images(labelled_dir) if labelled_dir is not None else None
-  split = _labelled_split(labelled) if labelled is not None else None
+  split = _labelled_split(scan_images(labelled_dir)) if labelled_dir is not None else None
   check_aspect_ratios(to_score.paths, int(cfg.backbone.resolution))
   if split is not None:
     check_aspect_ratios(split.image_paths, int(cfg.backbone.resolution))
 
-  trained = _trained_categories(workdir)
-  if category is None:
-    if len(trained) != 1:
-      raise ValueError(f"{workdir} holds the categories {trained}: pass category=...")
-    category = trained[0]
-  elif category not in trained:
-    raise ValueError(f"category {category!r} was not trained in {workdir} "
-                     f"(trained: {', '.join(trained)})")
-  if len(pipeline.scale_layers(cfg)) > 1:
-    raise ValueError(f"{workdir} is a multi-scale run (config.backbone.layers="
-                     f"{tuple(cfg.backbone.layers)}); predict scores single-scale runs only")
-  tc = study_a_run.load_trained(workdir, [category])[category]
+  category = _choose_category(cfg, workdir, category)
+  tc = study_a_record.load_trained(workdir, [category])[category]
   i = _select_row(cfg, tc.rows, variant, seed)
   row = tc.rows[i]
   score = _scorer(cfg, tc, i)
@@ -434,90 +553,27 @@ def predict(workdir: str | Path, images: str | Path, out_dir: str | Path, *,
     print(f"warning: {w}", file=sys.stderr)
 
   if threshold == "val_quantile":
-    if len(tc.data.val_feats) == 0:
-      raise ValueError(
-          f"{workdir} holds no held-out normal images (data.val_fraction = "
-          f"{cfg.data.get('val_fraction', 0.0)}): retrain with --config.data.val_fraction=0.2, "
-          "or use threshold='f1' with a labelled validation folder")
-    ref_maps, ref_scores = score(tc.data.val_feats)
-    data = [str(q) for q in paths["val"]]
-    thr = {"mode": threshold, "quantile": float(quantile),
-           "source": f"the run's held-out normal training images (data.val_fraction = "
-                     f"{cfg.data.val_fraction}, data.split_seed = {cfg.data.split_seed})",
-           "image": float(np.quantile(ref_scores, quantile)),
-           "pixel": float(np.quantile(ref_maps, quantile))}
-    colour_ref = ref_maps
-    key = f"val-q{float(quantile):g}"
+    chosen = _val_quantile_threshold(cfg, workdir, tc, paths, score, quantile)
   else:
-    seen = {**{feature_cache.file_digest(q): ("training image", q) for q in paths["train"]},
-            **{feature_cache.file_digest(q): ("test image", q) for q in paths["test"]}}
-    for q in split.image_paths:
-      what, other = seen.get(feature_cache.file_digest(q), (None, None))
-      if what == "test image":
-        raise ValueError(f"labelled_dir: {q} is the run's test image {other}; thresholds must "
-                         "not be chosen on the test split")
-      if what:
-        raise ValueError(f"labelled_dir: {q} is the run's training image {other}; its scores "
-                         "are optimistic (trained on), so it cannot choose thresholds")
-    ref_maps, ref_scores = score(tc.dataset.image_features(split.image_paths, progress))
-    masks = split.load_masks(cfg.eval.size)
-    image_thr, image_f1 = f1_threshold(ref_scores, split.labels)
-    pixel_thr, pixel_f1 = f1_threshold(ref_maps, masks)
-    data = [str(q) for q in split.image_paths]
-    thr = {"mode": threshold, "quantile": None,
-           "source": f"labelled validation folder {Path(labelled_dir).expanduser()}",
-           "image": image_thr, "pixel": pixel_thr,
-           "image_f1": image_f1, "pixel_f1": pixel_f1}
-    colour_ref = ref_maps[split.labels == 0]
-    key = "f1-" + _digest([*split.image_paths, *(m for m in split.mask_paths if m)])[:12]
-  lo = float(np.median(colour_ref))
-  hi = thr["pixel"] + (thr["pixel"] - lo)
-  thr.update({"data": data, "n_images": len(data), "category": category,
-              "variant": row["variant"], "seed": row["seed"],
-              "rule": "anomalous iff score >= threshold (image: image score, pixel: map value)",
-              "colour_scale": [lo, hi if hi > lo else lo + 1e-6],
-              "id": f"{category}/threshold-{row['variant']}-seed{row['seed']}-{key}"})
-
+    chosen = _f1_threshold(cfg, tc, paths, split, score, labelled_dir, progress)
+  thr = _threshold_record(*chosen, category, row)
   maps, scores = score(tc.dataset.image_features(to_score.paths, progress))
-  # Everything goes into a staging folder renamed onto out_dir when complete: a failure
-  # anywhere below leaves out_dir as it was. Only writes happen inside (the images were
-  # read above), so an OSError there is about out_dir: one line naming it.
-  try:
-    with io.atomic_directory(out_dir) as stage:
-      rows = []
-      for j, path in enumerate(to_score.paths):
-        name = to_score.names[j]
-        mask_rel, overlay_rel = f"masks/{name}_mask.png", f"overlays/{name}.png"
-        fraction = _outputs(path, maps[j], thr["pixel"], tuple(thr["colour_scale"]),
-                            stage / mask_rel, stage / overlay_rel)
-        anomalous = bool(scores[j] >= thr["image"])
-        rows.append({"path": str(path),
-                     "defect_type": to_score.types[j] if to_score.types else None,
-                     "label": int(to_score.labels[j]) if to_score.labels is not None else None,
-                     "image_score": float(scores[j]), "image_threshold": thr["image"],
-                     "decision": "anomalous" if anomalous else "normal",
-                     "anomalous_pixel_fraction": fraction, "mask": mask_rel,
-                     "overlay": overlay_rel, "channels": channels[j]})
-      invocation = {"started": started, "seconds": time.time() - t0,
-                    "code": runrecord.code_version(),
-                    "run": {"workdir": str(workdir), "config_hash": manifest["config_hash"],
-                            "invocations": len(manifest.get("invocations", []))},
-                    "arguments": {"images": str(images), "out_dir": str(out_dir),
-                                  "category": category, "variant": variant, "seed": seed,
-                                  "threshold": threshold, "quantile": quantile,
-                                  "labelled_dir": None if labelled_dir is None else str(labelled_dir)}}
-      result = {"kind": KIND, "workdir": str(workdir), "out_dir": str(out_dir), "category": category,
-                "images_from": str(to_score.root), "row": row, "threshold": thr,
-                "eval": dict(cfg.eval), "images": rows, "summary": _summary(rows),
-                "warnings": warnings, "invocation": invocation, "seconds": time.time() - t0}
-      io.atomic_write_json(stage / "threshold.json", thr)
-      io.atomic_write_json(stage / "results.json", result)
-      _write_csv(stage / "results.csv", rows)
-  except OSError as e:
-    raise OutputNotWritableError(
-        f"--out {out_dir}: cannot write the predict outputs there ({e.strerror or e}); give "
-        "a writable --out (predict only reads the run)") from None
-  return result
+
+  def results_of(image_records: list[dict]) -> dict:
+    invocation = {"started": started, "seconds": time.time() - t0,
+                  "code": runrecord.code_version(),
+                  "run": {"workdir": str(workdir), "config_hash": manifest["config_hash"],
+                          "invocations": len(manifest.get("invocations", []))},
+                  "arguments": {"images": str(images), "out_dir": str(out_dir),
+                                "category": category, "variant": variant, "seed": seed,
+                                "threshold": threshold, "quantile": quantile,
+                                "labelled_dir": None if labelled_dir is None else str(labelled_dir)}}
+    return {"kind": KIND, "workdir": str(workdir), "out_dir": str(out_dir), "category": category,
+            "images_from": str(to_score.root), "row": row, "threshold": thr,
+            "eval": dict(cfg.eval), "images": image_records, "summary": _summary(image_records),
+            "warnings": warnings, "invocation": invocation, "seconds": time.time() - t0}
+
+  return _write_outputs(out_dir, to_score, maps, scores, channels, thr, results_of)
 
 
 class OutputNotWritableError(RuntimeError):

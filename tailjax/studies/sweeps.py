@@ -12,16 +12,12 @@ resume). ``results.json`` (one row per grid point and seed) and ``results.md``
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tailjax import engine, io, losses, reporting, runrecord
-from tailjax import train as train_lib
+from tailjax import engine, evaluation, io, losses, reporting, runrecord
 from tailjax.data import pipeline
 from tailjax.evaluation import METRIC_KEYS, METRIC_NAMES
 from tailjax.studies import study_a
@@ -38,97 +34,26 @@ FIELDS = tuple(f for f in study_a.FIELDS
     "sweep.seeds")
 
 
-@dataclasses.dataclass(frozen=True)
-class Grid:
-  """Grid points (λ, r, lr, tail NLL definition) × seeds. Rows are point-major:
-  row = point · S + seed index."""
-
-  points: tuple[tuple[float, float, float, str], ...]
-  seeds: tuple[int, ...]
-
-  @property
-  def num_rows(self) -> int:
-    return len(self.points) * len(self.seeds)
-
-  def rows(self) -> list[dict]:
-    return [dict(zip(AXES, p), seed=s) for p in self.points for s in self.seeds]
-
-  def hparams_R(self) -> dict[str, np.ndarray]:
-    return engine.Rows.from_dicts(self.rows()).hparams_R
-
-  def seeds_R(self) -> list[int]:
-    return [r["seed"] for r in self.rows()]
-
-  def to_json(self) -> dict:
-    return {"axes": {k: sorted({p[i] for p in self.points}) for i, k in enumerate(AXES)},
-            "seeds": list(self.seeds), "rows": self.rows()}
-
-
-def _as_list(value, field: str) -> list:
-  if isinstance(value, (str, bytes)):
-    try:
-      value = json.loads(value.replace("(", "[").replace(")", "]"))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{field} must be a list of numbers, got {value!r}") from e
-  values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
-  if not values:
-    raise ValueError(f"{field} must not be empty")
-  try:
-    out = [float(v) for v in values]
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{field} must be a list of numbers, got {values!r}") from e
-  if len(set(out)) != len(out):
-    raise ValueError(f"{field} has duplicate values: {out}")
-  return out
-
-
-def grid_from_config(sweep_cfg, where: str = "config.sweep") -> Grid:
-  """Validated grid from lists in the config: tail_weight (λ ∈ [0, 1]),
-  top_k_ratio (r ∈ (0, 1]), learning_rate (> 0), seeds (distinct integers) and, if
-  given, tail_nll (per-patch NLL definitions, ``losses.NLL_DEFINITIONS``; default
-  ("exact",)). Errors name the field, e.g. ``config.sweep.top_k_ratio``."""
-  get = lambda k: sweep_cfg[k] if k in sweep_cfg else None
-  vals = {}
-  for k in (*HPARAM_NAMES, "seeds"):
-    if get(k) is None:
-      raise ValueError(f"{where}.{k} is missing (a list of values)")
-    vals[k] = _as_list(get(k), f"{where}.{k}")
-  losses.validate_tail_params(np.asarray(vals["tail_weight"]), np.asarray(vals["top_k_ratio"]),
-                              where=where)
-  lr = np.asarray(vals["learning_rate"])
-  if not np.all(np.isfinite(lr)) or np.any(lr <= 0):
-    raise ValueError(f"{where}.learning_rate must be > 0 (and finite); got {lr.tolist()}")
-  seeds = vals["seeds"]
-  if any(s != int(s) or s < 0 for s in seeds):
-    raise ValueError(f"{where}.seeds must be non-negative integers, got {seeds}")
-  nll = get("tail_nll") or ("exact",)
-  nll = [n.strip() for n in nll.split(",")] if isinstance(nll, str) else [str(n) for n in nll]
-  bad = [n for n in nll if n not in losses.NLL_DEFINITIONS]
-  if bad or len(set(nll)) != len(nll):
-    raise ValueError(f"{where}.tail_nll must list distinct names of "
-                     f"{tuple(losses.NLL_DEFINITIONS)}, got {nll}")
-  points = tuple(itertools.product(vals["tail_weight"], vals["top_k_ratio"], vals["learning_rate"],
-                                   nll))
-  return Grid(points=points, seeds=tuple(int(s) for s in seeds))
-
-
-def results_markdown(cfg, rows: list[dict], grid: Grid, n_patches: int) -> str:
-  """Per category (and the mean over categories): one line per grid point, mean ± std
-  over seeds, in %; the best pixel AP per table in bold."""
+def results_markdown(cfg, rows: list[dict], grid: engine.Rows, n_patches: int) -> str:
+  """Per category (and the mean over categories): one line per grid point of ``grid``
+  (``engine.Rows.from_grid``), mean ± std over seeds, in %; the best pixel AP per table
+  in bold."""
   keys = METRIC_KEYS
+  points = list(dict.fromkeys(tuple(r[k] for k in AXES) for r in grid.rows))
+  seeds = list(dict.fromkeys(grid.seeds_R))
   cats = list(dict.fromkeys(r["category"] for r in rows))
   by = {_row_id(r): r["metrics"] for r in rows}
   lines = [f"# Sweep over tail weight λ, top-k ratio r and learning rate ({cfg.data.kind})", "",
            f"{cfg.train.num_steps} steps of batch {cfg.train.batch_size}, flow "
-           f"{cfg.flow.num_steps} steps ({cfg.flow.kernel_mode}), {len(grid.seeds)} seeds "
-           f"{list(grid.seeds)} per grid point; k = max(1, round(r · {n_patches})). "
+           f"{cfg.flow.num_steps} steps ({cfg.flow.kernel_mode}), {len(seeds)} seeds "
+           f"{seeds} per grid point; k = max(1, round(r · {n_patches})). "
            "Metrics in %, mean ± std over seeds; **bold** = best pixel AP in the table.", ""]
   scopes = cats + (["mean over categories"] if len(cats) > 1 else [])
   for scope in scopes:
     table = []
-    for p in grid.points:
+    for p in points:
       per_seed = []
-      for s in grid.seeds:
+      for s in seeds:
         ms = [by.get((c, *_point_id(p), s)) for c in
               (cats if scope not in cats else [scope])]
         if any(m is None for m in ms):
@@ -160,15 +85,14 @@ def _row_id(row) -> tuple:
   return (row["category"], *_point_id([row[k] for k in AXES]), int(row["seed"]))
 
 
-def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData, grid: Grid,
+def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData, grid: engine.Rows,
                  progress: bool = True, mesh=None) -> list[dict]:
   """Trains every grid row of one category (resuming) and evaluates it at the last step."""
-  rows = engine.Rows.from_dicts([{"category": data.name, **r} for r in grid.rows()],
-                                where="config.sweep")
+  rows = grid.labelled(category=data.name)
   total = int(cfg.train.num_steps)
   feats = data.flow_feats("train")          # every scale of a multi-scale run
-  program = train_lib.make_flow_program(cfg, train_lib.feats_shape_of(feats))  # the engine's model
-  evaluate = lambda step, params_R: study_a.evaluate_rows(cfg, program, params_R, data)
+  evaluate = lambda step, params_R, program: evaluation.evaluate_rows(cfg, program, params_R,
+                                                                      data)
   res = engine.run_rows(cfg, run, data.name, feats, rows, eval_steps=(total,),
                         evaluate=evaluate, progress=progress, desc=data.name, mesh=mesh)
   return [{**rows.row(i), "metrics": res.evals[total][i]["metrics"]}
@@ -181,7 +105,7 @@ def run_and_evaluate(cfg, workdir: str | Path, *, on_change: str = "error",
   ``results.json`` (``{"rows": [...]}``) and ``results.md`` in the workdir. ``mesh``:
   the devices to train on (default: all, ``sharding.make_mesh(train.batch_devices)``)."""
   runrecord.check_fields(cfg, FIELDS + pipeline.input_fields(cfg))
-  grid = grid_from_config(cfg.sweep)
+  grid = engine.Rows.from_grid(cfg.sweep)
   with runrecord.open_run(workdir, cfg, kind=KIND, on_change=on_change, extendable=True) as run:
     t0 = time.time()
     dataset = pipeline.open_dataset(cfg)

@@ -1,6 +1,6 @@
 """What a study-A run is, for those who train it and those who read it: its kind, its
-row table (``variant_rows``) and the finished categories reloaded from the workdir
-(``load_trained``).
+reference scale and the finished categories reloaded from the workdir
+(``load_trained``); its row table is ``engine.Rows.from_variants``.
 
 Imported by ``study_a`` (which trains the rows) and by ``analysis`` and ``predict``
 (which reload them): the layer below all three, so ``study_a`` can run the analyses
@@ -13,30 +13,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from tailjax import engine, flows, losses, runrecord
+from tailjax import engine, flows, runrecord
 from tailjax import train as train_lib
 from tailjax.data import pipeline
 
 KIND = "study_a"
-
-
-def variant_rows(cfg) -> engine.Rows:
-  """Row table: variant-major, seeds ``seed, seed+1, ...`` per variant; a variant's
-  ``tail_nll`` (default "exact") is the per-patch NLL its tail is ranked by."""
-  out = []
-  for name, v in cfg.variants.items():
-    losses.validate_tail_params(float(v.tail_weight), float(v.top_k_ratio),
-                                where=f"config.variants.{name}")
-    if str(v.get("tail_nll", "exact")) not in losses.NLL_DEFINITIONS:
-      raise ValueError(f"config.variants.{name}.tail_nll must be one of "
-                       f"{tuple(losses.NLL_DEFINITIONS)}, got {v.tail_nll!r}")
-    for s in range(int(cfg.num_seeds)):
-      out.append({"variant": name, "tail_weight": float(v.tail_weight),
-                  "top_k_ratio": float(v.top_k_ratio),
-                  "tail_nll": str(v.get("tail_nll", "exact")),
-                  "learning_rate": float(v.get("learning_rate", cfg.optim.learning_rate)),
-                  "seed": int(cfg.seed) + s})
-  return engine.Rows.from_dicts(out, where="config.variants")
 
 
 def reference_scale(cfg, data: pipeline.CategoryData) -> int:
@@ -82,7 +63,7 @@ def load_trained(workdir: str | Path, categories=None) -> dict[str, TrainedCateg
   cfg = load_config(workdir)
   dataset = pipeline.Dataset(cfg)
   wanted = pipeline.parse_categories(categories) or dataset.categories
-  rows = variant_rows(cfg)
+  rows = engine.Rows.from_variants(cfg)
   out = {}
   for name in wanted:
     data = dataset.load(name)

@@ -1,4 +1,5 @@
-"""Which lock file this installation came from, for the run manifest.
+"""The pinned requirements (``requirements.lock``) this installation came from, for the
+run manifest. (The lock of a working directory, ``runrecord.LOCK``, is another thing.)
 
 ``requirements.lock`` (repo root) pins the exact version, and the hashes, of
 every package the test suite passed with; ``make install`` installs from it.
