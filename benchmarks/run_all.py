@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
                                                    "--repeats=2"]),
     "sweep": ("benchmarks.bench_sweep", ["--rows=8", "--steps=8", "--batch-size=8"]),
     "engine": ("benchmarks.bench_engine", ["--steps=20", "--repeats=3"]),
+    "step_parts": ("benchmarks.bench_step_parts", ["--steps=10", "--repeats=3"]),
 }
 ENGINE_TARGET, ENGINE_GOAL = 1.0, 1.3
 SWEEP_TARGET = 3.0
@@ -300,7 +301,8 @@ def markdown(results: dict, total_s: float) -> str:
   sections: list[str] = []
   titles = {"features": "Feature extraction", "gradients": "Per-patch gradients",
             "train_step": "Flow train-step throughput", "sweep": "Sweep: one program vs sequential runs",
-            "engine": "Train step on study A's path vs the peer and the peak"}
+            "engine": "Train step on study A's path vs the peer and the peak",
+            "step_parts": "Where the train step's time goes (float32 and bfloat16)"}
   for name, entry in results.items():
     module, argv = BENCHMARKS[name]
     sections += [f"## {titles.get(name, name)}", "",

@@ -41,6 +41,9 @@ pure ``tailjax.train.FlowProgram``:
   (``CHECKSUMS``); one whose files do not match, or that orbax cannot read, is named in
   one line, moved aside to ``<step>.damaged-<n>`` (never deleted) and the run resumes
   from the newest intact one, or from the start, saying so.
+* **Profiling** (``train.profile_steps`` = n > 0): after the first segment of a call, a
+  ``jax.profiler`` trace of n more train steps, run on a copy of the state and then
+  dropped, is written to ``<prefix>/profile/`` (``_profile``); it changes no number.
 * **Sizes are checked before anything is allocated** (``check_batch_size``,
   ``_check_memory``): a batch larger than the training split, and a grid whose training
   step needs more memory than the device has (a lower bound, ``_step_bytes``), are
@@ -289,7 +292,7 @@ def _row_fns(cfg, feats_shape, mesh, row_impl: str, seg_len: int):
                                         batch_axis=sharding.BATCH_AXIS if b > 1 else None,
                                         batch_shards=b)
   key = (_block_json(cfg.flow), _block_json(cfg.optim), program.batch_size, program.conv_impl,
-         program.feats_shape, program.batch_axis, program.batch_shards, mesh, row_impl, seg_len)
+         program.precision, program.feats_shape, program.batch_axis, program.batch_shards, mesh, row_impl, seg_len)
   if key not in _ROW_FNS:
     if len(_ROW_FNS) >= 16:
       _ROW_FNS.pop(next(iter(_ROW_FNS)))
@@ -463,6 +466,7 @@ class _Plan:
   init_fn: Callable
   segment_fn: Callable
   feats_shape: Any
+  profile_steps: int = 0
 
 
 def _plan(cfg, prefix: str, train_feats, eval_steps, evaluate, mesh, n_rows: int = 1) -> _Plan:
@@ -479,11 +483,14 @@ def _plan(cfg, prefix: str, train_feats, eval_steps, evaluate, mesh, n_rows: int
   bad_eval = [s for s in eval_steps if not 0 <= int(s) <= total]
   if bad_eval:
     raise ValueError(f"evaluation steps {bad_eval} lie outside [0, train.num_steps={total}]")
+  profile_steps = _exec_get(cfg, "profile_steps", 0)
+  if isinstance(profile_steps, bool) or not isinstance(profile_steps, int) or profile_steps < 0:
+    raise ValueError(f"config.train.profile_steps must be an integer ≥ 0, got {profile_steps!r}")
   feats_shape = train_lib.feats_shape_of(train_feats)
   check_batch_size(cfg.train.batch_size, jax.tree.leaves(feats_shape)[0], prefix)
   program, init_fn, segment_fn = _row_fns(cfg, feats_shape, mesh, row_impl, seg_len)
   plan = _Plan(mesh, row_impl, total, seg_len, sorted({int(s) for s in eval_steps}), program,
-               init_fn, segment_fn, feats_shape)
+               init_fn, segment_fn, feats_shape, profile_steps)
   _check_memory(plan, n_rows, prefix)
   return plan
 
@@ -684,7 +691,7 @@ def run_rows(cfg, run: runrecord.Run, prefix: str, train_feats: np.ndarray, rows
 
   Args:
     cfg: config with flow.*, optim.*, train.{num_steps, batch_size, segment_steps, rows,
-      conv_impl, batch_devices}.
+      conv_impl, batch_devices} and optionally train.precision, train.profile_steps.
     run: the open workdir (``runrecord.open_run``); files go under ``run.path(prefix)``.
     prefix: this grid's folder inside the workdir (e.g. the category).
     train_feats: [N, H, W, C] host array (identical on every process), or — multi-scale
@@ -871,7 +878,10 @@ def _train_grid(plan: _Plan, grid: _Grid, run: runrecord.Run, prefix: str, rows:
       # Logged before the checkpoint: a crash between the two resumes from the previous
       # checkpoint and drops this line (``_Log``), never the reverse (a lost line).
       metric_log.train(done, loss_RxT, np.asarray(host["mean_nll"])[:rows.num_rows, n - 1])
-      _save(mngr, done, grid.host(state))
+      state_host = grid.host(state)
+      _save(mngr, done, state_host)
+      if segments == 1 and plan.profile_steps:
+        _profile(grid, state_host, plan.profile_steps, run.path(prefix) / PROFILE_DIR, run.writer)
       bar.update(n)
       bar.set_postfix(loss=f"{float(np.mean(loss_RxT[:, -1])):.3g}")
     _stop_if_asked(at, run, prefix, mngr)
@@ -884,6 +894,30 @@ def _train_grid(plan: _Plan, grid: _Grid, run: runrecord.Run, prefix: str, rows:
   return RowsResult(program=plan.program, params_R=params_R, step=done,
                     finished=done >= plan.total, evals=evals, resumed_from=resumed_from,
                     row_mode=plan.row_impl, seconds=seconds)
+
+
+PROFILE_DIR = "profile"
+
+
+def _profile(grid: _Grid, state_host, steps: int, folder: Path, writer: bool) -> None:
+  """``train.profile_steps``: a ``jax.profiler`` trace of ``steps`` train steps in
+  ``folder`` (TensorBoard's profile plugin / Perfetto read it), taken after the first
+  segment of a call so that compilation is not in it.
+
+  The traced steps run on a *copy* of the state (the segment program donates its
+  input) and their result is dropped: the run's own state, keys and checkpoints are
+  untouched, so profiling never changes a number; it costs ``steps`` extra steps."""
+  if writer:
+    io.note_written(folder, folder=True)
+  folder.mkdir(parents=True, exist_ok=True)
+  copy = grid.to_device(state_host)
+  with jax.profiler.trace(str(folder)):
+    left = steps
+    while left > 0:
+      n = min(left, grid.plan.seg_len)
+      copy, metrics = grid.segment(copy, n)
+      left -= n
+    jax.block_until_ready((copy, metrics))
 
 
 def _evaluator(plan: _Plan, grid: _Grid, run: runrecord.Run, prefix: str, evaluate,

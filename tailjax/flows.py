@@ -44,6 +44,17 @@ from tailjax import losses
 
 KERNEL_MODES = ("alternate", "3x3", "1x1")
 LAYER_NORM_MODES = ("none", "image", "patch")
+# Compute precision of the subnets' convolutions (``train.precision``): "float32", or
+# "bfloat16" convolutions on float32 parameters (see ``AffineCouplingStep``).
+PRECISIONS = ("float32", "bfloat16")
+
+
+def conv_dtype(precision: str):
+  """The ``nn.Conv`` compute dtype of a precision: None (the inputs' dtype) for "float32",
+  so that the float32 flow is the same program as one built without a precision."""
+  if precision not in PRECISIONS:
+    raise ValueError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+  return None if precision == "float32" else jnp.bfloat16
 
 
 def normalize_features(x_BxHxWxC: jax.Array, mode: str, eps: float = 1e-5) -> jax.Array:
@@ -79,7 +90,14 @@ def permute_channels(x_BxHxWxC: jax.Array, perm_C: np.ndarray) -> jax.Array:
 
 
 class AffineCouplingStep(nn.Module):
-  """One coupling step: affine coupling of x2 given x1, global affine, fixed permutation."""
+  """One coupling step: affine coupling of x2 given x1, global affine, fixed permutation.
+
+  ``precision`` "bfloat16" runs the subnet's two convolutions in bfloat16 (inputs and
+  kernels cast, float32 parameters: ``nn.Conv(dtype=bfloat16, param_dtype=float32)``);
+  the subnet's output is cast back to the input's dtype before the soft clamp, so s, t,
+  the affine coupling and the log-determinant are computed in float32. (Lowered as
+  matmuls, ``train.conv_as_matmul``, only the matmuls' operands are bfloat16.)
+  """
 
   channels: int
   kernel_size: int
@@ -87,15 +105,19 @@ class AffineCouplingStep(nn.Module):
   hidden_ratio: float = 1.0
   clamp: float = 2.0
   global_affine: bool = False
+  precision: str = "float32"
 
   def setup(self):
     c1 = self.channels - self.channels // 2
     c2 = self.channels // 2
     hidden = max(1, int(round(c1 * self.hidden_ratio)))
     k = (self.kernel_size, self.kernel_size)
-    self.conv_in = nn.Conv(hidden, k, padding="SAME", name="conv_in")
+    dtype = conv_dtype(self.precision)
+    self.conv_in = nn.Conv(hidden, k, padding="SAME", dtype=dtype, param_dtype=jnp.float32,
+                           name="conv_in")
     self.conv_out = nn.Conv(2 * c2, k, padding="SAME", kernel_init=nn.initializers.zeros,
-                            bias_init=nn.initializers.zeros, name="conv_out")
+                            bias_init=nn.initializers.zeros, dtype=dtype,
+                            param_dtype=jnp.float32, name="conv_out")
     if self.global_affine:
       self.log_gamma = self.param("global_log_scale", nn.initializers.zeros, (self.channels,))
       self.beta = self.param("global_offset", nn.initializers.zeros, (self.channels,))
@@ -104,7 +126,9 @@ class AffineCouplingStep(nn.Module):
     self._inv_perm = np.argsort(self._perm).astype(np.int32)
 
   def _scale_shift(self, x1):
-    a = 0.1 * self.conv_out(nn.relu(self.conv_in(x1)))
+    # Back to the coupling's dtype before the clamp: a no-op in float32, and with bfloat16
+    # convolutions it keeps s, t and the log-det in float32.
+    a = 0.1 * self.conv_out(nn.relu(self.conv_in(x1))).astype(x1.dtype)
     s = self.clamp * jnp.tanh(a[..., :self._c2])
     return s, a[..., self._c2:]
 
@@ -169,6 +193,8 @@ class FastFlow2d(nn.Module):
     global_affine: learned per-channel scale/offset after each coupling.
     layer_norm: "none" | "image" | "patch", see ``normalize_features``.
     permutation_seed: seed of the fixed channel permutations (constants).
+    precision: "float32" or "bfloat16" subnet convolutions (``AffineCouplingStep``); the
+      LayerNorm, the couplings, z and the log-dets stay in the inputs' dtype.
   """
 
   channels: int
@@ -179,6 +205,7 @@ class FastFlow2d(nn.Module):
   global_affine: bool = False
   layer_norm: str = "none"
   permutation_seed: int = 0
+  precision: str = "float32"
 
   def setup(self):
     if self.channels < 2:
@@ -193,7 +220,7 @@ class FastFlow2d(nn.Module):
             channels=self.channels, kernel_size=k,
             permutation=tuple(int(p) for p in rng.permutation(self.channels)),
             hidden_ratio=self.hidden_ratio, clamp=self.clamp,
-            global_affine=self.global_affine, name=f"step_{i}")
+            global_affine=self.global_affine, precision=self.precision, name=f"step_{i}")
         for i, k in enumerate(step_kernel_sizes(self.num_steps, self.kernel_mode))
     ]
 
@@ -254,7 +281,8 @@ class PatchFlow(FastFlow2d):
 
 def build_flow(cfg) -> FastFlow2d:
   """Flow from a config block with fields channels, num_steps, kernel_mode, hidden_ratio,
-  clamp, global_affine, layer_norm, permutation_seed (missing fields take defaults)."""
+  clamp, global_affine, layer_norm, permutation_seed, precision (missing fields take
+  defaults; ``train.make_flow_program`` sets precision from ``train.precision``)."""
   get = lambda name, default: cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
   kwargs = dict(
       channels=int(get("channels", 0)),
@@ -265,7 +293,9 @@ def build_flow(cfg) -> FastFlow2d:
       global_affine=bool(get("global_affine", False)),
       layer_norm=str(get("layer_norm", "none")),
       permutation_seed=int(get("permutation_seed", 0)),
+      precision=str(get("precision", "float32")),
   )
+  conv_dtype(kwargs["precision"])   # validates it
   if kwargs["kernel_mode"] not in KERNEL_MODES:
     raise ValueError(f"flow.kernel_mode must be one of {KERNEL_MODES}, got {kwargs['kernel_mode']!r}")
   return PatchFlow(**kwargs) if kwargs["kernel_mode"] == "1x1" else FastFlow2d(**kwargs)
@@ -293,10 +323,12 @@ class MultiScaleFlow(nn.Module):
   global_affine: bool = False
   layer_norm: str = "none"
   permutation_seed: int = 0
+  precision: str = "float32"
 
   def _scale_kwargs(self, s: int) -> dict:
     kw = {f: getattr(self, f) for f in ("num_steps", "kernel_mode", "hidden_ratio", "clamp",
-                                        "global_affine", "layer_norm", "permutation_seed")}
+                                        "global_affine", "layer_norm", "permutation_seed",
+                                        "precision")}
     return {"channels": int(self.channels[s]), **kw}
 
   def flow_of_scale(self, s: int) -> FastFlow2d:
@@ -348,7 +380,8 @@ def build_multiscale_flow(cfg, channels: Sequence[int]) -> MultiScaleFlow:
       clamp=float(get("clamp", 2.0)),
       global_affine=bool(get("global_affine", False)),
       layer_norm=str(get("layer_norm", "none")),
-      permutation_seed=int(get("permutation_seed", 0)))
+      permutation_seed=int(get("permutation_seed", 0)),
+      precision=str(get("precision", "float32")))
 
 
 def flat_nll(model: FastFlow2d, params, x_BxHxWxC) -> jax.Array:
@@ -362,6 +395,6 @@ def flat_nll(model: FastFlow2d, params, x_BxHxWxC) -> jax.Array:
 
 __all__: Sequence[str] = (
     "AffineCouplingStep", "FastFlow2d", "MultiScaleFlow", "PatchFlow", "build_flow",
-    "build_multiscale_flow", "flat_nll",
+    "build_multiscale_flow", "conv_dtype", "flat_nll",
     "normalize_features", "step_kernel_sizes",
 )

@@ -71,7 +71,7 @@ LOCK = ".lock"
 # Fields that never change a result: how rows run, cadence, caches, cosmetics.
 # Patterns match dotted config paths (fnmatch).
 NOT_RESULTS = (
-    "train.rows", "train.segment_steps", "train.conv_impl",
+    "train.rows", "train.segment_steps", "train.conv_impl", "train.profile_steps",
     "data.cache_dir", "backbone.batch_size", "report.*", "analysis.*",
     # A moved weight file is the same run; a different one changes the features, which
     # the engine's rows.json (features hash) refuses.

@@ -22,7 +22,7 @@ KIND = "toy"
 FIELDS = ("seed", "data.n_train", "data.n_val", "data.grid", "data.channels", "flow.*",
           "loss.tail_weight", "loss.top_k_ratio", "optim.*", "train.num_steps",
           "train.batch_size", "train.eval_every", "train.segment_steps", "train.rows",
-          "train.conv_impl", "train.batch_devices")
+          "train.conv_impl", "train.batch_devices", "train.profile_steps", "train.precision")
 
 
 def two_moons_maps(n: int, h: int, w: int, c: int, seed: int, noise: float = 0.05) -> np.ndarray:

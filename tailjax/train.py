@@ -42,6 +42,14 @@ in a standalone jitted step, and a vmapped convolution with per-row weights
 becomes a grouped convolution that is slower still; as matmuls both run at the
 standalone speed (``benchmarks/bench_train_step.py``).
 
+**Precision** (``train.precision``): "float32" (the default), or "bfloat16": the
+flow's subnet convolutions compute in bfloat16 on float32 parameters (their inputs
+and kernels are cast; as matmuls they accumulate in float32), while the LayerNorm,
+the affine couplings, z, the log-determinants, the per-patch NLL, the top-k
+selection, the loss, the gradients and the optimiser state stay float32
+(``flows.AffineCouplingStep``). The precision is part of the model, so a row is
+scored (``FlowProgram.apply``, ``tailjax.evaluation``) in the precision it trained in.
+
 **How rows run on one device** (``train.rows``): "vmap" batches the rows into one
 set of larger ops (right for GPU/TPU, where one small-batch row leaves the
 device idle), "map" runs them one after the other inside the same program
@@ -53,6 +61,7 @@ mode is an execution choice: it never changes the checkpoint layout.
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -235,10 +244,47 @@ def _matmul_lowerable(conv: nn.Conv) -> bool:
           and conv.mask is None)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_matmul(x_MxK: jax.Array, w_KxO: jax.Array, dtype) -> jax.Array:
+  """``x @ w`` with both operands cast to ``dtype`` (bfloat16) and float32 accumulation;
+  returns float32. The backward runs its two matmuls the same way (the float32
+  cotangent cast to ``dtype``) and returns both gradients in their inputs' dtypes,
+  accumulated in float32, never rounded to ``dtype``.
+
+  Hand-written because JAX's own transpose of a ``preferred_element_type=float32``
+  product multiplies a float32 cotangent by a bfloat16 operand into a bfloat16 result,
+  which XLA:CPU runs slower than float32 (``benchmarks/bench_step_parts.py``); with
+  both operands bfloat16 and float32 accumulation it uses the CPU's bfloat16 units.
+  The operands are cast here, after the im2col, so the patch building and its
+  transpose stay float32 (XLA:CPU's bfloat16 elementwise ops are converted ones)."""
+  return jnp.dot(x_MxK.astype(dtype), w_KxO.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_matmul_fwd(x_MxK, w_KxO, dtype):
+  x, w = x_MxK.astype(dtype), w_KxO.astype(dtype)
+  # Empty slices carry the inputs' dtypes (residuals must be arrays).
+  return jnp.dot(x, w, preferred_element_type=jnp.float32), (x, w, x_MxK[:0, :0], w_KxO[:0, :0])
+
+
+def _mixed_matmul_bwd(dtype, res, g_MxO):
+  x, w, x_like, w_like = res
+  g = g_MxO.astype(dtype)
+  dx_MxK = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x_like.dtype)
+  dw_KxO = jnp.dot(x.T, g, preferred_element_type=jnp.float32).astype(w_like.dtype)
+  return dx_MxK, dw_KxO
+
+
+mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
 def conv_as_matmul(next_fun, args, kwargs, context):
   """Flax method interceptor: a stride-1, "SAME", odd-kernel ``nn.Conv`` on [B, H, W, C]
   computed as ``im2col(x) @ kernel.reshape(k·k·C, O) + bias``.
 
+  A conv with a compute ``dtype`` (``flows.PRECISIONS``) multiplies in it (``mixed_matmul``),
+  and keeps its float32 accumulation: it adds the bias and returns float32 (``nn.Conv``,
+  the "xla" lowering, returns ``dtype``), so the ReLU, the next im2col and the subnet's
+  output are float32 and only the matmuls' operands are rounded.
   Same parameters (read from the module), same result up to float rounding
   (cross-correlation, zero padding (k−1)/2 on each side, kernel index (i, j, c)
   ↔ input offset (i − (k−1)/2, j − (k−1)/2)). Any other call, and the first call
@@ -258,7 +304,12 @@ def conv_as_matmul(next_fun, args, kwargs, context):
     xp = jnp.pad(x_BxHxWxC, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
     x_BxHxWxC = jnp.concatenate(
         [xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
-  y_BxHxWxO = jnp.einsum("bhwk,ko->bhwo", x_BxHxWxC, kernel.reshape(-1, kernel.shape[-1]))
+  if conv.dtype is None:
+    y_BxHxWxO = jnp.einsum("bhwk,ko->bhwo", x_BxHxWxC, kernel.reshape(-1, kernel.shape[-1]))
+  else:                        # conv.dtype operands, float32 accumulation and bias
+    b, h, w, k = x_BxHxWxC.shape
+    y_BxHxWxO = mixed_matmul(x_BxHxWxC.reshape(b * h * w, k), kernel.reshape(-1, kernel.shape[-1]),
+                             conv.dtype).reshape(b, h, w, -1)
   if conv.use_bias:
     y_BxHxWxO = y_BxHxWxO + conv.get_variable("params", "bias")[None, None, None, :]
   return y_BxHxWxO
@@ -375,11 +426,13 @@ def row_keys(seeds: Sequence[int]) -> jax.Array:
   return jnp.stack([jax.random.fold_in(base, int(s)) for s in seeds])
 
 
-def model_for(cfg, channels) -> flows.FastFlow2d | flows.MultiScaleFlow:
-  """The flow of ``cfg.flow`` on C channels, or one flow per scale for a tuple of C_s."""
+def model_for(cfg, channels, precision: str = "float32"
+              ) -> flows.FastFlow2d | flows.MultiScaleFlow:
+  """The flow of ``cfg.flow`` on C channels, or one flow per scale for a tuple of C_s,
+  with its convolutions in ``precision``."""
+  flow_cfg = {**dict(cfg.flow), "precision": precision}
   if isinstance(channels, (tuple, list)):
-    return flows.build_multiscale_flow(dict(cfg.flow), channels)
-  flow_cfg = dict(cfg.flow)
+    return flows.build_multiscale_flow(flow_cfg, channels)
   flow_cfg["channels"] = int(channels)
   return flows.build_flow(flow_cfg)
 
@@ -390,6 +443,12 @@ def resolve_conv_impl(impl: str, where: str = "config.train.conv_impl") -> str:
   if impl not in CONV_IMPLS:
     raise ValueError(f"{where} must be one of {CONV_IMPLS}, got {impl!r}")
   return impl
+
+
+def resolve_precision(precision: str, where: str = "config.train.precision") -> str:
+  if precision not in flows.PRECISIONS:
+    raise ValueError(f"{where} must be one of {flows.PRECISIONS}, got {precision!r}")
+  return precision
 
 
 def resolve_row_impl(impl: str, where: str = "config.train.rows") -> str:
@@ -421,6 +480,7 @@ class FlowProgram:
   conv_impl: str = "xla"
   batch_axis: str | None = None
   batch_shards: int = 1
+  precision: str = "float32"  # the model's (``model.precision``), kept here for the record
 
   def _loss_fn(self):
     base = make_flow_loss(self.model)
@@ -513,9 +573,10 @@ class FlowProgram:
 
 def make_flow_program(cfg, feats_shape: Sequence[int], *, num_steps: int | None = None,
                       conv_impl: str | None = None, batch_axis: str | None = None,
-                      batch_shards: int = 1) -> FlowProgram:
+                      batch_shards: int = 1, precision: str | None = None) -> FlowProgram:
   """The flow program for ``cfg`` (fields flow.*, optim.*, train.batch_size,
-  train.num_steps, train.conv_impl) on features of shape ``feats_shape`` [N, H, W, C],
+  train.num_steps, train.conv_impl, train.precision) on features of shape ``feats_shape``
+  [N, H, W, C],
   or — multi-scale — a tuple of per-scale shapes ``((N, H_s, W_s, C_s), ...)``: then the
   model is a ``flows.MultiScaleFlow`` (one flow per scale), the program's features are
   the tuple of per-scale arrays, and the loss is ``make_flow_loss``'s sum over scales."""
@@ -541,11 +602,14 @@ def make_flow_program(cfg, feats_shape: Sequence[int], *, num_steps: int | None 
     raise ValueError(f"config.train.num_steps must be ≥ 1, got {steps}")
   if conv_impl is None:
     conv_impl = cfg.train.get("conv_impl", "auto") if hasattr(cfg.train, "get") else "auto"
+  if precision is None:
+    precision = cfg.train.get("precision", "float32") if hasattr(cfg.train, "get") else "float32"
+  precision = resolve_precision(precision)
   return FlowProgram(
-      model=model_for(cfg, channels), tx=make_optimizer(cfg.optim),
+      model=model_for(cfg, channels, precision), tx=make_optimizer(cfg.optim),
       feats_shape=feats_shape, batch_size=bs, total_steps=steps,
       conv_impl=resolve_conv_impl(conv_impl), batch_axis=batch_axis,
-      batch_shards=int(batch_shards))
+      batch_shards=int(batch_shards), precision=precision)
 
 
 def make_train(cfg, feats_shape: Sequence[int], **kwargs) -> Callable:

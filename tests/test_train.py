@@ -278,3 +278,42 @@ def test_rows_of_different_tail_nll_vmap_as_one_program():
     assert _close(jax.tree.map(lambda a: a[i], state_R.params), state.params), names[i]
   row = lambda i: jax.tree.map(lambda a: a[i], state_R.params)
   assert not _close(row(0), row(1)) and not _close(row(1), row(2))
+
+
+def test_profile_steps_writes_a_trace_and_changes_no_number(tmp_path):
+  """``train.profile_steps = 2``: the engine writes a ``jax.profiler`` trace under
+  ``<prefix>/profile/`` and the rows' parameters, losses and checkpoints are those of the
+  run without it, bit for bit (the traced steps run on a copy of the state)."""
+  import pathlib
+  from tailjax import engine, runrecord, sharding
+  rows = engine.Rows.from_dicts([
+      {"tail_weight": 0.0, "top_k_ratio": 0.25, "learning_rate": 1e-2, "seed": 0},
+      {"tail_weight": 0.7, "top_k_ratio": 0.25, "learning_rate": 1e-2, "seed": 1}])
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  out = {}
+  for steps in (0, 2):
+    cfg = _cfg(num_steps=6)
+    cfg.train.update({"segment_steps": 3, "rows": "auto", "conv_impl": "auto",
+                      "batch_devices": 1, "profile_steps": steps})
+    with runrecord.open_run(tmp_path / f"p{steps}", cfg, kind="test") as run:
+      out[steps] = engine.run_rows(cfg, run, "cat", SWEEP_FEATS, rows, mesh=mesh, progress=False)
+  traces = list(pathlib.Path(tmp_path / "p2" / "cat" / engine.PROFILE_DIR).rglob("*.xplane.pb"))
+  assert traces and not (tmp_path / "p0" / "cat" / engine.PROFILE_DIR).exists()
+  for a, b in zip(_leaves(out[0].params_R), _leaves(out[2].params_R)):
+    np.testing.assert_array_equal(a, b)
+  ckpts = [sorted(p.name for p in (tmp_path / f"p{s}" / "cat" / "checkpoints").iterdir()
+                  if p.name.isdigit()) for s in (0, 2)]
+  assert ckpts[0] == ckpts[1] == ["3", "6"]
+  metrics = [(tmp_path / f"p{s}" / "cat" / "metrics.jsonl").read_text() for s in (0, 2)]
+  assert metrics[0] == metrics[1]
+
+
+def test_profile_steps_must_be_a_non_negative_integer(tmp_path):
+  from tailjax import engine, runrecord
+  cfg = _cfg(num_steps=2)
+  cfg.train.profile_steps = -1
+  rows = engine.Rows.from_dicts([{"tail_weight": 0.0, "top_k_ratio": 0.25,
+                                  "learning_rate": 1e-2, "seed": 0}])
+  with runrecord.open_run(tmp_path / "r", cfg, kind="test") as run:
+    with pytest.raises(ValueError, match=r"config\.train\.profile_steps must be an integer"):
+      engine.run_rows(cfg, run, "cat", SWEEP_FEATS, rows, progress=False)

@@ -55,7 +55,7 @@ FIELDS = (
     "variants.*.tail_weight", "variants.*.top_k_ratio", "variants.*.learning_rate",
     "variants.*.tail_nll", "optim.*",
     "train.num_steps", "train.batch_size", "train.segment_steps", "train.rows",
-    "train.conv_impl", "train.batch_devices",
+    "train.conv_impl", "train.batch_devices", "train.profile_steps", "train.precision",
     "eval.score", "eval.size", "eval.smoothing_sigma", "eval.image_score", "eval.image_topk",
     "eval.fpr_limit", "eval.budgets", "eval.boundary_px", "eval.fixed_tpr", "eval.plateau_tol",
     "padim.eps", "padim.n_channels",
