@@ -7,7 +7,7 @@
 
 Runs ``tailjax train`` exactly as ``make demo`` / ``make study`` do, in a fresh workdir
 (``runs/bench-<device>-<config>``), with every row of a category vmapped into one program
-(``train.rows=vmap``; categories run one after another, their features differ). Then
+(``train.row_mode=vmap``; categories run one after another, their features differ). Then
 writes ``benchmarks/results-study-<device>-<config>.md`` (and ``.json``):
 
 * wall time per phase (features, training, evaluation, PaDiM and figures, analyses,
@@ -143,7 +143,7 @@ def markdown(res: dict) -> list[str]:
                f"{sum(ref.values()) / total:.1f}×" if ref and total else "—"])
   c = res["compare"]
   lines = [f"# The main job on {res['device']} ({res['backend']})", "",
-           f"`tailjax train --config={res['config']} --config.train.rows=vmap` in "
+           f"`tailjax train --config={res['config']} --config.train.row_mode=vmap` in "
            f"`{res['workdir']}`, JAX {res['jax']}, {res['device_count']} device(s), matmul "
            f"precision {res['matmul_precision']}; reference `{res['reference']}`.", "",
            f"Wall seconds per phase (the reference's from its manifest; compilation included); "
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     shutil.rmtree(workdir)
   t0 = time.perf_counter()
   rc = cli.main(["train", f"--config={args.config}", f"--workdir={workdir}",
-                 "--config.train.rows=vmap", *args.overrides])
+                 "--config.train.row_mode=vmap", *args.overrides])
   wall = time.perf_counter() - t0
   if rc != 0:
     raise SystemExit(f"tailjax train exited {rc}")

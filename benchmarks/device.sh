@@ -42,5 +42,5 @@ if [ -n "${TAILJAX_STUDY:-}" ]; then
   "$PY" -m benchmarks.bench_study --config=configs/fastflow_study.py \
       --reference="${TAILJAX_STUDY_REFERENCE:-runs/study}" --overwrite
   "$PY" -m tailjax.cli train --config=configs/fastflow_study.py:arch8 --config.num_seeds=5 \
-      --config.train.rows=vmap --workdir=runs/study-arch8-5seeds
+      --config.train.row_mode=vmap --workdir=runs/study-arch8-5seeds
 fi

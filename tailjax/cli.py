@@ -208,14 +208,14 @@ def _analyze_flags(fv, argv):
 
 
 def _analyze(fv):
-  from tailjax.studies import mechanisms as analysis
+  from tailjax.studies import mechanisms
   method = {"method": fv.method} if fv.method else {}
-  out = analysis.analyze_run(fv.workdir, fv.category or None, num_images=fv.num_images,
-                             sweeps=fv.sweeps or None, num_param_images=fv.num_param_images,
-                             patch_chunk=fv.patch_chunk, **method)
+  out = mechanisms.analyze_run(fv.workdir, fv.category or None, num_images=fv.num_images,
+                               sweeps=fv.sweeps or None, num_param_images=fv.num_param_images,
+                               patch_chunk=fv.patch_chunk, **method)
   if fv.append:
-    analysis.append_to_report(fv.workdir, out)
-  print("\n".join(analysis.summary_table(out)))
+    mechanisms.append_to_report(fv.workdir, out)
+  print("\n".join(mechanisms.summary_table(out)))
   print(f"\nwrote {Path(fv.workdir) / 'analysis' / 'report.md'}")
 
 

@@ -7,7 +7,7 @@ pure ``tailjax.train.FlowProgram``:
 
 * Rows are padded to a multiple of the mesh's "sweep" axis, split over it with
   ``jax.shard_map``, and run on each device by vmap or ``lax.map``
-  (``train.rows``); with ``train.batch_devices = b > 1`` the b devices that
+  (``train.row_mode``); with ``train.batch_devices = b > 1`` the b devices that
   share a row split its mini-batch (see ``tailjax.sharding``).
 * The steps are cut at *boundaries*: every ``train.segment_steps`` steps, every
   requested evaluation step and the last step. One compiled segment program
@@ -474,7 +474,7 @@ def _plan(cfg, prefix: str, train_feats, eval_steps, evaluate, mesh, n_rows: int
   if evaluate is None and eval_steps:
     raise ValueError("run_rows: eval_steps given without an evaluate hook")
   mesh = mesh or sharding.make_mesh(int(_exec_get(cfg, "batch_devices", 1)))
-  row_impl = train_lib.resolve_row_impl(_exec_get(cfg, "rows", "auto"))
+  row_impl = train_lib.resolve_row_impl(_exec_get(cfg, "row_mode", "auto"))
   total = int(cfg.train.num_steps)
   seg_len = int(_exec_get(cfg, "segment_steps", DEFAULT_SEGMENT_STEPS))
   if seg_len < 1:
@@ -562,7 +562,7 @@ def _check_memory(plan: _Plan, n_rows: int, where: str) -> None:
   if fixed >= have:
     raise ValueError(f"{text}: its training features alone take {_bytes_text(fixed)}")
   fits = (have - fixed) // max(1, per_image)
-  hint = " (or train.rows=map: one row at a time)" if plan.row_impl == "vmap" and n_rows > 1 else ""
+  hint = " (or train.row_mode=map: one row at a time)" if plan.row_impl == "vmap" and n_rows > 1 else ""
   raise ValueError(f"config.train.batch_size={batch}: {text}; at most about {fits} fits{hint}")
 
 

@@ -71,8 +71,8 @@ LOCK = ".lock"
 # Fields that never change a result: how rows run, cadence, caches, cosmetics.
 # Patterns match dotted config paths (fnmatch).
 NOT_RESULTS = (
-    "train.rows", "train.segment_steps", "train.conv_impl", "train.profile_steps",
-    "data.cache_dir", "backbone.batch_size", "report.*", "analysis.*",
+    "train.row_mode", "train.segment_steps", "train.conv_impl", "train.profile_steps",
+    "data.cache_dir", "backbone.batch_size", "report.*", "mechanisms.*",
     # A moved weight file is the same run; a different one changes the features, which
     # the engine's rows.json (features hash) refuses.
     "backbone.weights",

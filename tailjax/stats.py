@@ -64,21 +64,25 @@ def paired_test(diffs: Sequence[float]) -> dict:
 
 def heterogeneity(per_category: Mapping[str, Sequence[float]]) -> dict:
   """Do categories disagree beyond seed noise? Cochran's Q on the per-category mean
-  paired differences (inverse-variance weights from their seed variances) and
-  I² = max(0, (Q − df)/Q). Also the signs of the significant categories."""
-  means, weights = [], []
-  for d in per_category.values():
-    d = np.asarray(d, np.float64)
-    if d.size < 2:
-      return {"q": float("nan"), "df": len(per_category) - 1, "p": float("nan"),
-              "i2": float("nan")}
-    var = max(float(np.var(d, ddof=1)) / d.size, 1e-12)
-    means.append(float(d.mean()))
-    weights.append(1.0 / var)
-  m, w = np.asarray(means), np.asarray(weights)
+  paired differences and I² = max(0, (Q − df)/Q). Also the signs of the significant
+  categories.
+
+  The within-category variance is the seed variance pooled over the categories,
+  ``v_c = s²_pooled / S_c`` with ``s²_pooled = Σ (S_c − 1) s_c² / Σ (S_c − 1)``: the
+  variance the random-effects estimate uses (``metaanalysis.effects_from_seeds(...,
+  pool_variance=True)``), so that Q, I² and that estimate describe one model. (A
+  category's own 3-seed variance, 2 df, is often far too small; weighting by it makes Q
+  explode — a true null then reads as I² near 100 %.) Needs ≥ 2 seeds per category.
+  """
+  rows = [np.asarray(d, np.float64).ravel() for d in per_category.values()]
+  df = len(rows) - 1
+  if any(d.size < 2 for d in rows):
+    return {"q": float("nan"), "df": df, "p": float("nan"), "i2": float("nan")}
+  s2 = sum((d.size - 1) * float(np.var(d, ddof=1)) for d in rows) / sum(d.size - 1 for d in rows)
+  m = np.array([d.mean() for d in rows])
+  w = np.array([d.size / max(s2, 1e-24) for d in rows])
   pooled = float(np.sum(w * m) / np.sum(w))
   q = float(np.sum(w * (m - pooled) ** 2))
-  df = len(m) - 1
   p = float(stats.chi2.sf(q, df)) if df > 0 else float("nan")
   i2 = max(0.0, (q - df) / q) if q > 0 else 0.0
   return {"q": q, "df": df, "p": p, "i2": i2}

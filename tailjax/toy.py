@@ -21,7 +21,7 @@ from tailjax import engine, evaluation, io, runrecord
 KIND = "toy"
 FIELDS = ("seed", "data.n_train", "data.n_val", "data.grid", "data.channels", "flow.*",
           "loss.tail_weight", "loss.top_k_ratio", "optim.*", "train.num_steps",
-          "train.batch_size", "train.eval_every", "train.segment_steps", "train.rows",
+          "train.batch_size", "train.eval_every", "train.segment_steps", "train.row_mode",
           "train.conv_impl", "train.batch_devices", "train.profile_steps", "train.precision")
 
 

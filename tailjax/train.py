@@ -50,7 +50,7 @@ selection, the loss, the gradients and the optimiser state stay float32
 (``flows.AffineCouplingStep``). The precision is part of the model, so a row is
 scored (``FlowProgram.apply``, ``tailjax.evaluation``) in the precision it trained in.
 
-**How rows run on one device** (``train.rows``): "vmap" batches the rows into one
+**How rows run on one device** (``train.row_mode``): "vmap" batches the rows into one
 set of larger ops (right for GPU/TPU, where one small-batch row leaves the
 device idle), "map" runs them one after the other inside the same program
 (``lax.map``), "auto" = "map" on CPU, "vmap" elsewhere. On CPU one row's step
@@ -451,7 +451,7 @@ def resolve_precision(precision: str, where: str = "config.train.precision") -> 
   return precision
 
 
-def resolve_row_impl(impl: str, where: str = "config.train.rows") -> str:
+def resolve_row_impl(impl: str, where: str = "config.train.row_mode") -> str:
   if impl == "auto":
     return "map" if jax.default_backend() == "cpu" else "vmap"
   if impl not in ROW_IMPLS:

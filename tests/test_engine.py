@@ -22,7 +22,7 @@ def _cfg(num_steps=6, segment_steps=3, rows="auto", layer_norm="image", kernel_m
             "layer_norm": layer_norm}
   c.optim = {"name": "adam", "learning_rate": 1e-2, "grad_clip_norm": 10.0}
   c.train = {"num_steps": num_steps, "batch_size": 4, "segment_steps": segment_steps,
-             "rows": rows, "conv_impl": "auto", "batch_devices": 1}
+             "row_mode": rows, "conv_impl": "auto", "batch_devices": 1}
   return c
 
 

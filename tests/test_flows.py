@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tailjax import flows, losses
+from tailjax import flows
 
 
 def _perturbed_params(params, key, scale=0.3):

@@ -63,7 +63,7 @@ def test_study_a_records_end_to_end_on_a_features_file(tmp_path):
   cfg.train.batch_size = 6           # the 6 training images left after holding out 2
   with track_reads(cfg) as reads:
     out = study_a.main(cfg, tmp_path / "run", progress=False)
-  assert [p for p in unread(cfg, reads) if not p.startswith("analysis.")] == []
+  assert [p for p in unread(cfg, reads) if not p.startswith("mechanisms.")] == []
   res = out["results"]["widgets"]
   assert res["grid"] == [H, W] and res["n_train"] == 6 and res["n_test"] == 8   # 2 held out
   assert res["n_defective"] == 4

@@ -15,7 +15,7 @@ from tailjax import runrecord
 def _cfg(lr=1e-3, steps=10, rows="auto"):
   c = ml_collections.ConfigDict()
   c.optim = {"name": "adam", "learning_rate": lr}
-  c.train = {"num_steps": steps, "rows": rows}
+  c.train = {"num_steps": steps, "row_mode": rows}
   c.flow = {"num_steps": 4}
   return c
 
@@ -26,7 +26,7 @@ def test_manifest_records_config_code_environment(tmp_path):
     run.record(row_mode="map")
   m = runrecord.read_manifest(tmp_path / "w")
   assert m["kind"] == "t" and m["results_fields"]["optim.learning_rate"] == 1e-3
-  assert "train.rows" not in m["results_fields"]         # execution, not results
+  assert "train.row_mode" not in m["results_fields"]         # execution, not results
   inv = m["invocations"][-1]
   assert inv["row_mode"] == "map" and inv["backend"] == "cpu"
   assert inv["packages"]["jax"] and inv["code"]["source_sha256"]

@@ -124,3 +124,23 @@ def test_paired_test_is_scipys_one_sample_t_test_without_undefined_values():
   assert got["n"] == 4 and got["p"] == pytest.approx(want.pvalue)
   assert got["mean"] == pytest.approx(0.025) and got["lo"] < 0.025 < got["hi"]
   assert tstats.paired_test([np.nan])["n"] == 0 and np.isnan(tstats.paired_test([])["p"])
+
+
+def test_heterogeneity_uses_the_random_effects_within_category_variance():
+  """Q and I² come from the pooled seed variance, as the random-effects estimate does:
+  Cochran's Q equals ``metaanalysis``'s on ``effects_from_seeds(pool_variance=True)``,
+  and a category whose 3 seeds happen to agree closely does not blow Q up."""
+  from tailjax import metaanalysis
+  rng = np.random.default_rng(0)
+  cats = {c: rng.normal(0.0, 1.0, 3) for c in "abcdef"}
+  cats["a"] = np.array([0.5, 0.5001, 0.4999])          # a lucky, tiny seed variance
+  het = tstats.heterogeneity(cats)
+  y, v = metaanalysis.effects_from_seeds(list(cats.values()), pool_variance=True)
+  fit = metaanalysis.random_effects(y, v)
+  assert het["q"] == pytest.approx(fit.q, rel=1e-9) and het["df"] == 5
+  assert het["p"] == pytest.approx(fit.q_p_value, rel=1e-9)
+  # Each category's own variance would hand the lucky category a huge weight and Q with it.
+  own_w = np.array([3 / np.var(d, ddof=1) for d in cats.values()])
+  m = np.array([d.mean() for d in cats.values()])
+  q_own = float(np.sum(own_w * (m - np.sum(own_w * m) / own_w.sum()) ** 2))
+  assert q_own > 5 * het["q"]

@@ -87,8 +87,8 @@ def test_end_to_end_report_and_layout(trained):
 
 def test_every_config_field_is_read(trained):
   cfg, _, _, reads = trained
-  # analysis.* is read only when the analysis is enabled (tests/test_analysis.py runs it).
-  assert [p for p in unread(cfg, reads) if not p.startswith("analysis.")] == []
+  # mechanisms.* is read only when the analyses are enabled (tests/test_mechanisms.py runs them).
+  assert [p for p in unread(cfg, reads) if not p.startswith("mechanisms.")] == []
 
 
 def test_rerun_with_another_row_mode_restores_and_reproduces(trained, monkeypatch):
@@ -104,7 +104,7 @@ def test_rerun_with_another_row_mode_restores_and_reproduces(trained, monkeypatc
     return program, fail, fail
   monkeypatch.setattr(engine, "_row_fns", no_training)
   cfg2 = cfg.copy_and_resolve_references()
-  cfg2.train.rows = "vmap"                 # an execution choice: not part of the record
+  cfg2.train.row_mode = "vmap"                 # an execution choice: not part of the record
   again = study_a.main(cfg2, run, progress=False)
   for cat in ("brick", "gravel"):
     assert ([r["metrics"] for r in again["results"][cat]["rows"]] ==

@@ -99,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.batch_size = 8 if smoke else 16
   # How rows execute (never changes a number or the checkpoint layout):
   c.train.segment_steps = 5 if smoke else 100   # checkpoint / log / resume granularity
-  c.train.rows = "auto"          # vmap | map | auto (map on CPU, vmap on GPU/TPU)
+  c.train.row_mode = "auto"          # vmap | map | auto (map on CPU, vmap on GPU/TPU)
   c.train.conv_impl = "auto"     # xla | matmul | auto (matmul on CPU, xla on GPU/TPU)
   c.train.batch_devices = 1      # devices splitting one row's batch; the rest split rows
   c.train.profile_steps = 0      # > 0: jax.profiler trace of that many steps, <category>/profile
@@ -124,11 +124,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.padim.eps = 0.01
   c.padim.n_channels = 100
 
-  c.analysis = ml_collections.ConfigDict()
-  c.analysis.enabled = not smoke     # mechanism analyses (H1/H3/H4/H7) after training
-  c.analysis.num_images = 32         # training images for the gradient analysis (H3)
-  c.analysis.num_param_images = 32   # of those, with exact per-patch parameter gradients
-  c.analysis.sweeps = ""             # comma list of sweep workdirs (results.json) for H4 / ablations
+  c.mechanisms = ml_collections.ConfigDict()
+  c.mechanisms.enabled = not smoke     # mechanism analyses (H1/H3/H4/H7) after training
+  c.mechanisms.num_images = 32         # training images for the gradient analysis (H3)
+  c.mechanisms.num_param_images = 32   # of those, with exact per-patch parameter gradients
+  c.mechanisms.sweeps = ""             # comma list of sweep workdirs (results.json) for H4 / ablations
 
   c.report = ml_collections.ConfigDict()
   c.report.baseline = "mean_only"

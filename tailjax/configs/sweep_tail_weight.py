@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   smoke = arg == "smoke"
   c = fastflow_textures.get_config("smoke" if smoke else None)
   # Study A's two-variant comparison fields do not apply to a grid.
-  for name in ("variants", "report", "padim", "num_seeds", "analysis", "seed"):
+  for name in ("variants", "report", "padim", "num_seeds", "mechanisms", "seed"):
     del c[name]
 
   c.sweep = ml_collections.ConfigDict()

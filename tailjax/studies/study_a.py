@@ -19,7 +19,7 @@ same batches as every other variant with seed s, so "tail − mean" differences
 are paired by seed. Every row is evaluated by ``evaluation.evaluate_rows`` at
 each step of the budget ladder (``eval_steps``).
 
-The mechanism analyses (``analysis.enabled``) take the trained rows from memory
+The mechanism analyses (``mechanisms.enabled``) take the trained rows from memory
 (the engine's program and parameters); ``tailjax analyze`` reloads them from the
 checkpoints of a finished run (``study_a_record.load_trained``), with the same result.
 
@@ -54,12 +54,13 @@ FIELDS = (
     "flow.global_affine", "flow.layer_norm",
     "variants.*.tail_weight", "variants.*.top_k_ratio", "variants.*.learning_rate",
     "variants.*.tail_nll", "optim.*",
-    "train.num_steps", "train.batch_size", "train.segment_steps", "train.rows",
+    "train.num_steps", "train.batch_size", "train.segment_steps", "train.row_mode",
     "train.conv_impl", "train.batch_devices", "train.profile_steps", "train.precision",
     "eval.score", "eval.size", "eval.smoothing_sigma", "eval.image_score", "eval.image_topk",
     "eval.fpr_limit", "eval.budgets", "eval.boundary_px", "eval.fixed_tpr", "eval.plateau_tol",
     "padim.eps", "padim.n_channels",
-    "analysis.enabled", "analysis.num_images", "analysis.num_param_images", "analysis.sweeps",
+    "mechanisms.enabled", "mechanisms.num_images", "mechanisms.num_param_images",
+    "mechanisms.sweeps",
     "report.baseline", "report.treatment", "report.n_examples",
 )
 
@@ -191,7 +192,7 @@ def train_and_evaluate(cfg, run: runrecord.Run, progress: bool = True) -> dict:
 
   Returns {"results", "summary" (``study_a_conclusions.summarize``), "seconds", "workdir",
   "trained"}: ``trained`` holds every category's ``TrainedCategory`` in memory when the
-  analyses will run (``analysis.enabled``, process 0), else {}.
+  analyses will run (``mechanisms.enabled``, process 0), else {}.
   """
   t0 = time.time()
   dataset = pipeline.open_dataset(cfg)
@@ -205,7 +206,7 @@ def train_and_evaluate(cfg, run: runrecord.Run, progress: bool = True) -> dict:
     results[name] = cat.result
     if not run.writer:
       continue
-    if cfg.analysis.enabled:
+    if cfg.mechanisms.enabled:
       trained[name] = _trained_category(cfg, dataset, data, cat)
     print(f"[{name}] " + ", ".join(
         f"{v} pixel AP {100 * np.mean([r['metrics']['pixel_ap'] for r in results[name]['rows'] if r['variant'] == v]):.2f}"
@@ -235,7 +236,7 @@ def validate_config(cfg) -> None:
 
 def main(cfg, workdir: str | Path, *, on_change: str = "error", progress: bool = True) -> dict:
   """The whole study for ``cfg`` in ``workdir``: train + evaluate every category, then
-  (``analysis.enabled``) the mechanism analyses on the trained rows in memory, then the
+  (``mechanisms.enabled``) the mechanism analyses on the trained rows in memory, then the
   report in one pass (``study_a_report.report``), printed. Resumable; a changed
   results-relevant config is refused (``on_change``: see ``runrecord.open_run``).
 
@@ -249,10 +250,10 @@ def main(cfg, workdir: str | Path, *, on_change: str = "error", progress: bool =
       return out
     analysis = None
     t_phase = time.time()
-    if cfg.analysis.enabled:
+    if cfg.mechanisms.enabled:
       analysis = mechanisms.analyze_run(
-          run.workdir, num_images=cfg.analysis.num_images,
-          num_param_images=cfg.analysis.num_param_images, sweeps=cfg.analysis.sweeps or None,
+          run.workdir, num_images=cfg.mechanisms.num_images,
+          num_param_images=cfg.mechanisms.num_param_images, sweeps=cfg.mechanisms.sweeps or None,
           run=run, trained=trained, results=out["results"])
       out["analysis"] = analysis
     _add_seconds(run, analyses=time.time() - t_phase)

@@ -363,7 +363,7 @@ def _link_rows(con: Conclusions) -> list[list[str]]:
     rows.append(["L1 concentration", f"tail share of the update (λ = {lam}) − λ + (1−λ)k/N, CI over "
                  "images above 0 in every category", ev, f"**{L['L1']['verdict']}**"])
   else:
-    rows.append(["L1 concentration", "needs the analysis (`analysis.enabled`)", "—", "NOT TESTED"])
+    rows.append(["L1 concentration", "needs the analysis (`mechanisms.enabled`)", "—", "NOT TESTED"])
   if "L2" in L:
     l2 = L["L2"]
     rows.append(["L2 boundary learning", "normal tail gap p99.5 − p50 of held-out normal patch NLL, "

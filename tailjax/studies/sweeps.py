@@ -28,7 +28,7 @@ AXES = (*HPARAM_NAMES, "tail_nll")   # a grid point: (λ, r, lr, per-patch NLL d
 RESULT_KEYS = ("category", *AXES, "seed", "metrics")
 
 FIELDS = tuple(f for f in study_a.FIELDS
-               if not f.startswith(("variants.", "report.", "padim.", "analysis."))
+               if not f.startswith(("variants.", "report.", "padim.", "mechanisms."))
                and f not in ("seed", "num_seeds")) + (
     "sweep.tail_weight", "sweep.top_k_ratio", "sweep.learning_rate", "sweep.tail_nll",
     "sweep.seeds")

@@ -37,8 +37,8 @@ def tiny_run(tmp_path_factory):
   cfg.train.segment_steps = 2
   cfg.eval.budgets = (0, 2, 4)
   cfg.report.n_examples = 2
-  cfg.analysis.enabled = True
-  cfg.analysis.num_images, cfg.analysis.num_param_images = 4, 2
+  cfg.mechanisms.enabled = True
+  cfg.mechanisms.num_images, cfg.mechanisms.num_param_images = 4, 2
   run = tmp / "run"
   trained = study_a.main(cfg, run, progress=False)
   sweep = tmp / "sweep"
