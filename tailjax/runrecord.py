@@ -358,12 +358,44 @@ def _write_manifest(workdir: Path, manifest: dict) -> None:
   io.atomic_write_json(workdir / MANIFEST, manifest)
 
 
+# Config fields renamed since runs were first written: {old dotted path: new}. A stored
+# config is read under the new names (``migrate_config``), so a run written before a
+# rename still verifies (its hash covers the same results fields) and reopens under the
+# names the code reads.
+RENAMED_FIELDS = {"train.rows": "train.row_mode", "analysis": "mechanisms"}
+
+
+def migrate_config(config: Mapping[str, Any]) -> dict:
+  """``config`` (a plain nested dict) with every ``RENAMED_FIELDS`` path moved to its new
+  name; a path already under its new name is left as it is."""
+  out = json.loads(json.dumps(config))
+  for old, new in RENAMED_FIELDS.items():
+    *head, leaf = old.split(".")
+    *new_head, new_leaf = new.split(".")
+    parent = out
+    for k in head:
+      parent = parent.get(k) if isinstance(parent, dict) else None
+    if not isinstance(parent, dict) or leaf not in parent:
+      continue
+    target = out
+    for k in new_head:
+      target = target.setdefault(k, {})
+    if new_leaf not in target:
+      target[new_leaf] = parent.pop(leaf)
+  return out
+
+
 def read_manifest(workdir: str | Path) -> dict:
+  """The workdir's manifest, its stored config under today's field names
+  (``migrate_config``)."""
   path = Path(workdir) / MANIFEST
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: {workdir} is not a tailjax run (or predates "
                             "run manifests)")
-  return json.loads(path.read_text())
+  manifest = json.loads(path.read_text())
+  if isinstance(manifest, dict) and isinstance(manifest.get("config"), dict):
+    manifest["config"] = migrate_config(manifest["config"])
+  return manifest
 
 
 # The run record's own files, known without being listed.

@@ -248,3 +248,28 @@ def test_refusals_are_one_line(tmp_path):
         pass
     assert "\n" not in str(err.value) and str(err.value).startswith(str(w)), on_change
     assert part in str(err.value)
+
+
+def test_a_run_written_before_a_field_rename_still_verifies_under_the_new_names(tmp_path):
+  """A manifest whose config uses names from before ``RENAMED_FIELDS`` (``train.rows``,
+  the ``analysis`` block), hashed with the exclusions of that time, is verified by
+  ``read_run`` and read under today's names; a hand-edited one is still refused."""
+  old_cfg = {"optim": {"name": "adam", "learning_rate": 1e-3},
+             "train": {"num_steps": 10, "rows": "map"}, "analysis": {"enabled": True}}
+  old_not_results = tuple(p for p in runrecord.NOT_RESULTS
+                          if p not in ("train.row_mode", "mechanisms.*")) + (
+                              "train.rows", "analysis.*")
+  fields = runrecord.results_fields(old_cfg, old_not_results)
+  assert "train.rows" not in fields and "analysis.enabled" not in fields
+  w = tmp_path / "old"
+  w.mkdir()
+  manifest = {"kind": "t", "config": old_cfg, "config_hash": runrecord.config_hash(fields),
+              "results_fields": fields}
+  (w / runrecord.MANIFEST).write_text(json.dumps(manifest))
+  m = runrecord.read_run(w, kind="t")
+  assert m["config"]["train"] == {"num_steps": 10, "row_mode": "map"}
+  assert m["config"]["mechanisms"] == {"enabled": True} and "analysis" not in m["config"]
+  manifest["config"]["train"]["num_steps"] = 11
+  (w / runrecord.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(runrecord.ConfigMismatchError, match="config_hash"):
+    runrecord.read_run(w, kind="t")
