@@ -2,14 +2,21 @@
 
 A flow is a bijection f: x ↦ z on feature maps ``x_BxHxWxC`` whose Jacobian
 log-determinant is kept *per spatial location*, ``logdet_BxHxW``, because the
-tail-aware loss and the mechanism analyses work with per-patch likelihoods:
+tail-aware loss and the mechanism analyses rank locations by their term of the
+joint NLL:
 
-    log p(x_i) = log N(z_i; 0, I) + logdet_i,   i = (h, w).
+    NLL(x) = −log p(x) = Σ_i NLL_i,   NLL_i = −log N(z_i; 0, I) − logdet_i,   i = (h, w).
 
-That factorisation is exact because every step acts on channels (a 1×1
-coupling, permutation or global affine) or, for k×k couplings, conditions on
-channels that the step leaves unchanged: the Jacobian is block-triangular with
-per-location diagonal blocks, so log|det J| = Σ_i logdet_i.
+The sum is exact because every step acts on channels (a 1×1 coupling,
+permutation or global affine) or, for k×k couplings, conditions on channels
+that the step leaves unchanged: the Jacobian is block-triangular with
+per-location diagonal blocks, so log|det J| = Σ_i logdet_i. ``NLL_i`` is one
+location's share of the joint NLL, not a likelihood of patch i alone: with 3×3
+couplings z_i and logdet_i depend on the neighbouring locations, and with
+image-level LayerNorm (``layer_norm="image"``) on the whole image. (The
+"even-share" split of ``losses.NLL_DEFINITIONS``, ½‖z_i‖² − mean_j logdet_j + const,
+divides the same joint NLL over locations another way.) Only the per-patch flow
+(all 1×1, ``layer_norm`` "none" or "patch") makes NLL_i a patch's own likelihood.
 
 Each step follows FrEIA's ``AllInOneBlock`` as FastFlow/anomalib use it:
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from tailjax import flows
+from tailjax import flows, losses
 from tailjax.analysis import causal, gradients
 
 
@@ -126,3 +126,40 @@ def test_h4_purity_against_an_independent_model():
   assert same["purity"] > 0.5 and other["independent"]
   assert abs(other["rows"][0]["purity"] - other["chance_purity"]) < 0.03
   assert same["k"] == 4 and same["amplification"] == 49
+
+
+def _brute_topk(score_N, k):
+  """The k highest scores' indices, ties by index (rank by (−score, index))."""
+  order = sorted(range(len(score_N)), key=lambda i: (-score_N[i], i))
+  return set(order[:k])
+
+
+@pytest.mark.parametrize("r", [0.02, 0.1, 0.25, 0.5])
+def test_topk_jaccard_matches_brute_force_sets_with_ties(r):
+  rng = np.random.default_rng(0)
+  n = 49
+  # Few distinct values: many ties at the k-th place, broken by index as the loss does.
+  a = rng.integers(0, 4, (6, n)).astype(np.float32)
+  b = np.where(rng.random((6, n)) < 0.5, a, rng.integers(0, 4, (6, n))).astype(np.float32)
+  b[0] = a[0]                                      # identical scores: overlap 1
+  b[1] = -a[1]                                     # reversed ranking
+  k = int(losses.top_k_count(r, n))
+  assert k == max(1, round(r * n))
+  want = [len(_brute_topk(x, k) & _brute_topk(y, k)) / len(_brute_topk(x, k) | _brute_topk(y, k))
+          for x, y in zip(a, b)]
+  got = causal.topk_jaccard(a, b, r)
+  assert got.shape == (6,)
+  np.testing.assert_allclose(got, want)
+  assert got[0] == 1.0
+  # A monotone transform of a score picks the same set; an even share constant per image
+  # (the even-share definition's only difference from ½‖z‖²) does too.
+  np.testing.assert_array_equal(causal.topk_jaccard(a, 3.0 * a - a.mean(1, keepdims=True), r), 1.0)
+  with pytest.raises(ValueError, match="topk_jaccard"):
+    causal.topk_jaccard(a, b[:, :-1], r)
+
+
+def test_overlap_summary():
+  s = causal.overlap_summary(np.linspace(0.0, 1.0, 11))
+  assert s["n_images"] == 11 and s["median"] == pytest.approx(0.5)
+  assert s["p10"] == pytest.approx(0.1) and s["mean"]["mean"] == pytest.approx(0.5)
+  assert causal.overlap_summary([]) == {"n_images": 0}

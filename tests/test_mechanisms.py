@@ -135,3 +135,36 @@ def test_bad_sweep_path_is_named(tiny_run, tmp_path):
   run, _, _ = tiny_run
   with pytest.raises(FileNotFoundError, match="results.json"):
     report.analyze_run(run, sweeps=[tmp_path / "nothing"], verbose=False)
+
+
+def test_nll_overlap_is_in_the_analyses_of_the_tiny_run(tiny_run):
+  """The exact vs even-share manipulation check: per tail-aware variant, every seed's
+  top-k overlap on the validation images (and, labelled, the test images)."""
+  from tailjax import evaluation, flows
+  from tailjax.analysis import causal
+  from tailjax.studies import study_a_record
+  run, _, trained = tiny_run
+  ov = trained["analysis"]["categories"]["gravel"]["nll_overlap"]
+  assert set(ov) == {"tail_aware"}                       # the one variant with λ > 0
+  v = ov["tail_aware"]
+  assert v["tail_nll"] == "exact" and v["k"] == 1 and v["seeds"] == [0, 1]
+  assert v["val"]["n_images"] == 2 * 2 and v["test"]["n_images"] == 2 * 8
+  for split in ("val", "test"):
+    assert 0.0 <= v[split]["p10"] <= v[split]["median"] <= 1.0
+    assert len(v[split]["seed_means"]) == 2
+  saved = json.loads((run / "analysis" / "analysis.json").read_text())
+  assert saved["categories"]["gravel"]["nll_overlap"]["tail_aware"]["val"]["median"] == (
+      pytest.approx(v["val"]["median"]))
+  # The scores behind it: exact = the flow's per-patch NLL; even_share and sq_norm differ by
+  # a constant per image (so they rank alike); the overlap recomputes from them.
+  tc = study_a_record.load_trained(run, "gravel")["gravel"]
+  i = next(j for j, r in enumerate(tc.rows) if r["variant"] == "tail_aware" and r["seed"] == 0)
+  params = evaluation.row_params(tc.params_R, i)
+  sc = report.definition_scores(tc.model, params, tc.data.val_feats)
+  np.testing.assert_allclose(sc["exact"], np.asarray(flows.flat_nll(tc.model, params,
+                                                                    tc.data.val_feats)),
+                             rtol=1e-5, atol=1e-4)
+  gap = sc["even_share"] - sc["sq_norm"]
+  np.testing.assert_allclose(gap, gap[:, :1] * np.ones_like(gap), atol=1e-4)
+  j = causal.topk_jaccard(sc["exact"], sc["even_share"], 0.02)
+  assert v["val"]["seed_means"][0] == pytest.approx(float(j.mean()))

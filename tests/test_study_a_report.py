@@ -278,7 +278,8 @@ def test_one_writer_writes_the_sections_report_and_conclusions_in_one_pass(tmp_p
   text = "\n".join(lines)
   # Every section once, in SECTIONS order; the analyses are a section like the others.
   heads = ["## Answer", "## The answer by regime", "## Setup", "## Results at the last step",
-           "## Budget curve", "## Model selection without the test set", "## The causal chain",
+           "## Budget curve", "## Model selection without the test set",
+           "## Convergence and what training does to detection", "## The causal chain",
            "## Anomaly-map examples", "## Mechanism analyses"]
   assert [text.index(h) for h in heads] == sorted(text.index(h) for h in heads)
   assert all(sum(line.startswith(h) for line in lines) == 1 for h in heads)
@@ -305,3 +306,184 @@ def test_the_original_study_comes_from_the_data_file():
   # The smoke config's 4 coupling steps differ from the original study's 8: said once.
   assert f"default is {sac.ORIGINAL['coupling_steps']}" in text
   assert set(sac.ORIGINAL["claims"]) == set(sac.HYPOTHESES) == set(sac.ORIGINAL["hypotheses"])
+
+
+# ----------------------------------------------------------------------------
+# Readings at convergence: the plateau rule, the convergence count, step 0 and ρ
+# ----------------------------------------------------------------------------
+
+STEPS = (0, 10, 20, 30)
+FLAT, FALLING = (10.0, 5.0, 4.6, 4.5), (10.0, 8.0, 6.0, 4.0)   # val NLL (nats per patch)
+
+
+def _curve_results(val_of, ap_of, cats=("a", "b"), seeds=4):
+  """Rows with planted curves over ``STEPS``: ``val_of(c, variant, seed)`` the validation
+  NLL and ``ap_of(c, variant, seed)`` the test pixel AP at each step."""
+  rng = np.random.default_rng(0)
+  out = {}
+  for c in cats:
+    rows = [{"variant": v, "seed": s} for v in ("mean_only", "tail_aware") for s in range(seeds)]
+    budgets = {}
+    for j, step in enumerate(STEPS):
+      recs = []
+      for r in rows:
+        rec = _record(rng, step, r["variant"], 0.0)
+        rec["val"]["mean"] = val_of(c, r["variant"], r["seed"])[j]
+        rec["metrics"]["pixel_ap"] = ap_of(c, r["variant"], r["seed"])[j]
+        recs.append(rec)
+      budgets[str(step)] = recs
+    out[c] = {"rows": rows, "budgets": budgets}
+  return _finished(out)
+
+
+def _relative_plateau(v, tol):
+  """The plateau rule relative to |v| (reference: it depends on a constant added to v)."""
+  v = np.asarray(v)
+  return STEPS[int(np.where(v - np.minimum.accumulate(v[::-1])[::-1] <= tol * np.abs(v))[0][0])]
+
+
+def test_the_plateau_rule_is_absolute_and_free_of_a_constant():
+  ap = lambda c, v, s: (0.5,) * len(STEPS)
+  for const in (0.0, 100.0, 1000.0):
+    res = _curve_results(lambda c, v, s: tuple(x + const for x in FLAT), ap, cats=("a",))
+    assert sac.selected_steps(res, "a", "plateau", 1.0) == [10] * 8      # 5.0 − 4.5 ≤ 1 nat
+    assert sac.selected_steps(res, "a", "plateau", 0.05) == [30] * 8
+    assert sac.selected_steps(res, "a", "val", 1.0) == [30] * 8
+  # The relative rule at 1 % moves with the constant: no plateau at 0, one at 10 steps at +100.
+  assert _relative_plateau(FLAT, 0.01) == 30
+  assert _relative_plateau(np.add(FLAT, 100.0), 0.01) == 10
+
+
+def _plateaued(reached):
+  """Validation curves: ``FLAT`` (plateau at 10 steps) for the (category, variant, seed)
+  in ``reached``, ``FALLING`` (none before the last budget) otherwise."""
+  return lambda c, v, s: FLAT if (c, v, s) in reached else FALLING
+
+
+def test_convergence_count_and_the_answer_from_rows_that_reached_the_plateau():
+  reached = {("a", "mean_only", s) for s in (0, 1, 2)} | {("a", "tail_aware", s) for s in (0, 1)}
+  reached |= {("b", "mean_only", 0)}
+  # At the selected (last) step tail − mean is +5 / +6 pp where both arms plateaued
+  # (category a, seeds 0 and 1) and −20 pp everywhere else.
+  def ap(c, v, s):
+    both = c == "a" and s in (0, 1)
+    return (0.4,) * 3 + ((0.4 + (0.05 + 0.01 * s if both else -0.2)) if v == "tail_aware"
+                         else 0.4,)
+  cfg = _cfg()
+  cfg.eval.plateau_tol = 1.0
+  con = sac.conclusions(cfg, _curve_results(_plateaued(reached), ap))
+  pr = con.plateau_rows
+  assert (pr["before_last"], pr["rows"]) == (6, 16)
+  assert pr["categories"] == {"a": {"before_last": 5, "rows": 8},
+                              "b": {"before_last": 1, "rows": 8}}
+  assert pr["both_arms"] == {"a": [0, 1], "b": []}
+  sens = pr["sensitivity"]
+  assert sens["estimable"] and sens["pairs"] == 2
+  assert sens["pixel_ap"]["mean"] == pytest.approx(0.055) and sens["pixel_ap"]["n"] == 2
+  assert con.pooled_diff["pixel_ap"]["mean"] < 0                    # all rows: negative
+  answer = "\n".join(rep.answer_lines(con))
+  assert ("**Convergence:** 6 of 16 rows reached the plateau (validation NLL within 1 nat per "
+          "patch") in answer
+  assert f"{rep._pp(sens['pixel_ap'])} pp over 2 (category, seed) pairs" in answer
+  assert "(a 5/8, b 1/8)" in "\n".join(rep.selection_section(con))
+  # No pair where both arms plateaued: not estimable.
+  none = sac.conclusions(cfg, _curve_results(_plateaued(reached - {("a", "tail_aware", 0),
+                                                                   ("a", "tail_aware", 1)}), ap))
+  assert none.plateau_rows["sensitivity"]["estimable"] is False
+  assert "not estimable" in "\n".join(rep.answer_lines(none))
+
+
+def test_training_that_lowers_val_nll_and_pixel_ap_reads_as_positive_rho_and_degradation():
+  # Validation NLL falls at every step; mean-only pixel AP falls with it in every seed,
+  # tail-aware's falls less and in seed 3 of category b ends above step 0.
+  def ap(c, v, s):
+    if v == "mean_only":
+      return (0.5, 0.45, 0.4, 0.3)
+    return (0.5, 0.55, 0.5, 0.55) if (c, s) == ("b", 3) else (0.5, 0.48, 0.47, 0.45)
+  con = sac.conclusions(_cfg(), _curve_results(lambda c, v, s: FALLING, ap))
+  cv = con.convergence
+  mo, ta = cv["a"]["mean_only"], cv["a"]["tail_aware"]
+  assert mo["spearman"] == pytest.approx([1.0] * 4) and mo["spearman_mean"] == pytest.approx(1.0)
+  assert mo["step0"] == [0.5] * 4 and mo["selected_steps"] == [30] * 4
+  assert mo["ceiling"] == [0.5] * 4 and mo["ceiling_steps"] == [0] * 4
+  assert mo["degrades"] and ta["degrades"]
+  assert mo["change"] == pytest.approx(-0.2) and ta["change"] == pytest.approx(-0.05)
+  assert cv["b"]["mean_only"]["degrades"] and not cv["b"]["tail_aware"]["degrades"]
+  assert cv["b"]["tail_aware"]["ceiling"][3] == 0.55
+  answer = "\n".join(rep.answer_lines(con))
+  assert ("training degrades detection in a (mean_only -20.0 pp, tail_aware -5.0 pp); "
+          "b (mean_only -20.0 pp)") in answer
+  assert "Both arms lose pixel AP in a; tail_aware loses less in a." in answer
+  assert "ρ > 0, lower validation NLL with worse detection, in 4 of 4" in answer
+  text = "\n".join(rep.convergence_section(con))
+  assert "## Convergence and what training does to detection" in text
+  assert "| a | mean_only | 50.00 ± 0.00 | 30, 30, 30, 30 | 30.00 ± 0.00 | -20.00 |" in text
+  assert "| +1.00 | **yes** |" in text and "reads the test set" in text
+  # Pixel AP rising while the validation NLL falls: ρ < 0, no degradation.
+  up = sac.conclusions(_cfg(), _curve_results(lambda c, v, s: FALLING,
+                                              lambda c, v, s: (0.3, 0.4, 0.45, 0.5)))
+  cell = up.convergence["a"]["tail_aware"]
+  assert cell["spearman_mean"] == pytest.approx(-1.0) and not cell["degrades"]
+  assert "training degrades detection in no category and arm" in "\n".join(rep.answer_lines(up))
+  io.to_json(con.to_json())
+
+
+def _overlap_analysis(cats, mean_overlap):
+  """``_analysis`` with every category's "nll_overlap" (``mechanisms.nll_overlap``) at one
+  mean validation overlap."""
+  an = _analysis(cats)
+  s = {"n_images": 24, "mean": {"mean": mean_overlap, "lo": mean_overlap - 0.02,
+                                "hi": mean_overlap + 0.02, "std": 0.05, "n": 24},
+       "median": mean_overlap, "p10": mean_overlap - 0.1, "min": mean_overlap - 0.2}
+  for c in cats:
+    an["categories"][c]["nll_overlap"] = {"tail_aware": {"val": s}, "tail_even_share": {"val": s}}
+  return an
+
+
+def test_nll_comparison_tost_on_planted_equivalent_and_different_pairs():
+  cats = HARD + CALIBRATED
+  cfg = _nll_cfg()
+  cfg.report.equivalence_margin_pp = 2.0
+  verdict = lambda nc: nc["variants"]["tail_even_share"]["equivalence"]
+  # Equivalent: the same pixel AP up to seed noise (0.4 pp), well inside ±2 pp.
+  same = sac.conclusions(cfg, _variant_results(
+      {"mean_only": 0.0, "tail_aware": 0.03, "tail_even_share": 0.03}, cats, seed=4),
+      _overlap_analysis(cats, 0.97)).tail_nll
+  eq = verdict(same)
+  assert eq["pooled"]["verdict"] == "equivalent within ±2 pp" and eq["pooled"]["tost_p"] < 0.05
+  assert -2 < eq["pooled"]["ci90_lo"] < eq["pooled"]["ci90_hi"] < 2
+  assert set(eq["categories"]) == set(cats)
+  # Different: a planted 4 pp difference.
+  diff = sac.conclusions(cfg, _variant_results(
+      {"mean_only": 0.0, "tail_aware": 0.03, "tail_even_share": 0.07}, cats, seed=5)).tail_nll
+  d = verdict(diff)["pooled"]
+  assert d["verdict"] == "different" and d["lo"] > 0 and d["mean"] == pytest.approx(4.0, abs=0.3)
+  assert all(v["verdict"] == "different" for v in verdict(diff)["categories"].values())
+  # Neither: the same planted 1 pp difference with seed noise too wide for either reading.
+  wide = sac.conclusions(cfg, _variant_results(
+      {"mean_only": 0.0, "tail_aware": 0.03, "tail_even_share": 0.04}, cats, seeds=3,
+      noise=0.04, seed=6)).tail_nll
+  assert verdict(wide)["pooled"]["verdict"] == "neither shown equivalent nor different"
+  # A tighter margin the same data do not meet: the verdict follows the margin in the config.
+  cfg.report.equivalence_margin_pp = 0.1
+  tight = sac.conclusions(cfg, _variant_results(
+      {"mean_only": 0.0, "tail_aware": 0.03, "tail_even_share": 0.03}, cats, seed=4)).tail_nll
+  assert verdict(tight)["pooled"]["verdict"] != "equivalent within ±0.1 pp"
+  # The section says both definitions split the joint NLL, the equivalence reading and
+  # the manipulation check; it never claims "the same" gain.
+  con = sac.conclusions(_nll_cfg(), _variant_results(
+      {"mean_only": 0.0, "tail_aware": 0.03, "tail_even_share": 0.03}, cats, seed=4),
+      _overlap_analysis(cats, 0.97))
+  text = "\n".join(rep.nll_section(con))
+  assert "split the same joint NLL" in text and "**equivalent within ±2 pp**" in text
+  assert "cannot distinguish them" in text and "gains the same" not in text
+  low = sac.conclusions(_nll_cfg(), _variant_results(
+      {"mean_only": 0.0, "tail_aware": 0.03, "tail_even_share": 0.03}, cats, seed=4),
+      _overlap_analysis(cats, 0.5)).tail_nll
+  assert low["overlap"]["reading"].startswith("the two definitions pick different patches")
+  assert "not measured" in "\n".join(rep.nll_section(sac.conclusions(_nll_cfg(), _variant_results(
+      {"mean_only": 0.0, "tail_aware": 0.03, "tail_even_share": 0.03}, cats, seed=4))))
+  with pytest.raises(ValueError, match="equivalence_margin_pp"):
+    cfg.report.equivalence_margin_pp = 0.0
+    sac.conclusions(cfg, _variant_results(
+        {"mean_only": 0.0, "tail_aware": 0.0, "tail_even_share": 0.0}, cats))

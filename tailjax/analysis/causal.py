@@ -16,6 +16,9 @@ The original study's story is a chain; each link gets a measurement and a rule:
   border, vs the defect interior (all normal pixels are the negatives in both).
 * **L4 the outcome**: pixel AP / image AUROC, from the study's own tables.
 
+Exact vs even-share per-patch NLL (``topk_jaccard``): the overlap of the two
+definitions' top-k sets per image, the manipulation check of that comparison.
+
 H1 at the image level: one statistic per image (its tail patches' mean minus its
 non-tail patches' mean), then a Wilcoxon signed-rank test across images, so the
 196 correlated patches of an image count once. H4 purity against a hard set
@@ -35,7 +38,7 @@ import numpy as np
 import scipy.ndimage
 import scipy.stats
 
-from tailjax import flows, metrics
+from tailjax import flows, losses, metrics
 from tailjax.stats import mean_ci, paired_test
 
 
@@ -173,3 +176,35 @@ def border_distance_contrast(tail_BxN, grid_hw: tuple[int, int]) -> dict:
   wil = float(scipy.stats.wilcoxon(nz).pvalue) if nz.size >= 2 else float("nan")
   return {"diff": mean_ci(d), "n_images": int(d.size), "wilcoxon_p": wil,
           "uniform_mean": float(dist_N.mean())}
+
+
+# ----------------------------------------------------------------------------
+# Exact vs even-share per-patch NLL: do the two rankings pick different patches?
+# ----------------------------------------------------------------------------
+
+
+def topk_jaccard(score_a_BxN, score_b_BxN, top_k_ratio) -> np.ndarray:
+  """Per image b, the Jaccard overlap |A_b ∩ B_b| / |A_b ∪ B_b| of the top-k patch sets
+  ranked by ``score_a`` and by ``score_b`` (descending), k = max(1, round(r · N))
+  (``losses.top_k_count``), ties broken by index exactly as the loss breaks them
+  (``losses.top_k_indicator``): [B] in [0, 1], 1 when both pick the same k patches.
+
+  The manipulation check of exact vs even-share: scores that pick nearly the same
+  patches (overlap near 1) give losses a comparison of their results cannot tell apart.
+  """
+  if np.shape(score_a_BxN) != np.shape(score_b_BxN) or np.ndim(score_a_BxN) != 2:
+    raise ValueError(f"topk_jaccard: need two [B, N] score arrays of one shape, got "
+                     f"{np.shape(score_a_BxN)} and {np.shape(score_b_BxN)}")
+  a = np.asarray(losses.top_k_indicator(jnp.asarray(score_a_BxN), top_k_ratio)) > 0
+  b = np.asarray(losses.top_k_indicator(jnp.asarray(score_b_BxN), top_k_ratio)) > 0
+  inter = (a & b).sum(axis=1)
+  return inter / (a | b).sum(axis=1)
+
+
+def overlap_summary(jaccard_B) -> dict:
+  """Mean (t-interval), median and 10th percentile of per-image overlaps."""
+  j = np.asarray(jaccard_B, np.float64).ravel()
+  if j.size == 0:
+    return {"n_images": 0}
+  return {"n_images": int(j.size), "mean": mean_ci(j), "median": float(np.median(j)),
+          "p10": float(np.percentile(j, 10)), "min": float(j.min())}

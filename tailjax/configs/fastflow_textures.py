@@ -116,7 +116,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.fpr_limit = 0.3
   # Every row is evaluated at each budget (steps; 0 = the untrained flow) without retraining.
   c.eval.budgets = (0, 5, 10) if smoke else (0, 10, 30, 100, 300)
-  c.eval.plateau_tol = 0.01          # plateau rule: later budgets improve val NLL by < 1 %
+  # Plateau rule: a row has plateaued at budget s when no later budget improves its mean
+  # per-patch validation NLL by more than this many nats (absolute, so free of the
+  # constant (C/2)·log 2π). 1 nat: above the spread of the 300-step validation NLL over the
+  # demo's 3 seeds (at most 0.65 nats), and an order below what every demo row still
+  # gains between its last two budgets (7.6 to 17.7 nats from 100 to 300 steps).
+  c.eval.plateau_tol = 1.0
   c.eval.boundary_px = 4             # L3: the defect border band, pixels at eval.size
   c.eval.fixed_tpr = 0.8             # L2/L3: FPR at this pixel TPR
 
@@ -134,4 +139,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.report.baseline = "mean_only"
   c.report.treatment = "tail_aware"
   c.report.n_examples = 2 if smoke else 4
+  # Exact vs even-share per-patch NLL: pixel-AP differences within ±this many pp count as
+  # equivalent (TOST). 2 pp is small against the tail-aware − mean-only differences the
+  # comparison is about (several pp in the calibrated tier), so an approximation
+  # equivalent within it cannot account for them; fixed before the run.
+  c.report.equivalence_margin_pp = 2.0
   return c

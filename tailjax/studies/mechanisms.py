@@ -20,6 +20,9 @@ Images: H1 and H4 use every training image (forward passes only); H3 uses
 first ``num_param_images`` of those (default: all) in parameter space, where the
 exact per-patch gradients of one image cost about 0.2 of an ordinary backward
 pass over a batch of N images (``benchmarks/bench_gradients.py``).
+``nll_overlap`` (the exact vs even-share manipulation check, key "nll_overlap" of each
+category) uses every seed of every tail-aware variant on the validation images, and
+the test images descriptively.
 
 The original study's numbers (``study_a_conclusions.ORIGINAL``, from
 ``original_study.json``) are shown beside ours in the report's tables.
@@ -27,15 +30,17 @@ The original study's numbers (``study_a_conclusions.ORIGINAL``, from
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from tailjax import evaluation, io, reporting, runrecord
+from tailjax import evaluation, io, losses, reporting, runrecord
 from tailjax.analysis import causal, gradients
 from tailjax.analysis import hypotheses as hyp
 from tailjax.stats import mean_ci
@@ -120,13 +125,15 @@ def analyze_category(tc: study_a_record.TrainedCategory, images_train: np.ndarra
   h4 = _h4(tc, ti, feats, nll_train, sweep_rows)
   timings["h4"], t = time.time() - t, time.time()
   h7 = _h7(tc, ti, bi)
-  timings["h7"] = time.time() - t
+  timings["h7"], t = time.time() - t, time.time()
+  overlap = nll_overlap(tc)
+  timings["nll_overlap"] = time.time() - t
   h, w = feats.shape[1:3]
   return {"category": tc.data.name, "l1": l1,
           "analysed_row": {k: run[k] for k in ("variant", "seed", "tail_weight", "top_k_ratio")},
           "n_train": int(len(feats)), "grid": [int(h), int(w)], "h1": h1, "h3": h3, "h4": h4,
-          "h7": h7, "run_rows": list(run_rows_metrics), "seconds": time.time() - t0,
-          "timings": timings}
+          "h7": h7, "nll_overlap": overlap, "run_rows": list(run_rows_metrics),
+          "seconds": time.time() - t0, "timings": timings}
 
 
 def _h1(tc, ti: int, feats, nll_train, images_train, seed: int) -> dict:
@@ -216,6 +223,58 @@ def _h7(tc, ti: int, bi: int | None) -> dict:
   h7["verdict"], h7["evidence"] = hyp.verdict_h7(
       cals[ti], [be[s] for s in seeds] if seeds else None, [te[s] for s in seeds] if seeds else None)
   return h7
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nll_and_logdet(model, params, x_BxHxWxC):
+  z, logdet_BxHxW = model.apply(params, x_BxHxWxC)
+  return losses.patch_nll(z, logdet_BxHxW), logdet_BxHxW
+
+
+def definition_scores(model, params, feats_BxHxWxC) -> dict[str, np.ndarray]:
+  """{definition: score_BxN} of every per-patch NLL definition (``losses.NLL_DEFINITIONS``)
+  of one model on ``feats``: the exact per-location NLL plus ``losses.selection_shift`` —
+  the scores the tail-aware loss ranks its top-k by."""
+  nll, logdet = _nll_and_logdet(model, params, jnp.asarray(feats_BxHxWxC))
+  out = {}
+  for name in losses.NLL_DEFINITIONS:
+    a, b = losses.nll_definition_weights(name)
+    s = nll + losses.selection_shift(logdet, a, b)
+    out[name] = np.asarray(s.reshape(s.shape[0], -1))
+  return out
+
+
+def nll_overlap(tc: study_a_record.TrainedCategory) -> dict:
+  """The manipulation check of exact vs even-share: for every seed of every tail-aware
+  variant (λ > 0), the overlap (``causal.topk_jaccard``) of the exact and the even-share
+  top-k sets per image at the row's own r, on the held-out normal validation images and,
+  descriptively, on the test images (normal and defective). Per variant: its
+  ``tail_nll``, r, k and per split ``causal.overlap_summary`` over images × seeds plus
+  each seed's mean. Selects nothing. {} for a run without tail-aware rows."""
+  variants = tc.cfg.get("variants", {}) if hasattr(tc.cfg, "get") else {}
+  splits = {"val": np.asarray(tc.data.val_feats), "test": np.asarray(tc.data.test_feats)}
+  n = int(np.prod(tc.data.train_feats.shape[1:3]))
+  per: dict[str, dict] = {}
+  for i, row in enumerate(tc.rows):
+    if float(row["tail_weight"]) <= 0:
+      continue
+    r = float(row["top_k_ratio"])
+    v = per.setdefault(row["variant"], {
+        "tail_nll": str(variants.get(row["variant"], {}).get("tail_nll", "exact")),
+        "top_k_ratio": r, "k": int(losses.top_k_count(r, n)), "seeds": [],
+        "_j": {k: [] for k in splits}})
+    v["seeds"].append(row["seed"])
+    params = evaluation.row_params(tc.params_R, i)
+    for split, feats in splits.items():
+      if len(feats):
+        sc = definition_scores(tc.model, params, feats)
+        v["_j"][split].append(causal.topk_jaccard(sc["exact"], sc["even_share"], r))
+  for v in per.values():
+    j = v.pop("_j")
+    for split, js in j.items():
+      v[split] = ({**causal.overlap_summary(np.concatenate(js)),
+                   "seed_means": [float(x.mean()) for x in js]} if js else {"n_images": 0})
+  return per
 
 
 def _calibration_by_variant(cals: list[dict]) -> dict:

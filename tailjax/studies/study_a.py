@@ -61,7 +61,7 @@ FIELDS = (
     "padim.eps", "padim.n_channels",
     "mechanisms.enabled", "mechanisms.num_images", "mechanisms.num_param_images",
     "mechanisms.sweeps",
-    "report.baseline", "report.treatment", "report.n_examples",
+    "report.baseline", "report.treatment", "report.n_examples", "report.equivalence_margin_pp",
 )
 
 
@@ -232,6 +232,7 @@ def validate_config(cfg) -> None:
                      f"({', '.join(cfg.variants)}); got {cfg.report.baseline!r}, "
                      f"{cfg.report.treatment!r}")
   engine.Rows.from_variants(cfg)   # validates λ, r, lr
+  study_a_conclusions.equivalence_margin_pp(cfg)   # > 0: a bad margin fails before training
 
 
 def main(cfg, workdir: str | Path, *, on_change: str = "error", progress: bool = True) -> dict:

@@ -13,7 +13,20 @@ Rules, fixed before any run (they are printed in the report):
   budget ladder); without a validation split, at the last step. The test set is
   never used to choose anything.
 * **Plateau rule** (reported beside it): the earliest budget s whose validation NLL
-  is within ``eval.plateau_tol`` (relative) of the best value at any later budget.
+  (mean per-patch NLL, nats) is within ``eval.plateau_tol`` nats of the best value at any
+  later budget: ``v_s − min_{t ≥ s} v_t ≤ tol``. Absolute, so adding the constant
+  (C/2)·log 2π (or any constant) to every NLL does not move it. A row *reached the
+  plateau* iff that step lies before the last budget. **Convergence sensitivity**: the
+  pooled paired pixel-AP difference at the primary point over the (category, seed) pairs
+  whose rows in both arms reached the plateau (per seed the mean over its qualifying
+  categories, t-interval over seeds); "not estimable" when no pair qualifies.
+* **What training does to detection** (descriptive, never used for selection): per
+  category and arm, the untrained flow's (step 0) pixel AP as a reference, the best test
+  pixel AP over the budgets as a ceiling (it reads the test set), and the Spearman rank
+  correlation across budgets of validation NLL and test pixel AP per row (mean over
+  seeds; ρ > 0: lower validation NLL goes with worse detection). Training degrades
+  detection in a category and arm iff pixel AP at the selected step lies below its
+  step-0 value in every seed.
 * **Per-category verdicts**: paired t-tests over seeds of tail − mean, Holm-corrected
   over the categories; pooled reading "better"/"worse" when every significant
   category agrees in sign, "mixed" when significant effects of both signs exist.
@@ -43,12 +56,20 @@ Rules, fixed before any run (they are printed in the report):
   categories (in the scope) these rows read "not estimable (k < 3)"; they are
   descriptive, outside the Holm families above.
 * **Exact vs approximate per-patch NLL** (``nll_comparison``; runs with a variant whose
-  ``tail_nll`` is "sq_norm" or "even_share"): each tail-aware variant − baseline and each
-  approximate variant − the exact treatment, by tier and over all categories.
-  "The original study's gain could come from the approximation" iff an approximate
-  variant's pixel-AP difference to the baseline (random effects across all categories;
-  seed-paired when not estimable) has its CI above 0 while the exact treatment's does
-  not; descriptive, outside the Holm families.
+  ``tail_nll`` is "sq_norm" or "even_share"). Both definitions split the same joint NLL
+  over locations two ways (the exact per-location term is one location's share, not a
+  patch likelihood). Each tail-aware variant − baseline and each approximate variant −
+  the exact treatment, by tier and over all categories. "The original study's gain could
+  come from the approximation" iff an approximate variant's pixel-AP difference to the
+  baseline (random effects across all categories; seed-paired when not estimable) has
+  its CI above 0 while the exact treatment's does not. Approximate − exact pixel AP is
+  tested for equivalence (TOST, α = 0.05) against ±``report.equivalence_margin_pp``
+  (2 pp), pooled on the per-seed mean over categories and per category: "equivalent
+  within ±m pp" iff TOST rejects, "different" iff the 95 % CI excludes 0, else "neither
+  shown equivalent nor different". Manipulation check (with the mechanism analyses):
+  the Jaccard overlap of the two rankings' top-k sets per validation image; a mean
+  overlap ≥ 0.9 in every category reads "this comparison cannot distinguish them".
+  Descriptive, outside the Holm families.
 """
 
 from __future__ import annotations
@@ -59,6 +80,7 @@ import json
 from typing import Any, Sequence
 
 import numpy as np
+import scipy.stats
 
 from tailjax import metaanalysis, reporting, stats
 from tailjax.data import pipeline
@@ -99,7 +121,8 @@ def _record(results, cat, step: int, i: int) -> dict:
 
 def selected_steps(results: dict, cat: str, rule: str, tol: float) -> list[int] | None:
   """Per row of ``cat``: the step chosen by ``rule`` ("val" or "plateau") from the
-  validation NLL alone; None without a validation split."""
+  validation NLL alone; None without a validation split. ``tol``: the plateau rule's
+  tolerance in nats per patch (absolute, see the module docstring)."""
   steps = budgets(results)
   rows = results[cat]["rows"]
   if "val" not in _record(results, cat, steps[-1], 0):
@@ -111,7 +134,7 @@ def selected_steps(results: dict, cat: str, rule: str, tol: float) -> list[int] 
       out.append(steps[int(np.nanargmin(v))])
     elif rule == "plateau":
       later_best = np.minimum.accumulate(v[::-1])[::-1]
-      ok = np.where(v - later_best <= tol * np.abs(v))[0]
+      ok = np.where(v - later_best <= tol)[0]
       out.append(steps[int(ok[0])])
     else:
       raise ValueError(f"unknown selection rule {rule!r}")
@@ -269,6 +292,7 @@ class Conclusions:
   final: dict                      # ``summarize``: the last step's table
   budget_table: dict               # {scope: {step: per-seed values, Δ image AUROC}}
   selection: dict                  # {rule: {scope: steps and paired differences}}
+  convergence: dict                # {category: {variant: step 0, selected, ceiling, ρ}}
   mechanisms: dict | None          # ``hypothesis_summary`` of the mechanism analyses
 
   def to_json(self) -> dict:
@@ -308,15 +332,17 @@ def conclusions(cfg, results: dict, analysis: dict | None = None, *,
       baseline=base, treatment=treat, categories=tuple(cats),
       primary="val" if has_val else "final", budgets=tuple(steps),
       selected={r: v for r, v in sel.items() if has_val},
-      plateau_rows=_plateau_rows(sel["plateau"], steps) if has_val else None,
+      plateau_rows=(_plateau_rows(sel["plateau"], steps, primary, base, treat) if has_val
+                    else None),
       verdicts=verdicts, pooled_diff=pooled_diff, curve=curve,
       budget_sign=_budget_sign(curve, steps), links=links,
       links_same_step=_same_step_links(results, steps, base, treat, has_val),
       link_holm=_link_holm(links), n_seeds=n_seeds,
       by_regime=by_regime(cfg, primary) if len(cats) >= 2 else None,
-      tail_nll=nll_comparison(cfg, primary), final=summary,
+      tail_nll=nll_comparison(cfg, primary, analysis), final=summary,
       budget_table=_budget_table(results, steps, base, treat, curve),
       selection=_selection(results, sel, base, treat) if has_val else {},
+      convergence=_convergence(results, primary, steps, has_val),
       mechanisms=hypothesis_summary(analysis) if analysis is not None else None)
 
 
@@ -338,10 +364,69 @@ def _setup(cfg, results: dict, summary: dict, seconds: float, extended: Sequence
       seconds=float(seconds), extended=tuple(extended), examples=tuple(examples))
 
 
-def _plateau_rows(plateau: dict[str, list[int]], steps: list[int]) -> dict:
-  """How many rows' validation NLL reached its plateau before the last budget."""
-  flat = [s for c in plateau for s in plateau[c]]
-  return {"before_last": int(sum(s < steps[-1] for s in flat)), "rows": len(flat)}
+def _plateau_rows(plateau: dict[str, list[int]], steps: list[int], primary: dict, base: str,
+                  treat: str) -> dict:
+  """How many rows' validation NLL reached its plateau before the last budget (overall
+  and per category), the seeds per category whose rows in both arms reached it, and the
+  convergence sensitivity: the pooled paired pixel-AP difference at the primary point over
+  those (category, seed) pairs (per seed the mean over its qualifying categories)."""
+  reached = {c: [s < steps[-1] for s in plateau[c]] for c in plateau}
+  both, restricted = {}, {}
+  for c, d in paired(primary, base, treat, lambda r: r["metrics"]["pixel_ap"]).items():
+    by = {(r["variant"], r["seed"]): ok for r, ok in zip(primary[c]["rows"], reached[c])}
+    seeds = sorted(sd for v, sd in by if v == base)        # ``paired``'s seed order
+    both[c] = [sd for sd in seeds if by[(base, sd)] and by[(treat, sd)]]
+    restricted[c] = np.where(np.isin(seeds, both[c]), d, np.nan)
+  n_pairs = sum(len(v) for v in both.values())
+  sensitivity = ({"estimable": True, "pairs": n_pairs,
+                  "pixel_ap": stats.paired_test(pooled(restricted))} if n_pairs else
+                 {"estimable": False, "pairs": 0, "reason": "not estimable (no category and "
+                  "seed where both arms reached the plateau)"})
+  flat = [x for c in reached for x in reached[c]]
+  return {"before_last": int(sum(flat)), "rows": len(flat),
+          "categories": {c: {"before_last": int(sum(v)), "rows": len(v)}
+                         for c, v in reached.items()},
+          "both_arms": both, "sensitivity": sensitivity}
+
+
+def _spearman(x, y) -> float:
+  """Spearman's ρ of two curves; NaN when either is flat (no rank order to correlate)."""
+  if np.ptp(x) == 0 or np.ptp(y) == 0:
+    return float("nan")
+  return float(scipy.stats.spearmanr(x, y).statistic)
+
+
+def _convergence(results: dict, primary: dict, steps: list[int], has_val: bool) -> dict:
+  """What training does to detection, per category and variant (descriptive; never used
+  for selection). Per seed: pixel AP at the selected step (``primary``), at step 0 (the
+  untrained flow; when 0 is a budget) and its best over the budgets (the ceiling: reads
+  the test set), and Spearman's ρ across budgets of validation NLL and test pixel AP (with
+  a validation split). ``degrades``: selected-step pixel AP below step 0 in every seed;
+  ``change``: selected − step 0, mean over seeds."""
+  out = {}
+  for c, res in results.items():
+    out[c] = {}
+    for var in dict.fromkeys(r["variant"] for r in res["rows"]):
+      idx = [i for i, r in enumerate(res["rows"]) if r["variant"] == var]
+      ap_RxS = np.array([[_record(results, c, s, i)["metrics"]["pixel_ap"] for s in steps]
+                         for i in idx])
+      sel_R = np.array([primary[c]["rows"][i]["metrics"]["pixel_ap"] for i in idx])
+      cell = {"seeds": [res["rows"][i]["seed"] for i in idx],
+              "selected_steps": [primary[c]["rows"][i]["step"] for i in idx],
+              "selected": sel_R.tolist(), "ceiling": ap_RxS.max(1).tolist(),
+              "ceiling_steps": [steps[j] for j in ap_RxS.argmax(1)]}
+      if 0 in steps:
+        step0_R = ap_RxS[:, steps.index(0)]
+        cell |= {"step0": step0_R.tolist(), "degrades": bool(np.all(sel_R < step0_R)),
+                 "change": float(np.mean(sel_R - step0_R))}
+      if has_val:
+        rho = [_spearman([_record(results, c, s, i)["val"]["mean"] for s in steps], ap_S)
+               for i, ap_S in zip(idx, ap_RxS)]
+        cell |= {"spearman": rho,
+                 "spearman_mean": float(np.nanmean(rho)) if np.isfinite(rho).any() else
+                 float("nan")}
+      out[c][var] = cell
+  return out
 
 
 def _primary_tests(primary: dict, base: str, treat: str) -> tuple[dict, dict]:
@@ -667,19 +752,88 @@ def _scopes(br: dict, k: str) -> dict:
   return {**out, "all": {x: br["pooled"][k][x] for x in ("seed_paired", "random_effects")}}
 
 
-def nll_comparison(cfg, primary: dict) -> dict | None:
+# The equivalence margin of exact vs approximate per-patch NLL when a config has no
+# ``report.equivalence_margin_pp`` (configs other than fastflow_textures).
+EQUIVALENCE_MARGIN_PP = 2.0
+# Mean top-k overlap (Jaccard) of the exact and even-share rankings at or above which the
+# two definitions pick nearly the same patches, so their results cannot tell them apart.
+OVERLAP_SAME = 0.9
+
+
+def equivalence_margin_pp(cfg) -> float:
+  """``report.equivalence_margin_pp`` (> 0), or ``EQUIVALENCE_MARGIN_PP`` without it."""
+  rep = cfg.get("report", {}) if hasattr(cfg, "get") else {}
+  m = float(rep.get("equivalence_margin_pp", EQUIVALENCE_MARGIN_PP))
+  if not m > 0:
+    raise ValueError(f"config.report.equivalence_margin_pp must be > 0, got {m}")
+  return m
+
+
+def equivalence(diffs_pp, margin_pp: float) -> dict:
+  """TOST (``metaanalysis.tost_paired``, α = 0.05, so a 90 % interval) of paired per-seed
+  differences in pp against ±``margin_pp``, beside the 95 % t-interval
+  (``stats.paired_test``). Verdict: "equivalent within ±m pp" iff TOST rejects
+  non-equivalence; else "different" iff the 95 % CI excludes 0; else "neither shown
+  equivalent nor different"; "undetermined (< 2 seeds)" without two finite differences."""
+  d = np.asarray(diffs_pp, np.float64).ravel()
+  d = d[np.isfinite(d)]
+  test = stats.paired_test(d)
+  if d.size < 2:
+    return {**test, "margin": margin_pp, "verdict": "undetermined (< 2 seeds)"}
+  eq = metaanalysis.tost_paired(d, margin_pp)
+  out = {**test, "margin": margin_pp, "tost_p": eq.p, "ci90_lo": eq.ci90[0],
+         "ci90_hi": eq.ci90[1], "equivalent": bool(eq.equivalent)}
+  side = reporting.side_of_zero(test)
+  if eq.equivalent:
+    out["verdict"] = f"equivalent within ±{margin_pp:g} pp"
+  elif side:
+    out["verdict"] = "different"
+  else:
+    out["verdict"] = "neither shown equivalent nor different"
+  return out
+
+
+def _overlap(analysis: dict | None, names: Sequence[str]) -> dict | None:
+  """Per category, the validation-image overlap summaries of ``names`` from the mechanism
+  analyses' "nll_overlap" (``mechanisms.nll_overlap``), and the reading by
+  ``OVERLAP_SAME`` on the smallest per-category mean; None without the analyses."""
+  cats = (analysis or {}).get("categories", {})
+  per = {c: {n: a["nll_overlap"][n]["val"] for n in names
+             if n in a.get("nll_overlap", {}) and a["nll_overlap"][n]["val"].get("n_images")}
+         for c, a in cats.items()}
+  per = {c: v for c, v in per.items() if v}
+  if not per:
+    return None
+  low = min(s["mean"]["mean"] for v in per.values() for s in v.values())
+  reading = (f"the two definitions pick nearly the same patches (mean overlap ≥ {OVERLAP_SAME:g} "
+             "in every category): this comparison cannot distinguish them — a difference in "
+             "results comes from the tail's average, not from which patches are chosen"
+             if low >= OVERLAP_SAME
+             else f"the two definitions pick different patches (mean overlap < {OVERLAP_SAME:g} "
+             "in some category)")
+  return {"categories": per, "min_mean": low, "reading": reading}
+
+
+def nll_comparison(cfg, primary: dict, analysis: dict | None = None) -> dict | None:
   """Exact vs approximate per-patch NLL in the tail (``losses.NLL_DEFINITIONS``), or None
   when the run has no approximate variant or no exact treatment.
 
+  Both definitions split one joint NLL over locations (with 3×3 couplings and image-level
+  LayerNorm a location's term depends on its neighbours): neither is a patch likelihood.
+
   For every tail-aware variant V (the treatment, exact, and each approximate one A):
   V − baseline per scope (tier, all) and metric, seed-paired and random effects (as
-  ``by_regime``); for each A also A − treatment (the approximation's own effect).
+  ``by_regime``); for each A also A − treatment (the approximation's own effect), its
+  reading (better / worse / no difference shown, CI vs 0) and the equivalence test of
+  A − treatment pixel AP (``equivalence``, margin ``equivalence_margin_pp`` fixed before
+  the run): pooled on the per-seed mean over categories, and per category.
   Verdict, fixed before the run, on pixel AP across all categories by random effects
   (seed-paired when random effects is not estimable): "the original study's gain could
   come from the approximation" iff some A − baseline CI lies above 0 while the exact treatment's
   does not; "the approximation gains, and so does the exact loss" iff both lie above 0;
-  otherwise "the approximation does not produce a gain here" — and per A, the
-  A − treatment reading: better / worse / no difference shown (CI vs 0).
+  otherwise "the approximation does not produce a gain here". With the mechanism
+  analyses (``analysis``): the manipulation check, the top-k overlap of the two
+  rankings per category (``_overlap``).
   """
   if "variants" not in cfg:
     return None
@@ -689,7 +843,10 @@ def nll_comparison(cfg, primary: dict) -> dict | None:
   if not approx or defs.get(treat) != "exact":
     return None
   base = cfg.report.baseline
-  out: dict[str, Any] = {"baseline": base, "exact": treat, "definitions": defs, "variants": {}}
+  margin = equivalence_margin_pp(cfg)
+  out: dict[str, Any] = {"baseline": base, "exact": treat, "definitions": defs, "variants": {},
+                         "equivalence_margin_pp": margin,
+                         "overlap": _overlap(analysis, [treat, *approx])}
 
   gains = {}
   for name in [treat, *approx]:
@@ -703,6 +860,9 @@ def nll_comparison(cfg, primary: dict) -> dict | None:
       side = reporting.side_of_zero(headline(rec["vs_exact"]["pixel_ap"]))
       rec["vs_exact_reading"] = {1: "better than exact", -1: "worse than exact"}.get(
           side, "no difference from exact shown")
+      d_pp = paired(primary, treat, name, lambda r: 100.0 * r["metrics"]["pixel_ap"])
+      rec["equivalence"] = {"pooled": equivalence(pooled(d_pp), margin),
+                            "categories": {c: equivalence(d, margin) for c, d in d_pp.items()}}
     out["variants"][name] = rec
   if any(gains[a] for a in approx) and not gains[treat]:
     out["verdict"] = "the original study's gain could come from the approximation"

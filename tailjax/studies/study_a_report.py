@@ -61,6 +61,7 @@ def answer_lines(con: Conclusions) -> list[str]:
   dependence, image AUROC, warnings, the answer by regime and by NLL definition, and the
   original study's headline."""
   lines = [_pixel_ap_answer(con), _budget_answer(con)]
+  lines += [x for x in (_convergence_answer(con), _training_answer(con)) if x]
   vi = con.verdicts["image_auroc"]
   lines.append(f"Image AUROC at the same point: pooled {_pp(con.pooled_diff['image_auroc'])} "
                f"pp, reading **{_reading(vi)}**.")
@@ -116,6 +117,52 @@ def _budget_answer(con: Conclusions) -> str:
              "**No**: the pooled difference keeps one sign at every trained budget ")
           + "(" + ", ".join(f"{s}: {_pp(con.curve[s]['pooled'])}" for s in trained) + "); "
           f"budgets where its CI excludes 0: {sig}. Figure: `budget_curve.png`.")
+
+
+def _nats(x: float) -> str:
+  return f"{x:g} nat" + ("" if x == 1 else "s")
+
+
+def _convergence_answer(con: Conclusions) -> str | None:
+  """The convergence count and the answer read only from rows that reached the plateau."""
+  pr = con.plateau_rows
+  if pr is None:
+    return None
+  sens = pr["sensitivity"]
+  read = (f"pooled Δ pixel AP {_pp(sens['pixel_ap'])} pp over {sens['pairs']} (category, "
+          "seed) pairs" if sens["estimable"] else sens["reason"])
+  return (f"**Convergence:** {pr['before_last']} of {pr['rows']} rows reached the plateau "
+          f"(validation NLL within {_nats(con.setup.plateau_tol)} per patch of every later "
+          f"budget's best) before the last budget; the answer read only from rows that did, "
+          f"both arms, as a sensitivity: {read}.")
+
+
+def _training_answer(con: Conclusions) -> str | None:
+  """One bullet on what training does to detection (descriptive; needs step 0)."""
+  cv = con.convergence
+  if not all("step0" in cell for by_var in cv.values() for cell in by_var.values()):
+    return None
+  base, treat = con.baseline, con.treatment
+  deg = {c: [v for v, cell in by_var.items() if cell["degrades"]] for c, by_var in cv.items()}
+  parts = [f"{c} (" + ", ".join(f"{v} {100 * cv[c][v]['change']:+.1f} pp" for v in vs) + ")"
+           for c, vs in deg.items() if vs]
+  both = [c for c, vs in deg.items() if base in vs and treat in vs]
+  less = [c for c in both if cv[c][treat]["change"] > cv[c][base]["change"]]
+  text = ("**What training does to detection** (descriptive; rule: pixel AP at the selected "
+          "step below the untrained flow's, step 0, in every seed): "
+          + ("training degrades detection in " + "; ".join(parts) if parts else
+             "training degrades detection in no category and arm") + ".")
+  if both:
+    text += (f" Both arms lose pixel AP in {', '.join(both)}; {treat} loses less in "
+             f"{', '.join(less) or 'none of them'}.")
+  rho = [(c, v, cell["spearman_mean"]) for c, by_var in cv.items()
+         for v, cell in by_var.items() if np.isfinite(cell.get("spearman_mean", np.nan))]
+  if rho:
+    pos = [f"{c} {v}" for c, v, r in rho if r > 0]
+    text += (f" Validation NLL and test pixel AP across budgets (mean Spearman ρ over seeds): "
+             f"ρ > 0, lower validation NLL with worse detection, in {len(pos)} of {len(rho)} "
+             "category–arm cells" + (f" ({', '.join(pos)})" if pos else "") + ".")
+  return text
 
 
 def _re_text(re: dict) -> str:
@@ -202,8 +249,10 @@ def _regime_items(br: dict) -> list[str]:
 
 
 def nll_section(con: Conclusions) -> list[str]:
-  """"Exact vs approximate per-patch NLL": the table of ``nll_comparison`` and its
-  verdict; [] when the run has no approximate variant."""
+  """"Exact vs approximate per-patch NLL": the table of ``nll_comparison``, the
+  equivalence tests of approximate − exact pixel AP, the top-k overlap of the two
+  rankings (with the mechanism analyses) and the verdict; [] when the run has no
+  approximate variant."""
   nc = con.tail_nll
   if not nc:
     return []
@@ -217,22 +266,66 @@ def nll_section(con: Conclusions) -> list[str]:
                effect_text(rec["vs_exact"]["image_auroc"][scope])]
               if "vs_exact" in rec else [reporting.DASH, reporting.DASH])
       body.append(row)
+  m = nc.get("equivalence_margin_pp")
   lines = ["## Exact vs approximate per-patch NLL in the tail", "",
            "The tail (top-k selection and its average) ranked by the exact per-location NLL, "
            "by ½‖z‖² alone (`sq_norm`), or by ½‖z‖² minus an even share of the image log-det "
            "(`even_share`, what a user of a flow that returns one log-det per image — "
            "anomalib/FrEIA FastFlow — can compute); the mean term is the exact mean NLL in "
-           f"all. Differences in pp at the primary point: seed-paired (t over {con.n_seeds} "
+           "all. Neither is a patch likelihood: with 3×3 couplings and image-level LayerNorm "
+           "a location's log-det depends on its neighbours, and both definitions split the "
+           "same joint NLL (their sum over locations) two ways — per location, or evenly. "
+           f"Differences in pp at the primary point: seed-paired (t over {con.n_seeds} "
            "seeds) and random effects across the scope's categories (RE, REML, HKSJ).", ""]
   lines += reporting.table(
       ["variant", "tail NLL", "scope", f"Δ pixel AP vs {nc['baseline']}",
        f"Δ image AUROC vs {nc['baseline']}", f"Δ pixel AP vs {nc['exact']}",
        f"Δ image AUROC vs {nc['exact']}"], body)
-  items = [f"{n} − {nc['exact']}: **{r['vs_exact_reading']}** (pixel AP, all categories)."
-           for n, r in nc["variants"].items() if "vs_exact" in r]
+  eq_rows = []
+  for n, r in nc["variants"].items():
+    if "equivalence" not in r:
+      continue
+    scopes = {"all (per-seed mean over categories)": r["equivalence"]["pooled"],
+              **r["equivalence"]["categories"]}
+    eq_rows += [[f"{n} − {nc['exact']}", scope, _equivalence_cells(e), e["verdict"]]
+                for scope, e in scopes.items()]
+  if eq_rows:
+    lines += ["", f"Equivalence of the pixel AP (TOST, α = 0.05, margin ±{m:g} pp fixed before "
+              "the run in `report.equivalence_margin_pp`): equivalent iff the 90 % interval "
+              "lies inside the margin; different iff the 95 % interval excludes 0.", ""]
+    lines += reporting.table(["difference", "scope", "mean [95 % CI] {90 % CI}, TOST p",
+                              "reading"], eq_rows)
+  ov = nc.get("overlap")
+  if ov:
+    lines += ["", "Manipulation check: overlap (Jaccard) of the exact and the even-share top-k "
+              "sets per held-out normal validation image, on each trained row (all seeds): "
+              "mean [95 % CI], median, 10th percentile.", ""]
+    names = list(dict.fromkeys(n for v in ov["categories"].values() for n in v))
+    lines += reporting.table(
+        ["category", *names],
+        [[c, *(_overlap_cell(v[n]) if n in v else reporting.DASH for n in names)]
+         for c, v in ov["categories"].items()])
+  items = [f"{n} − {nc['exact']} (pixel AP, all categories): "
+           f"**{r['equivalence']['pooled']['verdict']}**; 95 % CI vs 0: "
+           f"{r['vs_exact_reading']}." for n, r in nc["variants"].items() if "equivalence" in r]
+  items.append(f"Top-k overlap: **{ov['reading']}**." if ov else
+               "Top-k overlap: not measured (needs the mechanism analyses).")
   items.append(f"Could the original study's gain come from the approximation? "
-               f"**{nc['verdict']}** (rule: `study_a_report.nll_comparison`).")
+               f"**{nc['verdict']}** (rule: `study_a_conclusions.nll_comparison`).")
   return lines + [""] + reporting.bullets(items) + [""]
+
+
+def _equivalence_cells(e: dict) -> str:
+  if "tost_p" not in e:
+    return reporting.DASH
+  return (f"{e['mean']:+.2f} [{e['lo']:+.2f}, {e['hi']:+.2f}] "
+          f"{{{e['ci90_lo']:+.2f}, {e['ci90_hi']:+.2f}}}, {reporting.pvalue(e['tost_p'])}")
+
+
+def _overlap_cell(s: dict) -> str:
+  mc = s["mean"]
+  return (f"{mc['mean']:.3f} [{mc['lo']:.3f}, {mc['hi']:.3f}], {s['median']:.3f}, "
+          f"{s['p10']:.3f} (n = {s['n_images']})")
 
 
 def budget_figure_section(con: Conclusions) -> list[str]:
@@ -325,15 +418,50 @@ def selection_section(con: Conclusions) -> list[str]:
            *(_pp(v["diff"][k]) for k in METRIC_KEYS)]
           for rule, name in SELECTION_RULES for c, v in con.selection[rule].items()]
   pr = con.plateau_rows
-  note = (f"The validation NLL reached a plateau (rule: within {con.setup.plateau_tol:g} "
-          f"relative of every later budget's best) before the last budget in "
-          f"{pr['before_last']} of {pr['rows']} rows"
+  per_cat = ", ".join(f"{c} {v['before_last']}/{v['rows']}" for c, v in pr["categories"].items())
+  note = (f"The validation NLL reached a plateau (rule: within "
+          f"{_nats(con.setup.plateau_tol)} per patch of every later budget's best) before the "
+          f"last budget in "
+          f"{pr['before_last']} of {pr['rows']} rows ({per_cat})"
           + ("." if pr["before_last"] == pr["rows"] else
              "; the others were still improving at the last budget, so a longer ladder could "
              "change their selected step."))
   return lines + reporting.table(["rule", "scope", f"{base} steps", f"{treat} steps",
                                   *(f"Δ {METRIC_NAMES[k]}" for k in METRIC_KEYS)], body) + [
       "", note, ""]
+
+
+def convergence_section(con: Conclusions) -> list[str]:
+  """Per category and variant, descriptive (never used for selection): the untrained flow
+  (step 0), the selected step, the best over the budgets (reads the test set) and the rank
+  correlation of validation NLL with test pixel AP across budgets."""
+  cv = con.convergence
+  lines = ["## Convergence and what training does to detection", "",
+           "Descriptive, never used for selection. Pixel AP in %, mean ± std over seeds. "
+           "*Step 0* is the untrained flow, a reference; *selected* is each row at its "
+           "primary evaluation step; *ceiling* is each row's best test pixel AP over the "
+           "budgets (it reads the test set: a ceiling, not a result). ρ is Spearman's rank "
+           "correlation across budgets of a row's validation NLL and its test pixel AP, mean "
+           "over seeds: ρ > 0 means lower validation NLL goes with worse detection. Rule "
+           "(fixed before the run): training degrades detection in a category and arm iff "
+           "pixel AP at the selected step lies below its step-0 value in every seed.", ""]
+  body = []
+  for c, by_var in cv.items():
+    for v, cell in by_var.items():
+      has0 = "step0" in cell
+      body.append([
+          c, v, reporting.mean_std(cell["step0"]) if has0 else "—",
+          ", ".join(map(str, cell["selected_steps"])), reporting.mean_std(cell["selected"]),
+          f"{100 * cell['change']:+.2f}" if has0 else "—",
+          f"{reporting.mean_std(cell['ceiling'])} ({', '.join(map(str, cell['ceiling_steps']))})",
+          f"{cell['spearman_mean']:+.2f}" if np.isfinite(cell.get("spearman_mean", np.nan))
+          else "—",
+          ("**yes**" if cell["degrades"] else "no") if has0 else "—"])
+  lines += reporting.table(
+      ["category", "arm", "step 0 pixel AP", "selected steps", "pixel AP at selected",
+       "selected − step 0 (pp)", "ceiling (test set; steps)", "ρ(val NLL, pixel AP)",
+       "training degrades"], body)
+  return lines + [""]
 
 
 def causal_section(con: Conclusions) -> list[str]:
@@ -419,8 +547,8 @@ def mechanisms_section(con: Conclusions) -> list[str]:
 
 SECTIONS: tuple[Callable[[Conclusions], list[str]], ...] = (
     title_section, answer_section, regime_section, nll_section, budget_figure_section,
-    setup_section, final_section, budget_section, selection_section, causal_section,
-    examples_section, mechanisms_section)
+    setup_section, final_section, budget_section, selection_section, convergence_section,
+    causal_section, examples_section, mechanisms_section)
 
 
 # ----------------------------------------------------------------------------
