@@ -86,11 +86,10 @@ def step_flops(cfg, feats) -> float | None:
   return xla_flops(jax.jit(lambda st: program.run(st, key, feats, 1)).lower(state))
 
 
-def engine_step_ms(flow_steps: int, batch_size: int = 16, steps: int = 20, repeats: int = 3,
-                   n_feats: int = 64) -> dict:
-  """ms per step of the engine's compiled segment program, one row."""
-  cfg = config(flow_steps, batch_size, steps)
-  feats = np.random.default_rng(0).normal(size=(n_feats, 14, 14, 112)).astype(np.float32)
+def time_segment(cfg, feats, steps: int, repeats: int) -> dict:
+  """The engine's compiled segment program for one row of ``cfg`` on ``feats``: seconds
+  per step (best of ``repeats`` segments of ``steps`` steps, after one compiling call),
+  the compile time, XLA's flops of one step, the program and the row mode."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   row_impl = train.resolve_row_impl("auto")
   program, init, segment = engine._row_fns(cfg, feats.shape, mesh, row_impl, steps)
@@ -109,10 +108,20 @@ def engine_step_ms(flow_steps: int, batch_size: int = 16, steps: int = 20, repea
     state, m = segment(state, kd, f, jnp.int32(steps))
     jax.block_until_ready(m)
     best = min(best, (time.perf_counter() - t) / steps)
-  flops = step_flops(cfg, f)
+  return {"s": best, "compile_s": compile_s, "flops": step_flops(cfg, f), "program": program,
+          "row_mode": row_impl}
+
+
+def engine_step_ms(flow_steps: int, batch_size: int = 16, steps: int = 20, repeats: int = 3,
+                   n_feats: int = 64) -> dict:
+  """ms per step of the engine's compiled segment program, one row."""
+  cfg = config(flow_steps, batch_size, steps)
+  feats = np.random.default_rng(0).normal(size=(n_feats, 14, 14, 112)).astype(np.float32)
+  t = time_segment(cfg, feats, steps, repeats)
+  best, flops = t["s"], t["flops"]
   return {"flow_steps": flow_steps, "batch_size": batch_size, "ms": 1000 * best,
-          "patches_per_s": batch_size * 196 / best, "compile_s": compile_s,
-          "conv_impl": program.conv_impl, "row_mode": row_impl, "flops": flops,
+          "patches_per_s": batch_size * 196 / best, "compile_s": t["compile_s"],
+          "conv_impl": t["program"].conv_impl, "row_mode": t["row_mode"], "flops": flops,
           "gflops_per_s": flops / best / 1e9 if flops else None}
 
 
