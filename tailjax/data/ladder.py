@@ -66,7 +66,6 @@ is renamed onto ``root`` when complete and reused when ``COMPLETE`` matches.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import importlib.resources
 import io
@@ -442,27 +441,16 @@ def build_ladder(root: str | os.PathLike | None = None, seed: int = 0, image_siz
             "strengths": {c: [r["strength"] for r in rungs_of[c]] for c in categories}}
   if _is_complete(root, params):
     return root
-  textures._check_replaceable(root)
-  textures._remove_stale_partials(root)
-  start = time.perf_counter()
+  textures.prepare_build(root)
   photos = textures.load_photos(categories)
-
-  def build_one(category):
-    out = _build_category(
-        tmp, category, photos, rungs_of[category], seed=int(seed), image_size=int(image_size),
-        n_train=int(n_train), n_test=int(n_test), test_good_fraction=test_good_fraction,
-        defects=defects, crop_range=(lo, hi), noise_sigma=float(noise_sigma))
-    if verbose:
-      print(f"[ladder] {category}: built ({time.perf_counter() - start:.1f}s)", flush=True)
-    return out
-
   with atomic_directory(root) as tmp:
-    # Categories in parallel threads, as textures.build_texture_benchmark: every sample
-    # draws from its own seeded stream and goes to its own files, so the bytes do not
-    # depend on the order.
-    workers = max(1, min(len(categories), os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as ex:
-      built = list(ex.map(build_one, categories))
+    built = textures.build_categories(
+        lambda category: _build_category(
+            tmp, category, photos, rungs_of[category], seed=int(seed),
+            image_size=int(image_size), n_train=int(n_train), n_test=int(n_test),
+            test_good_fraction=test_good_fraction, defects=defects, crop_range=(lo, hi),
+            noise_sigma=float(noise_sigma)),
+        categories, "ladder" if verbose else None)
     info = {}
     for c, (_, clipped) in zip(categories, built):
       spec = textures.CATEGORY_SPECS[c]

@@ -915,32 +915,47 @@ def build_texture_benchmark(root: str | os.PathLike | None = None, seed: int = 0
             "strengths": {c: s for c, s in strength_of.items() if s is not None}}
   if _is_complete(root, params):
     return root
-  _check_replaceable(root)
-  _remove_stale_partials(root)
-  start = time.perf_counter()
+  prepare_build(root)
   photos = load_photos(categories)
-  def build_one(category):
-    out = _build_category(
-        tmp, category, photos, seed=int(seed), image_size=int(image_size),
-        n_train=int(n_train), n_test=int(n_test), test_good_fraction=test_good_fraction,
-        defects=defects, crop_range=(lo, hi), noise_sigma=float(noise_sigma),
-        strength=strength_of[category])
-    if verbose:
-      print(f"[textures] {category}: built ({time.perf_counter() - start:.1f}s)", flush=True)
-    return out
-
   with atomic_directory(root) as tmp:
-    # Categories in parallel threads, one per core: every image draws from its own
-    # seeded stream (``render_sample``) and goes to its own file, so the files are the
-    # same bytes in any order; the image work (NumPy, SciPy, PNG compression) mostly
-    # releases the GIL. Records keep the category order.
-    workers = max(1, min(len(categories), os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as ex:
-      records = [r for recs in ex.map(build_one, categories) for r in recs]
+    built = build_categories(
+        lambda category: _build_category(
+            tmp, category, photos, seed=int(seed), image_size=int(image_size),
+            n_train=int(n_train), n_test=int(n_test), test_good_fraction=test_good_fraction,
+            defects=defects, crop_range=(lo, hi), noise_sigma=float(noise_sigma),
+            strength=strength_of[category]),
+        categories, "textures" if verbose else None)
+    records = [r for recs in built for r in recs]
     info = {c: category_info(c, strength_of[c]) for c in categories}
     atomic_write_json(tmp / _MANIFEST, {"params": params, "categories": info, "images": records})
     atomic_write_text(tmp / _MARKER, json.dumps(params, sort_keys=True) + "\n")
   return root
+
+
+def prepare_build(root: Path) -> None:
+  """Before a build replaces ``root``: refuses a folder that is not a build of ours
+  (``_check_replaceable``) and removes dead partial copies of earlier builds."""
+  _check_replaceable(root)
+  _remove_stale_partials(root)
+
+
+def build_categories(build_one, categories: Sequence[str], label: str | None = None) -> list:
+  """``[build_one(c) for c in categories]``, the categories in parallel threads, one per
+  core. Safe because every image draws from its own seeded stream (``render_sample``)
+  and goes to its own file, so the files are the same bytes in any order; the image work
+  (NumPy, SciPy, PNG compression) mostly releases the GIL. Results keep the category
+  order. ``label``: print "[label] <category>: built (<s>)" as each one finishes."""
+  start = time.perf_counter()
+
+  def one(category):
+    out = build_one(category)
+    if label:
+      print(f"[{label}] {category}: built ({time.perf_counter() - start:.1f}s)", flush=True)
+    return out
+
+  workers = max(1, min(len(categories), os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as ex:
+    return list(ex.map(one, categories))
 
 
 def load_photos(categories: Sequence[str]) -> dict[str, np.ndarray]:
