@@ -74,13 +74,13 @@ def heterogeneity(per_category: Mapping[str, Sequence[float]]) -> dict:
   category's own 3-seed variance, 2 df, is often far too small; weighting by it makes Q
   explode — a true null then reads as I² near 100 %.) Needs ≥ 2 seeds per category.
   """
+  from tailjax import metaanalysis   # numpy/scipy only: no import cycle
   rows = [np.asarray(d, np.float64).ravel() for d in per_category.values()]
   df = len(rows) - 1
-  if any(d.size < 2 for d in rows):
+  if any(d.size < 2 or not np.isfinite(d).all() for d in rows):
     return {"q": float("nan"), "df": df, "p": float("nan"), "i2": float("nan")}
-  s2 = sum((d.size - 1) * float(np.var(d, ddof=1)) for d in rows) / sum(d.size - 1 for d in rows)
-  m = np.array([d.mean() for d in rows])
-  w = np.array([d.size / max(s2, 1e-24) for d in rows])
+  m, v = metaanalysis.effects_from_seeds(rows, pool_variance=True)
+  w = 1.0 / np.maximum(v, 1e-24)
   pooled = float(np.sum(w * m) / np.sum(w))
   q = float(np.sum(w * (m - pooled) ** 2))
   p = float(stats.chi2.sf(q, df)) if df > 0 else float("nan")
