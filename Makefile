@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # XLA compiles on one thread, so two processes on two cores nearly halve the suite's time.
 TEST_WORKERS ?= auto
 
-.PHONY: install lock demo study test toy bench mil ablations clean device-wheels
+.PHONY: install lock demo study robustness test toy bench mil ablations clean device-wheels
 
 $(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tailjax needs Python >= 3.11 (JAX >= 0.7 dropped 3.10): make PYTHON=python3.11 ...")'
@@ -46,11 +46,18 @@ lock:
 demo: $(STAMP)
 	$(BIN)/tailjax train --config=configs/fastflow_textures.py --workdir=runs/demo
 
-## Study A on both tiers (4 coupling steps, budget ladder to 1000 steps, 3 seeds,
-## all nine texture categories, exact and even-share tail NLL, analyses) -> runs/study/report.md
-## (measured time in the README; :arch8 = 8 coupling steps, about 2.3 h)
+## Study A on both tiers and their difficulty ladders (4 coupling steps, 2000 steps, 3 seeds,
+## all nine texture categories, analyses) -> runs/study/report.md (measured time in the
+## README; :even_share adds the even-share tail arm, :arch8 = 8 coupling steps)
 study: $(STAMP)
 	$(BIN)/tailjax train --config=configs/fastflow_study.py --workdir=runs/study
+
+## Robustness across flow implementations: study A with anomalib's FastFlow block on the
+## demo's calibrated categories, its report set beside runs/demo (run `make demo` first).
+## One switch at a time: --config=configs/fastflow_anomalib.py:ln_affine (or :global_affine,
+## :subnet_init) --workdir=runs/anomalib_ln_affine --config.report.compare_runs=runs/demo
+robustness: $(STAMP)
+	$(BIN)/tailjax train --config=configs/fastflow_anomalib.py --workdir=runs/anomalib
 
 ## The test suite.
 test: $(STAMP)

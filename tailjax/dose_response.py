@@ -141,13 +141,14 @@ def _stage_one(name, delta_JxS, x_J, reps_JxSxR, test_var_J, include_J):
   if d_JxS.ndim != 2 or d_JxS.shape[0] != x_J.size:
     raise ValueError(f"dose_response: category {name!r}: delta must be [J, S] with J = "
                      f"{x_J.size} rungs (the covariate's length), got shape {d_JxS.shape}")
-  if not (np.isfinite(d_JxS).all() and np.isfinite(x_J).all()):
-    raise ValueError(f"dose_response: category {name!r}: delta and x must be finite")
   keep_J = (np.ones(x_J.size, bool) if include_J is None
             else np.asarray(include_J, bool).reshape(-1))
   if keep_J.size != x_J.size:
     raise ValueError(f"dose_response: category {name!r}: include has {keep_J.size} rungs, "
                      f"x has {x_J.size}")
+  if not (np.isfinite(d_JxS[keep_J]).all() and np.isfinite(x_J[keep_J]).all()):
+    raise ValueError(f"dose_response: category {name!r}: delta and x must be finite on the "
+                     "kept rungs")
   rungs, excluded = np.flatnonzero(keep_J), np.flatnonzero(~keep_J)
   if reps_JxSxR is not None and test_var_J is not None:
     raise ValueError(f"dose_response: category {name!r}: give replicates or test_var, "

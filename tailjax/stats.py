@@ -62,7 +62,8 @@ def paired_test(diffs: Sequence[float]) -> dict:
   return {**ci, "p": p}
 
 
-def heterogeneity(per_category: Mapping[str, Sequence[float]]) -> dict:
+def heterogeneity(per_category: Mapping[str, Sequence[float]],
+                  replicates: Mapping[str, np.ndarray] | None = None) -> dict:
   """Do categories disagree beyond seed noise? Cochran's Q on the per-category mean
   paired differences and I² = max(0, (Q − df)/Q). Also the signs of the significant
   categories.
@@ -73,13 +74,21 @@ def heterogeneity(per_category: Mapping[str, Sequence[float]]) -> dict:
   pool_variance=True)``), so that Q, I² and that estimate describe one model. (A
   category's own 3-seed variance, 2 df, is often far too small; weighting by it makes Q
   explode — a true null then reads as I² near 100 %.) Needs ≥ 2 seeds per category.
+  With ``replicates`` (per category ``[S, R]``, the differences on bootstrap resamples of
+  its test images) each category's test-image variance is added
+  (``effects_from_seeds_and_resamples``), as the estimate then does.
   """
   from tailjax import metaanalysis   # numpy/scipy only: no import cycle
   rows = [np.asarray(d, np.float64).ravel() for d in per_category.values()]
   df = len(rows) - 1
-  if any(d.size < 2 or not np.isfinite(d).all() for d in rows):
+  if df < 1 or any(d.size < 2 or not np.isfinite(d).all() for d in rows):   # one category:
+    # nothing to be heterogeneous with (Q would be 0 up to rounding, and I² 0/0)
     return {"q": float("nan"), "df": df, "p": float("nan"), "i2": float("nan")}
-  m, v = metaanalysis.effects_from_seeds(rows, pool_variance=True)
+  if replicates is None:
+    m, v = metaanalysis.effects_from_seeds(rows, pool_variance=True)
+  else:
+    m, v = effects_from_seeds_and_resamples(rows, [replicates[c] for c in per_category],
+                                            pool_variance=True)
   w = 1.0 / np.maximum(v, 1e-24)
   pooled = float(np.sum(w * m) / np.sum(w))
   q = float(np.sum(w * (m - pooled) ** 2))
@@ -88,13 +97,20 @@ def heterogeneity(per_category: Mapping[str, Sequence[float]]) -> dict:
   return {"q": q, "df": df, "p": p, "i2": i2}
 
 
-def category_verdicts(per_category: Mapping[str, Sequence[float]], alpha: float = 0.05) -> dict:
+def category_verdicts(per_category: Mapping[str, Sequence[float]], alpha: float = 0.05,
+                      replicates: Mapping[str, np.ndarray] | None = None) -> dict:
   """Per-category paired tests with Holm correction, and the pooled reading:
   "better" / "worse" when every significant category agrees in sign (and at least
   one is significant), "mixed" when significant effects of both signs exist,
-  "no significant difference" otherwise."""
+  "no significant difference" otherwise.
+
+  Without ``replicates`` a category's test is the paired t-test over seeds. With them
+  (per category ``[S, R]``: the paired differences on R bootstrap resamples of its test
+  images) it is ``seed_test_interval`` (seed spread and test images; interval on the
+  logit scale of (−1, 1)) and p = 2·P(T_ν > |mean| / se) on its Welch–Satterthwaite ν."""
   cats = list(per_category)
-  tests = {c: paired_test(per_category[c]) for c in cats}
+  tests = {c: (paired_test(per_category[c]) if replicates is None else
+               seed_test_test(per_category[c], replicates[c])) for c in cats}
   adj = holm([tests[c]["p"] for c in cats])
   out = {}
   for c, a in zip(cats, adj):
@@ -104,8 +120,25 @@ def category_verdicts(per_category: Mapping[str, Sequence[float]], alpha: float 
   signs = {v["sign"] for v in out.values()} - {0}
   pooled = ("mixed" if signs == {1, -1} else "better" if signs == {1} else
             "worse" if signs == {-1} else "no significant difference")
-  return {"categories": out, "pooled": pooled, "heterogeneity": heterogeneity(per_category),
-          "alpha": alpha}
+  return {"categories": out, "pooled": pooled,
+          "heterogeneity": heterogeneity(per_category, replicates), "alpha": alpha,
+          "test_images": replicates is not None}
+
+
+def seed_test_test(diffs_S, replicates_SxR) -> dict:
+  """``seed_test_interval`` of paired differences (bounds (−1, 1)) with the two-sided p of
+  H0: mean = 0, ``2·P(T_ν > |mean| / se)`` (normal when ν = ∞; NaN when se = 0 and
+  the mean is 0)."""
+  iv = seed_test_interval(diffs_S, replicates_SxR, bounds=AUC_DIFF_BOUNDS)
+  m, se, df = iv["mean"], iv["se"], iv["df"]
+  if not (np.isfinite(m) and np.isfinite(se)):
+    p = float("nan")
+  elif se == 0:
+    p = 0.0 if m != 0 else float("nan")
+  else:
+    z = abs(m) / se
+    p = float(2 * (stats.t.sf(z, df) if np.isfinite(df) else stats.norm.sf(z)))
+  return {**iv, "p": p}
 
 
 # ----------------------------------------------------------------------------
@@ -270,6 +303,36 @@ def seed_test_interval(values_S, replicates_SxR, confidence: float = 0.95, *,
           "bounds": None if bounds is None else [float(b) for b in bounds],
           "seed_ci": seed_ci, "test_ci": {"mean": mean, "lo": t_lo, "hi": t_hi},
           "values": v_S.tolist()}
+
+
+def effects_from_seeds_and_resamples(diffs_KxS, reps_KxSxR, pool_variance: bool = True
+                                     ) -> tuple[np.ndarray, np.ndarray]:
+  """``metaanalysis.effects_from_seeds`` with the test set's sampling noise counted too.
+
+  Per category i: per-seed differences ``d_is`` on the observed test set and ``r_isr`` on
+  R bootstrap resamples of its test images (the same resamples for both arms and every
+  seed). ``stats.seed_test_interval`` splits the variance of ``y_i = mean_s d_is`` into a
+  seed part ``g_i = max(se_seed² − se_interaction², 0)`` and a test-image part
+  ``t_i = se_test²``; ``v_i = g_i + t_i``. ``pool_variance``: the seed part is pooled
+  over categories as in ``metaanalysis.effects_from_seeds``
+  (``σ̂² = Σ (S_i − 1) S_i g_i / Σ (S_i − 1)``, ``g_i ← σ̂² / S_i``); the test part stays
+  each category's own (its images are its own).
+  """
+  rows = [np.asarray(d, np.float64).ravel() for d in diffs_KxS]
+  reps = [np.asarray(r, np.float64) for r in reps_KxSxR]
+  if len(reps) != len(rows):
+    raise ValueError(f"{len(rows)} categories of differences but {len(reps)} of resamples")
+  bad = [i for i, d in enumerate(rows) if len(d) < 2 or not np.isfinite(d).all()]
+  if bad:
+    raise ValueError(f"categories {bad}: need >= 2 finite per-seed differences each")
+  parts = [seed_test_interval(d, r) for d, r in zip(rows, reps)]
+  g = np.array([max(p["se_seed"] ** 2 - p["se_interaction"] ** 2, 0.0) for p in parts])
+  t = np.array([p["se_test"] ** 2 if np.isfinite(p["se_test"]) else 0.0 for p in parts])
+  n = np.array([len(d) for d in rows], np.float64)
+  if pool_variance:
+    g = np.full_like(g, np.sum((n - 1) * n * g) / np.sum(n - 1)) / n
+  return np.array([d.mean() for d in rows]), g + t
+
 
 
 def auc_interval(scores_SxN, positive_N, *, minus_SxN=None, cluster_N=None, strata_K=None,

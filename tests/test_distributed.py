@@ -132,6 +132,8 @@ def _assert_close(a, b, where: str, rtol: float = 1e-4, atol: float = 1e-5) -> N
   elif isinstance(a, float) and not isinstance(a, bool):
     if np.isnan(a) or np.isnan(b):
       assert np.isnan(a) and np.isnan(b), (where, a, b)
+    elif np.isinf(a) or np.isinf(b):
+      assert a == b, (where, a, b)
     else:
       assert abs(a - b) <= atol + rtol * max(abs(a), abs(b)), (where, a, b)
   else:
@@ -172,9 +174,11 @@ def test_study_killed_and_resumed_on_two_processes_equals_one_process(shared, mo
   for name, text in _units(four_dev).items():
     _assert_close(json.loads(_units(work)[name]), json.loads(text), name)
   # The conclusions' p-values and interval bounds (2-seed t-tests) magnify that rounding;
-  # every verdict, selected step and label must still agree.
+  # every verdict, selected step and label must still agree. Pixel AP on a subset of a few
+  # images (the per-defect-kind rows) is a step function of the pixels' order, so a
+  # rounding-level swap of two near-equal scores moves it by a step: atol 1e-4.
   _assert_close(*(json.loads((w / "conclusions.json").read_text()) for w in (work, four_dev)),
-                "conclusions.json", rtol=1e-3)
+                "conclusions.json", rtol=1e-3, atol=1e-4)
   # One writer: the TensorBoard runs (one per row) and the metric log hold each step once.
   log = [json.loads(l)["step"] for l in (work / "brick" / "metrics.jsonl").read_text().splitlines()]
   assert log == [5, 10]

@@ -276,16 +276,20 @@ def test_demo_reads_both_tiers_and_the_hard_variant_is_the_old_demo():
   assert pipeline.texture_build(hard)[1] == textures.SOURCE_PHOTOS
   assert pipeline.texture_build(smoke)[1] == textures.SOURCE_PHOTOS   # smoke's brick: same build
   cats = pipeline.requested_categories(demo)
-  assert [textures.category_tier(c) for c in cats] == ["hard"] * 2 + ["calibrated"] * 2
+  assert [textures.category_tier(c) for c in cats] == ["hard"] + ["calibrated"] * 2
   root, built = pipeline.texture_build(demo)
   assert built == textures.CATEGORIES and root.name == "textures-all"
   assert pipeline.texture_build(hard)[0] == root.with_name("textures")
-  assert list(demo.variants) == ["mean_only", "tail_aware", "tail_even_share"]
-  assert demo.variants.tail_even_share.tail_nll == "even_share"
-  assert "tail_sq_norm" in fastflow_textures.get_config("all_nll").variants
-  # Only the categories and the approximate variant differ from the old demo.
+  assert pipeline.ladder_root(demo) == root.with_name("textures-ladder")
+  assert list(demo.variants) == ["mean_only", "tail_aware"]
+  even = fastflow_textures.get_config("even_share")
+  assert list(even.variants) == ["mean_only", "tail_aware", "tail_even_share"]
+  assert even.variants.tail_even_share.tail_nll == "even_share"
+  assert {"tail_even_share", "tail_sq_norm"} <= set(fastflow_textures.get_config("all_nll").variants)
+  # Only the categories differ from the hard variant, and the even-share arm from :even_share.
+  del even.variants["tail_even_share"]
+  assert even.to_json(sort_keys=True) == demo.to_json(sort_keys=True)
   demo.data.categories = hard.data.categories
-  del demo.variants["tail_even_share"]
   assert demo.to_json(sort_keys=True) == hard.to_json(sort_keys=True)
   with pytest.raises(ValueError, match="unknown variant 'tier'"):
     fastflow_textures.get_config("tier")
@@ -296,7 +300,12 @@ def test_study_is_the_demo_on_every_category_for_longer_and_arch8_only_deepens_i
   arch8, old = fastflow_study.get_config("arch8"), fastflow_study.get_config("hard")
   assert pipeline.requested_categories(study) == list(textures.CATEGORIES)
   assert pipeline.texture_build(study) == pipeline.texture_build(demo)   # one build
-  assert (study.train.num_steps, tuple(study.eval.budgets)) == (1000, (0, 10, 30, 100, 300, 1000))
+  assert (study.train.num_steps, tuple(study.eval.budgets)) == (
+      2000, (0, 30, 100, 300, 600, 1000, 1250, 1500, 1750, 2000))
+  even = fastflow_study.get_config("even_share")
+  assert list(even.variants) == ["mean_only", "tail_aware", "tail_even_share"]
+  del even.variants["tail_even_share"]
+  assert even.to_json(sort_keys=True) == study.to_json(sort_keys=True)
   assert (study.flow.num_steps, arch8.flow.num_steps, old.flow.num_steps) == (4, 8, 8)
   assert list(old.variants) == ["mean_only", "tail_aware"] and old.train.num_steps == 2000
   arch8.flow.num_steps = 4
@@ -307,6 +316,32 @@ def test_study_is_the_demo_on_every_category_for_longer_and_arch8_only_deepens_i
   assert demo.to_json(sort_keys=True) == study.to_json(sort_keys=True)
   with pytest.raises(ValueError, match="unknown variant 'deep'"):
     fastflow_study.get_config("deep")
+
+
+def test_anomalib_config_is_the_demo_with_anomalibs_flow_one_switch_at_a_time():
+  from tailjax import flows
+  from tailjax.configs import fastflow_anomalib
+
+  def differing(a, b):
+    fa, fb = runrecord.flatten(runrecord.to_plain(a)), runrecord.flatten(runrecord.to_plain(b))
+    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)
+            and not k.startswith("variants.tail_even_share.")}   # no even-share arm here
+
+  demo, full = fastflow_textures.get_config(), fastflow_anomalib.get_config()
+  assert pipeline.requested_categories(full) == ["moon", "tissue"]
+  assert list(full.variants) == ["mean_only", "tail_aware"]
+  runrecord.check_fields(full, study_a.FIELDS + pipeline.input_fields(full))
+  assert isinstance(flows.build_flow({**full.flow.to_dict(), "channels": 8}), flows.FastFlow2d)
+  rest = {"data.categories", "mechanisms.enabled", "report.compare_runs"}
+  switched = {f"flow.{f}" for f in fastflow_anomalib.ANOMALIB_FLOW}
+  assert differing(demo, full) == switched | rest
+  for arg, field in fastflow_anomalib.SWITCHES.items():
+    assert differing(demo, fastflow_anomalib.get_config(arg)) == {f"flow.{field}"} | rest, arg
+  assert differing(full, fastflow_anomalib.get_config("no_clip")) == {"optim.grad_clip_norm"}
+  smoke = fastflow_anomalib.get_config("smoke")
+  assert differing(fastflow_textures.get_config("smoke"), smoke) == switched   # smoke: no mechanisms
+  with pytest.raises(ValueError, match="unknown variant 'kernel_order'"):
+    fastflow_anomalib.get_config("kernel_order")
 
 
 def test_texture_category_errors_name_the_field(tmp_path):

@@ -26,6 +26,7 @@ def test_mean_ci_degenerate_cases():
 # seed + test-set intervals (stats.seed_test_interval, stats.auc_interval)
 # ----------------------------------------------------------------------------
 
+from tailjax import metaanalysis  # noqa: E402
 from tailjax import stats as tstats  # noqa: E402
 
 
@@ -144,3 +145,143 @@ def test_heterogeneity_uses_the_random_effects_within_category_variance():
   m = np.array([d.mean() for d in cats.values()])
   q_own = float(np.sum(own_w * (m - np.sum(own_w * m) / own_w.sum()) ** 2))
   assert q_own > 5 * het["q"]
+
+
+# ----------------------------------------------------------------------------
+# per-category verdicts and heterogeneity with the test images counted
+# ----------------------------------------------------------------------------
+
+
+def _with_test_noise(rng, mean, sd_seed, sd_test, s=4, r=300):
+  """Per-seed paired differences on the observed test set, ``mean + seed noise + b``
+  (b: the test set's draw, shared by the seeds), and on r resamples ``... + b_r``."""
+  d_S = mean + sd_seed * rng.normal(size=s)
+  b_R = sd_test * rng.normal(size=r)
+  return d_S + sd_test * rng.normal(), d_S[:, None] + b_R[None, :]
+
+
+def test_seed_test_test_is_the_seed_t_test_without_test_noise_and_welch_with_it():
+  d = np.array([0.031, 0.024, 0.040, 0.028])
+  flat = tstats.seed_test_test(d, np.repeat(d[:, None], 40, axis=1))
+  assert flat["df"] == pytest.approx(3) and flat["p"] == pytest.approx(
+      stats.ttest_1samp(d, 0.0).pvalue, rel=1e-9)
+  rng = np.random.default_rng(0)
+  d, reps = _with_test_noise(rng, 0.01, 0.004, 0.01)
+  got = tstats.seed_test_test(d, reps)
+  iv = tstats.seed_test_interval(d, reps, bounds=tstats.AUC_DIFF_BOUNDS)
+  assert got["se"] == iv["se"] and got["df"] == iv["df"] and got["df"] > 3
+  assert got["p"] == pytest.approx(2 * stats.t.sf(abs(iv["mean"]) / iv["se"], iv["df"]),
+                                   rel=1e-12)
+  assert np.isnan(tstats.seed_test_test(np.zeros(3), np.zeros((3, 5)))["p"])   # not "significant"
+
+
+def test_category_verdicts_with_replicates_count_the_test_images():
+  rng = np.random.default_rng(1)
+  strong = {c: _with_test_noise(rng, 0.08, 0.005, 0.01) for c in "abc"}
+  null = {c: _with_test_noise(rng, 0.0, 0.005, 0.01) for c in "abc"}
+  # A tiny seed spread on one noisy test set: the seed t-test calls it, the test images don't.
+  lucky = {}
+  for c in "abc":
+    d_S = 0.02 + 0.0005 * rng.normal(size=4)
+    lucky[c] = d_S, d_S[:, None] + 0.03 * rng.normal(size=300)[None, :]
+  res = {}
+  for name, cats in (("strong", strong), ("null", null), ("lucky", lucky)):
+    d = {c: v[0] for c, v in cats.items()}
+    reps = {c: v[1] for c, v in cats.items()}
+    res[name] = (tstats.category_verdicts(d, replicates=reps), tstats.category_verdicts(d))
+    got = res[name][0]
+    assert got["test_images"] and not res[name][1]["test_images"]
+    for c in cats:
+      want = tstats.seed_test_test(d[c], reps[c])
+      assert got["categories"][c]["p"] == want["p"] and got["categories"][c]["se"] == want["se"]
+    assert got["heterogeneity"] == tstats.heterogeneity(d, reps)
+  assert res["strong"][0]["pooled"] == "better"
+  assert all(v["sign"] == 1 for v in res["strong"][0]["categories"].values())
+  assert res["null"][0]["pooled"] == "no significant difference"
+  assert res["lucky"][1]["pooled"] == "better"
+  assert res["lucky"][0]["pooled"] == "no significant difference"
+
+
+def test_category_verdicts_with_replicates_hold_the_null():
+  rng = np.random.default_rng(2)
+  n, significant = 150, 0
+  for _ in range(n):
+    cats = {c: _with_test_noise(rng, 0.0, 0.01, 0.01, r=100) for c in "ab"}
+    res = tstats.category_verdicts({c: v[0] for c, v in cats.items()},
+                                   replicates={c: v[1] for c, v in cats.items()})
+    significant += res["pooled"] != "no significant difference"
+  assert significant / n <= 0.1, significant / n
+
+
+def test_heterogeneity_with_replicates_adds_the_test_variance():
+  """Categories whose effects differ by about their test sets' noise: counting only the
+  seeds reads that as heterogeneity; counting the test images too, Q shrinks to about df.
+  Q equals the random-effects fit's on ``effects_from_seeds_and_resamples``."""
+  from tailjax import metaanalysis
+  rng = np.random.default_rng(3)
+  cats = {c: _with_test_noise(rng, 0.02, 0.002, 0.02) for c in "abcdef"}
+  d = {c: v[0] for c, v in cats.items()}
+  reps = {c: v[1] for c, v in cats.items()}
+  seeds_only, with_test = tstats.heterogeneity(d), tstats.heterogeneity(d, reps)
+  assert with_test["q"] < seeds_only["q"] / 10
+  assert seeds_only["p"] < 0.01 and with_test["p"] > 0.01
+  fit = metaanalysis.random_effects(*tstats.effects_from_seeds_and_resamples(
+      list(d.values()), list(reps.values())))
+  assert with_test["q"] == pytest.approx(fit.q, rel=1e-9) and with_test["df"] == 5
+  # Without test noise in the resamples, the same Q as without them.
+  flat = {c: np.repeat(v[:, None], 20, axis=1) for c, v in d.items()}
+  assert tstats.heterogeneity(d, flat)["q"] == pytest.approx(seeds_only["q"], rel=1e-9)
+
+
+# ----------------------------------------------------------------------------
+# Per-category effects with the test images counted (effects_from_seeds_and_resamples)
+# ----------------------------------------------------------------------------
+
+
+def _seed_diffs(rng, sizes=(3, 4, 3, 5)):
+  return [rng.normal(0.02 * i, 0.01, s) for i, s in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("pool", [True, False])
+def test_effects_with_resamples_without_test_noise_are_the_seed_only_effects(pool):
+  """Every resample gives each seed its observed difference (no test-image noise):
+  se_test = se_interaction = 0, so the effects are ``effects_from_seeds``'s."""
+  d = _seed_diffs(np.random.default_rng(0))
+  reps = [np.repeat(x[:, None], 50, axis=1) for x in d]
+  y, v = tstats.effects_from_seeds_and_resamples(d, reps, pool_variance=pool)
+  y0, v0 = metaanalysis.effects_from_seeds(d, pool_variance=pool)
+  np.testing.assert_array_equal(y, y0)
+  np.testing.assert_allclose(v, v0, rtol=1e-12)
+
+
+def test_effects_with_resamples_add_each_categorys_own_test_variance():
+  """Resample r shifts every seed of category i by the same b_ir (the test set's effect,
+  shared by the seeds, no interaction): v_i = the pooled seed part + var_r(b_ir), the
+  latter each category's own; about σ_b,i² for many resamples."""
+  rng = np.random.default_rng(1)
+  d = _seed_diffs(rng)
+  sd_b = np.array([0.0, 0.005, 0.02, 0.04])
+  b = [s * rng.normal(size=800) for s in sd_b]
+  reps = [x[:, None] + bi[None, :] for x, bi in zip(d, b)]
+  y, v = tstats.effects_from_seeds_and_resamples(d, reps)
+  y0, v0 = metaanalysis.effects_from_seeds(d, pool_variance=True)
+  np.testing.assert_array_equal(y, y0)
+  np.testing.assert_allclose(v - v0, [np.var(bi, ddof=1) for bi in b], rtol=1e-9, atol=1e-15)
+  np.testing.assert_allclose((v - v0)[1:], sd_b[1:] ** 2, rtol=0.15)
+  # Unpooled, each category's variance is its seed + test-image interval's se².
+  _, v_own = tstats.effects_from_seeds_and_resamples(d, reps, pool_variance=False)
+  np.testing.assert_allclose(v_own, [tstats.seed_test_interval(x, r)["se"] ** 2
+                                     for x, r in zip(d, reps)], rtol=1e-12)
+  # A test-set effect that large swamps the seed spread: the noisier category weighs less.
+  assert v[3] > 4 * v0[3]
+
+
+def test_effects_with_resamples_check_their_inputs():
+  d = _seed_diffs(np.random.default_rng(2))
+  reps = [np.repeat(x[:, None], 5, axis=1) for x in d]
+  with pytest.raises(ValueError, match="4 categories of differences but 3 of resamples"):
+    tstats.effects_from_seeds_and_resamples(d, reps[:3])
+  with pytest.raises(ValueError, match=r"categories \[1\]"):
+    tstats.effects_from_seeds_and_resamples([d[0], d[1][:1]], reps[:2])
+  with pytest.raises(ValueError, match=r"categories \[0\]"):
+    tstats.effects_from_seeds_and_resamples([np.array([0.1, np.nan, 0.2])], [np.zeros((3, 5))])

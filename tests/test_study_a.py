@@ -227,15 +227,15 @@ def test_rows_with_identical_scores_share_one_evaluation_with_the_same_numbers(t
   pick = lambda idx: jax.tree.map(lambda a: np.asarray(a)[np.asarray(idx)], tc.params_R)
   alone = [evaluation.evaluate_rows(cfg, tc.program, pick([i]), tc.data)[0] for i in (0, 2)]
   calls = []
-  real = evaluation.evaluate_scores
+  real = evaluation._evaluate
   def counting(*a, **k):
     calls.append(1)
     return real(*a, **k)
-  evaluation.evaluate_scores = counting
+  evaluation._evaluate = counting
   try:
     recs = evaluation.evaluate_rows(cfg, tc.program, pick([0, 2, 0, 0]), tc.data)
   finally:
-    evaluation.evaluate_scores = real
+    evaluation._evaluate = real
   assert len(calls) == 2
   same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN too
   assert same(recs[0], alone[0]) and same(recs[2], alone[0]) and same(recs[3], alone[0])
@@ -269,3 +269,70 @@ def test_reopened_run_rewrites_the_same_report(trained, tmp_path):
   dump = lambda x: json.dumps(json.loads(io.to_json(x)), sort_keys=True)   # NaN-safe
   assert dump(con["final"]) == dump(out["summary"])
   assert "seconds" not in con["setup"]           # no wall time: runs compare byte for byte
+
+
+# ----------------------------------------------------------------------------
+# The difficulty ladder (data.ladder): the same rows scored on every rung
+# ----------------------------------------------------------------------------
+
+
+def _ladder_cfg(tmp_path, cache):
+  from tailjax.configs import fastflow_textures
+  cfg = fastflow_textures.get_config("smoke")
+  cfg.data.root = str(tmp_path / "data" / "textures")
+  cfg.data.categories = "brick,moon"
+  cfg.data.image_size, cfg.data.n_train, cfg.data.n_test = 64, 8, 8
+  cfg.data.cache_dir = str(cache)
+  cfg.eval.size = 64
+  cfg.eval.n_boot = 10
+  cfg.flow.num_steps = 2
+  cfg.train.batch_size, cfg.train.num_steps, cfg.train.segment_steps = 6, 4, 2
+  cfg.eval.budgets = (0, 2, 4)
+  cfg.report.n_examples = 0
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def laddered(tmp_path_factory, cache):
+  tmp = tmp_path_factory.mktemp("laddered")
+  cfg = _ladder_cfg(tmp, cache)
+  run = tmp / "run"
+  study_a.main(cfg, run, progress=False)
+  return cfg, run
+
+
+def test_every_rung_is_scored_once_at_the_last_budget(laddered):
+  cfg, run = laddered
+  saved = json.loads((run / "metrics.json").read_text())["categories"]
+  for c in ("brick", "moon"):
+    res = saved[c]
+    assert [r["name"] for r in res["ladder"]] == [f"rung{j}" for j in range(5)]
+    assert len(res["padim_rungs"]) == 5
+    for step, recs in res["budgets"].items():
+      for rec in recs:
+        assert ("rungs" in rec) == (step == "4")
+        assert len(rec["boot"]["pixel_ap"]) == 10 and rec["by_kind"]
+    last = res["budgets"]["4"]
+    assert all(len(rec["rungs"]) == 5 for rec in last)
+    # Rungs differ only in strength: the strongest rung is at least as easy for PaDiM.
+    assert res["padim_rungs"][-1]["image_auroc"] >= res["padim_rungs"][0]["image_auroc"]
+  con = json.loads((run / "conclusions.json").read_text())
+  assert len(con["ladder"]["rungs"]) == 10 and con["ladder"]["step"] == 4
+  assert set(con["ladder"]["dose"]) == {"pixel_ap", "image_auroc"}
+  report = (run / "report.md").read_text()
+  assert "## Dose–response within categories (the difficulty ladder)" in report
+  assert "## By defect kind" in report and "Does the effect grow with detectability?" in report
+
+
+def test_a_ladder_whose_train_split_differs_from_the_texture_build_is_refused(laddered,
+                                                                              tmp_path):
+  cfg, _ = laddered
+  lad = pipeline.ladder_root(cfg)
+  victim = sorted((lad / "moon" / "train" / "good").glob("*.png"))[0]
+  original = victim.read_bytes()
+  try:
+    victim.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(ValueError, match=r"ladder .*moon/train differs from the texture build"):
+      pipeline.Dataset(cfg)
+  finally:
+    victim.write_bytes(original)

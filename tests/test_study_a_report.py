@@ -135,7 +135,7 @@ def test_by_regime_finds_a_slope_planted_on_detectability_and_groups_tiers():
   text = "\n".join(rep.regime_section(con))
   assert "| hard: seed-paired | hard | 3 |" in text and "| calibrated: random effects |" in text
   assert "grows with detectability" in text
-  assert "**By regime** (6 categories; tiers: hard 3, calibrated 3)" in "\n".join(
+  assert "**Across categories** (6 categories; tiers: hard 3, calibrated 3;" in "\n".join(
       rep.answer_lines(con))
   io.to_json(con.to_json())                                # conclusions.json stays writable
 

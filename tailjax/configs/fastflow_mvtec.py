@@ -22,12 +22,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   smoke = arg == "smoke"
   c = fastflow_textures.get_config("smoke" if smoke else None)
   c.data.kind = "mvtec"
-  for name in ("benchmark_seed", "image_size", "n_train", "n_test"):   # texture builder only
+  for name in ("benchmark_seed", "image_size", "n_train", "n_test", "ladder"):  # textures only
     del c.data[name]
   c.data.root = ""                 # required: --config.data.root=...
   c.data.categories = ""           # comma list; "" = every category under root
   c.flow.num_steps = 4 if smoke else 8
   c.train.num_steps = 10 if smoke else 500
+  if not smoke:
+    c.eval.budgets = (0, 30, 100, 300, 400, 500)
   c.optim.learning_rate = 1e-3
   c.train.batch_size = 8 if smoke else 32
   return c

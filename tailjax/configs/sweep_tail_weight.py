@@ -35,6 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Study A's two-variant comparison fields do not apply to a grid.
   for name in ("variants", "report", "padim", "num_seeds", "mechanisms", "seed"):
     del c[name]
+  # The difficulty ladder and the test-image bootstrap serve study A's report, not a grid.
+  del c.data["ladder"]
+  del c.eval["n_boot"]
 
   c.sweep = ml_collections.ConfigDict()
   c.sweep.tail_weight = (0.0, 0.7) if smoke else (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)

@@ -72,7 +72,8 @@ from tailjax.data import mvtec
 DATA_FIELDS = {
     "textures": ("data.kind", "data.root", "data.categories", "data.cache_dir",
                  "data.val_fraction", "data.split_seed",
-                 "data.benchmark_seed", "data.image_size", "data.n_train", "data.n_test"),
+                 "data.benchmark_seed", "data.image_size", "data.n_train", "data.n_test",
+                 "data.ladder"),
     "mvtec": ("data.kind", "data.root", "data.categories", "data.cache_dir",
               "data.val_fraction", "data.split_seed"),
     "visa": ("data.kind", "data.root", "data.categories", "data.cache_dir",
@@ -361,6 +362,9 @@ class CategoryData:
   train_scales: tuple[np.ndarray, ...] = ()
   val_scales: tuple[np.ndarray, ...] = ()
   test_scales: tuple[np.ndarray, ...] = ()
+  # The difficulty ladder (``data.ladder``): the same category's test sets at several
+  # defect strengths, scored by the same trained rows (``RungData``); () without one.
+  rungs: tuple["RungData", ...] = ()
 
   @property
   def multiscale(self) -> bool:
@@ -374,6 +378,37 @@ class CategoryData:
     if self.multiscale:
       return getattr(self, f"{split}_scales")
     return getattr(self, f"{split}_feats")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RungData:
+  """One rung of a category's difficulty ladder as evaluation sees it: the rung's facts
+  (``ladder.Rung``: strength, the pre-treatment covariate ``auroc_cal``, the clipped
+  share, ``in_slope`` / ``why_out``) and its test split's features, masks, labels and
+  defect kinds, in the same image order on every rung."""
+  index: int
+  name: str
+  strength: float
+  auroc_cal: float | None
+  clipped: float
+  in_slope: bool
+  why_out: str | None
+  test_feats: np.ndarray         # [M, h, w, C] (the reference scale)
+  test_masks: np.ndarray         # [M, S, S] uint8 {0, 1}
+  test_labels: np.ndarray        # [M]
+  test_types: tuple[str, ...]
+  test_scales: tuple[np.ndarray, ...] = ()   # every scale's features (multi-scale runs)
+
+  def flow_feats(self):
+    """What the flows see of this rung's test split (as ``CategoryData.flow_feats``)."""
+    return self.test_scales if self.test_scales else self.test_feats
+
+  def facts(self) -> dict:
+    """The rung's facts without its arrays (recorded in ``<category>/metrics.json``)."""
+    return {"index": self.index, "name": self.name, "strength": self.strength,
+            "auroc_cal": self.auroc_cal, "clipped": self.clipped, "in_slope": self.in_slope,
+            "why_out": self.why_out, "n_test": int(len(self.test_labels)),
+            "n_defective": int(np.sum(self.test_labels))}
 
 
 def split_train_val(n: int, val_fraction: float, seed: int, where: str = "config.data"
@@ -415,6 +450,7 @@ class Dataset:
       self.root = dataset_root(cfg)
       self._splits = category_splits(cfg, self.root)
       self._files = {}
+    self.ladder_root = build_ladder(cfg, self._splits) if ladder_enabled(cfg) else None
 
   @property
   def categories(self) -> list[str]:
@@ -437,7 +473,11 @@ class Dataset:
     self._check(name)
     if self.kind == "features":
       return load_feature_category(self.cfg, name, self._files[name])
-    return load_category(self.cfg, name, *self._splits[name], *self._extract())
+    data = load_category(self.cfg, name, *self._splits[name], *self._extract())
+    if self.ladder_root is None:
+      return data
+    return dataclasses.replace(data, rungs=load_rungs(self.cfg, self.ladder_root, name,
+                                                      *self._extract()))
 
   def check_sizes(self, name: str) -> None:
     """Before any feature of category ``name`` is extracted: refuses a ``train.batch_size``
@@ -486,6 +526,64 @@ class Dataset:
       raise ValueError("data.kind=features has no backbone: features of new images cannot "
                        "be extracted from this config")
     return extract_features(self.cfg, paths, *self._extract(), progress=progress)
+
+
+def ladder_enabled(cfg) -> bool:
+  """``data.ladder`` of a textures config (other kinds have no ladder)."""
+  return cfg.data.kind == "textures" and bool(cfg.data.get("ladder", False))
+
+
+def ladder_root(cfg) -> Path:
+  """Where a textures config's difficulty ladder lives: ``<base>-ladder`` beside the
+  texture build's base folder (``data.root``, default ``textures.default_benchmark_root``)."""
+  from tailjax.data import textures
+  base = Path(cfg.data.root).expanduser() if cfg.data.root else textures.default_benchmark_root()
+  return base.with_name(base.name + "-ladder")
+
+
+def build_ladder(cfg, splits: dict[str, tuple[mvtec.ImageSplit, mvtec.ImageSplit]]) -> Path:
+  """Builds (or reuses) the difficulty ladder of every texture category
+  (``ladder.build_ladder`` with the texture build's arguments) and checks that each
+  requested category's ladder trains on the texture build's very train split (the
+  same image bytes in the same order): the rows trained on the texture build are then
+  the rows the rungs test."""
+  from tailjax.data import ladder
+  d = cfg.data
+  root = ladder.build_ladder(ladder_root(cfg), seed=d.benchmark_seed, image_size=d.image_size,
+                             n_train=d.n_train, n_test=d.n_test, verbose=True)
+  for name, (train, _) in splits.items():
+    theirs = ladder.train_split(root, name).image_paths
+    if len(theirs) != len(train.image_paths) or any(
+        a.read_bytes() != b.read_bytes() for a, b in zip(train.image_paths, theirs)):
+      raise ValueError(f"ladder {root}/{name}/train differs from the texture build's "
+                       f"{train.root}/{name}/train: rebuild both (delete them) with this "
+                       "version of tailjax")
+  return root
+
+
+def load_rungs(cfg, root: Path, name: str, extractor, extractor_id) -> tuple[RungData, ...]:
+  """Every rung of category ``name`` in the ladder at ``root`` (``ladder.load_rungs``)
+  with its test split's features (through the feature cache: a good test image is the
+  same file on every rung and is extracted once), masks at ``eval.size``, labels and kinds."""
+  from tailjax.data import ladder
+  layers = scale_layers(cfg)
+  out = []
+  for r in ladder.load_rungs(root, name):
+    split = r.test
+    if layers:
+      b = cfg.backbone
+      feats = feature_cache.cached_features(
+          [Path(p) for p in split.image_paths], extractor, extractor_id,
+          resolution=b.resolution, layers=layers, cache_dir=cache_dir(cfg),
+          batch_size=b.batch_size, progress=False)
+      ref, scales = feats[_layer(b)], tuple(feats[l] for l in layers)
+    else:
+      ref, scales = extract_features(cfg, split.image_paths, extractor, extractor_id,
+                                     progress=False), ()
+    out.append(RungData(r.index, r.name, float(r.strength), r.auroc_cal, float(r.clipped),
+                        bool(r.in_slope), r.why_out, ref, split.load_masks(cfg.eval.size),
+                        np.asarray(split.labels), tuple(split.defect_types), scales))
+  return tuple(out)
 
 
 def _val_split(cfg, n: int):

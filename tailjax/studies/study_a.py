@@ -5,7 +5,8 @@ Data flows one way and every stage leaves its files in the workdir::
   <workdir>/manifest.json, config.json   the run record (``tailjax.runrecord``)
   <workdir>/<category>/checkpoints/<s>   every (variant, seed) row, stacked (``tailjax.engine``)
   <workdir>/<category>/rows.json         the rows and a hash of the training features
-  <workdir>/units/<category>/eval/<s>.json   every row's metrics at step s
+  <workdir>/units/<category>/eval/<s>.json   every row's metrics at step s (at the last
+                                         step also on every rung of the ladder)
   <workdir>/<category>/metrics.json      PaDiM + every row's metrics
   <workdir>/<category>/examples.png      anomaly-map overlays
   <workdir>/metrics.json                 all categories, summary statistics
@@ -43,7 +44,8 @@ import numpy as np
 from tailjax import anomaly, distributed, engine, evaluation, io, runrecord
 from tailjax import train as train_lib
 from tailjax.data import pipeline
-from tailjax.studies import mechanisms, study_a_conclusions, study_a_record, study_a_report
+from tailjax.studies import (mechanisms, study_a_conclusions, study_a_ladder, study_a_record,
+                             study_a_report)
 from tailjax.studies.study_a_record import KIND
 
 # Every field study A reads (``runrecord.check_fields``): anything else is an error.
@@ -51,17 +53,19 @@ from tailjax.studies.study_a_record import KIND
 FIELDS = (
     "seed", "num_seeds",
     "flow.num_steps", "flow.kernel_mode", "flow.hidden_ratio", "flow.clamp",
-    "flow.global_affine", "flow.layer_norm",
+    "flow.global_affine", "flow.layer_norm", "flow.subnet_init",
     "variants.*.tail_weight", "variants.*.top_k_ratio", "variants.*.learning_rate",
     "variants.*.tail_nll", "optim.*",
     "train.num_steps", "train.batch_size", "train.segment_steps", "train.row_mode",
     "train.conv_impl", "train.batch_devices", "train.profile_steps", "train.precision",
     "eval.score", "eval.size", "eval.smoothing_sigma", "eval.image_score", "eval.image_topk",
     "eval.fpr_limit", "eval.budgets", "eval.boundary_px", "eval.fixed_tpr", "eval.plateau_tol",
+    "eval.n_boot",
     "padim.eps", "padim.n_channels",
     "mechanisms.enabled", "mechanisms.num_images", "mechanisms.num_param_images",
     "mechanisms.sweeps",
     "report.baseline", "report.treatment", "report.n_examples", "report.equivalence_margin_pp",
+    "report.slope_margin", "report.compare_runs",
 )
 
 
@@ -99,9 +103,12 @@ def run_category(cfg, run: runrecord.Run, data: pipeline.CategoryData,
   t0 = time.time()
   rows = engine.Rows.from_variants(cfg)
   flow_train = data.flow_feats("train")
-  evaluate = lambda step, params_R, program: evaluation.evaluate_rows(cfg, program, params_R,
-                                                                      data)
-  res = engine.run_rows(cfg, run, data.name, flow_train, rows, eval_steps=eval_steps(cfg),
+  steps = eval_steps(cfg)
+  # The difficulty ladder's rungs are scored once, at the last budget (the reading at
+  # convergence): evaluation, not training, grows with the ladder.
+  evaluate = lambda step, params_R, program: evaluation.evaluate_rows(
+      cfg, program, params_R, data, rungs=step == steps[-1])
+  res = engine.run_rows(cfg, run, data.name, flow_train, rows, eval_steps=steps,
                         evaluate=evaluate, progress=progress, desc=data.name)
   _add_seconds(run, training=res.seconds.get("train", 0.0),
                evaluation=res.seconds.get("eval", 0.0))
@@ -138,11 +145,22 @@ def _category_results(cfg, run: runrecord.Run, data: pipeline.CategoryData, rows
   # Every row's record at every budget: {step: [record per row]} (JSON keys are strings).
   result["budgets"] = {str(s): res.evals[s] for s in sorted(res.evals)}
   result["n_val"] = int(len(data.val_feats))
+  if data.rungs:   # the ladder's facts; every row's rung records are in its last budget's record
+    result["ladder"] = [r.facts() for r in data.rungs]
+    result["padim_rungs"] = [_padim_rung(cfg, padim, r) for r in data.rungs]
   result["seconds"] = time.time() - t0
   io.atomic_write_json(out_dir / "metrics.json", result)
   if cfg.report.n_examples > 0:
     _examples_figure(cfg, out_dir / "examples.png", data, rows, res, padim_maps)
   return result
+
+
+def _padim_rung(cfg, padim, rung) -> dict:
+  """PaDiM's metrics on one rung's test split (the no-training reference per rung)."""
+  m, _ = evaluation.evaluate_scores(dict(cfg.eval),
+                                    np.asarray(anomaly.padim_score(padim, rung.test_feats)),
+                                    rung.test_masks, rung.test_labels)
+  return m
 
 
 def _examples_figure(cfg, path: Path, data: pipeline.CategoryData, rows: engine.Rows,
@@ -233,6 +251,7 @@ def validate_config(cfg) -> None:
                      f"{cfg.report.treatment!r}")
   engine.Rows.from_variants(cfg)   # validates λ, r, lr
   study_a_conclusions.equivalence_margin_pp(cfg)   # > 0: a bad margin fails before training
+  study_a_ladder.slope_margin(cfg)
 
 
 def main(cfg, workdir: str | Path, *, on_change: str = "error", progress: bool = True) -> dict:

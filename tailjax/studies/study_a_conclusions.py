@@ -1,8 +1,11 @@
 """Study A's conclusions: every number its report states, computed once from the run's
 rows and their per-budget records (``conclusions`` → a typed ``Conclusions``): budget
 curve, model selection without the test set, the causal chain, per-category verdicts
-with multiplicity correction, the answer by regime, exact vs approximate per-patch NLL,
-and the mechanism analyses' hypothesis summary. ``study_a_report`` turns them into the
+with multiplicity correction, the within-category dose–response on the difficulty
+ladder (``study_a_ladder``), per defect kind, the answer by regime (a description across
+categories), exact vs approximate per-patch NLL, the comparison with other flow
+implementations' runs (``study_a_robustness``) and the mechanism analyses' hypothesis
+summary. ``study_a_report`` turns them into the
 report's sections and writes them. The original study's numbers, shown beside ours,
 come from ``original_study.json`` (``ORIGINAL``).
 
@@ -27,10 +30,13 @@ Rules, fixed before any run (they are printed in the report):
   seeds; ρ > 0: lower validation NLL goes with worse detection). Training degrades
   detection in a category and arm iff pixel AP at the selected step lies below its
   step-0 value in every seed.
-* **Per-category verdicts**: paired t-tests over seeds of tail − mean, Holm-corrected
-  over the categories; pooled reading "better"/"worse" when every significant
-  category agrees in sign, "mixed" when significant effects of both signs exist.
-  Heterogeneity: Cochran's Q / I² on the per-category differences.
+* **Per-category verdicts**: tail − mean per category with an interval and test that
+  count the seeds and the test images (``stats.seed_test_interval``: the seed spread and
+  a paired bootstrap over the category's test images, ``eval.n_boot`` resamples; a paired
+  t-test over seeds alone when the records carry no resamples), Holm-corrected over the
+  categories; pooled reading "better"/"worse" when every significant category agrees in
+  sign, "mixed" when significant effects of both signs exist. Heterogeneity: Cochran's
+  Q / I² from the within-category variance the random-effects estimate uses.
 * **Budget dependence**: the sign "depends on the budget" when the pooled mean
   difference has different signs at two trained budgets (s > 0); the budgets where
   its 95 % CI excludes 0 are listed.
@@ -41,14 +47,19 @@ Rules, fixed before any run (they are printed in the report):
   pooled paired difference of border-band pixel AP lies above 0 *and* exceeds the
   interior's; L4 = the pooled pixel-AP reading. The link p-values are
   Holm-corrected together; everything else in the report is descriptive.
-* **By regime** (``by_regime``; runs with ≥ 2 categories): per category, per tier
+* **By regime** (``by_regime``; runs with ≥ 2 categories; a **description**: categories
+  and tiers differ in photographs, defect generator, mask rule and strength at once, so
+  no reading here is a dose–response — that is the difficulty ladder's,
+  ``study_a_ladder``): per category, per tier
   (texture tiers ``hard`` / ``calibrated``; one tier "—" for other data kinds) and
   pooled, the tail − mean pixel AP and image AUROC at the primary point. Pooled two
   ways: the seed-paired estimate (mean over categories per seed, t-interval over seeds)
   and a random-effects estimate across categories (REML τ², HKSJ 95 % CI; τ² and I² shown)
-  on per-category (mean difference, seed variance / S), the seed variance pooled over
-  the scope's categories (a category's own variance from 3 seeds is too noisy to weight
-  by: ``metaanalysis.effects_from_seeds``); "tail-aware better" / "worse"
+  on per-category (mean difference, seed variance / S + the category's test-image
+  bootstrap variance), the seed variance pooled over the scope's categories (a
+  category's own variance from 3 seeds is too noisy to weight by:
+  ``stats.effects_from_seeds_and_resamples``), with the 95 % prediction interval
+  for a new category and the modified-HKSJ interval; "tail-aware better" / "worse"
   iff that CI lies above / below 0. A meta-regression of the per-category effect on the
   mean-only model's image AUROC (its detectability) gives the slope: "the tail-aware
   effect grows with detectability" iff the slope's 95 % CI (HKSJ) lies above 0,
@@ -85,6 +96,7 @@ import scipy.stats
 from tailjax import metaanalysis, reporting, stats
 from tailjax.data import pipeline
 from tailjax.evaluation import METRIC_KEYS
+from tailjax.studies import study_a_ladder, study_a_robustness
 from tailjax.stats import mean_ci
 
 
@@ -99,10 +111,16 @@ HYPOTHESES = ("H1", "H3", "H4", "H7")
 
 
 def rules_bullets() -> list[str]:
-  """The module docstring's rules as markdown bullets (one source for code and report)."""
-  text = __doc__.split("printed in the report):", 1)[1]
-  items = [" ".join(part.split()) for part in text.split("\n* ") if part.strip()]
-  return [f"- {(item[2:] if item.startswith('* ') else item).replace('``', '`')}" for item in items]
+  """The rules of this module's and ``study_a_ladder``'s docstrings as markdown bullets
+  (one source for code and report)."""
+  out = []
+  for doc in (__doc__, study_a_ladder.__doc__):
+    text = doc.split("printed in the report):", 1)[1].split("\n\n")
+    text = "\n\n".join(p for p in text if p.lstrip().startswith("*") or p.startswith("  "))
+    items = [" ".join(part.split()) for part in text.split("\n* ") if part.strip()]
+    out += [f"- {(item[2:] if item.startswith('* ') else item).replace('``', '`')}"
+            for item in items]
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -164,6 +182,22 @@ def paired(results_view: dict, base: str, treat: str, value) -> dict[str, np.nda
     by = {(r["variant"], r["seed"]): value(r) for r in res["rows"]}
     seeds = sorted(s for v, s in by if v == base)
     out[c] = np.array([by[(treat, s)] - by[(base, s)] for s in seeds], np.float64)
+  return out
+
+
+def paired_resamples(results_view: dict, base: str, treat: str, metric: str
+                     ) -> dict[str, np.ndarray] | None:
+  """Per category: treat − base per seed on every bootstrap resample of the test images
+  ``[S, R]`` (``record["boot"]``, the same resamples for every row: ``evaluation``), or
+  None when the records carry no resamples (``eval.n_boot`` = 0)."""
+  out = {}
+  for c, res in results_view.items():
+    by = {(r["variant"], r["seed"]): r.get("record", {}).get("boot") for r in res["rows"]}
+    if any(b is None for b in by.values()):
+      return None
+    seeds = sorted(s for v, s in by if v == base)
+    out[c] = np.array([np.subtract(by[(treat, s)][metric], by[(base, s)][metric])
+                       for s in seeds], np.float64)
   return out
 
 
@@ -294,6 +328,9 @@ class Conclusions:
   selection: dict                  # {rule: {scope: steps and paired differences}}
   convergence: dict                # {category: {variant: step 0, selected, ceiling, ρ}}
   mechanisms: dict | None          # ``hypothesis_summary`` of the mechanism analyses
+  ladder: dict | None = None       # ``study_a_ladder.ladder_conclusions`` (the dose–response)
+  by_kind: dict | None = None      # per defect kind at the primary point (``defect_kinds``)
+  robustness: dict | None = None   # ``study_a_robustness.compare`` (``report.compare_runs``)
 
   def to_json(self) -> dict:
     """JSON-ready (``io.to_json``); fields that do not apply are left out."""
@@ -343,7 +380,37 @@ def conclusions(cfg, results: dict, analysis: dict | None = None, *,
       budget_table=_budget_table(results, steps, base, treat, curve),
       selection=_selection(results, sel, base, treat) if has_val else {},
       convergence=_convergence(results, primary, steps, has_val),
-      mechanisms=hypothesis_summary(analysis) if analysis is not None else None)
+      mechanisms=hypothesis_summary(analysis) if analysis is not None else None,
+      ladder=study_a_ladder.ladder_conclusions(cfg, results, base, treat),
+      by_kind=defect_kinds(primary, base, treat),
+      robustness=study_a_robustness.compare(
+          cfg, "this run", {k: verdicts[k]["categories"] for k in study_a_robustness.METRICS},
+          study_a_robustness.compare_runs(cfg)))
+
+
+def defect_kinds(primary: dict, base: str, treat: str) -> dict | None:
+  """Per defect kind (``record["by_kind"]``: each kind's defective images with every good
+  image of its category), pooled over the categories that have it: both arms' mean over
+  seeds and categories, and treat − base per seed (mean over those categories) with its
+  t-interval over seeds, for pixel AP and image AUROC. None without per-kind records."""
+  rows = [r for res in primary.values() for r in res["rows"]]
+  if not rows or any("by_kind" not in r.get("record", {}) for r in rows):
+    return None
+  kinds = sorted({k for r in rows for k in r["record"]["by_kind"]})
+  out = {}
+  for kind in kinds:
+    cats = [c for c, res in primary.items() if kind in res["rows"][0]["record"]["by_kind"]]
+    sub = {c: primary[c] for c in cats}
+    cell = {"categories": cats,
+            "n": int(sum(sub[c]["rows"][0]["record"]["by_kind"][kind]["n"] for c in cats))}
+    for k in REGIME_METRICS:
+      value = lambda r, k=k: r["record"]["by_kind"][kind][k]
+      arm = lambda v: float(np.mean([value(r) for c in cats for r in sub[c]["rows"]
+                                     if r["variant"] == v]))
+      cell[k] = {"base": arm(base), "treat": arm(treat),
+                 "delta": stats.paired_test(pooled(paired(sub, base, treat, value)))}
+    out[kind] = cell
+  return out
 
 
 def _setup(cfg, results: dict, summary: dict, seconds: float, extended: Sequence[dict],
@@ -430,13 +497,23 @@ def _convergence(results: dict, primary: dict, steps: list[int], has_val: bool) 
 
 
 def _primary_tests(primary: dict, base: str, treat: str) -> tuple[dict, dict]:
-  """Per-category verdicts (pixel AP, image AUROC) and the pooled paired difference of
-  every metric, at the primary point."""
+  """Per-category verdicts (pixel AP, image AUROC; with the test images counted when the
+  records carry resamples) and the pooled paired difference of every metric, at the
+  primary point (``with_test``: the interval that also counts the test images)."""
   metric = lambda k: (lambda r: r["metrics"][k])
-  verdicts = {k: stats.category_verdicts(paired(primary, base, treat, metric(k)))
+  verdicts = {k: stats.category_verdicts(paired(primary, base, treat, metric(k)),
+                                         replicates=paired_resamples(primary, base, treat, k))
               for k in ("pixel_ap", "image_auroc")}
-  pooled_diff = {k: stats.paired_test(pooled(paired(primary, base, treat, metric(k))))
-                 for k in METRIC_KEYS}
+  pooled_diff = {}
+  for k in METRIC_KEYS:
+    d = paired(primary, base, treat, metric(k))
+    pooled_diff[k] = stats.paired_test(pooled(d))
+    reps = paired_resamples(primary, base, treat, k) if k in REGIME_METRICS else None
+    if reps is not None:
+      # Categories' resamples are independent, so resample r of the mean over categories
+      # is the mean of their resamples r: the pooled difference's test-image noise.
+      pooled_diff[k]["with_test"] = stats.seed_test_interval(
+          pooled(d), np.mean(np.stack(list(reps.values())), 0), bounds=stats.AUC_DIFF_BOUNDS)
   return verdicts, pooled_diff
 
 
@@ -633,17 +710,23 @@ def _not_estimable(reason: str) -> dict:
   return {"estimable": False, "reason": f"not estimable ({reason})"}
 
 
-def _meta_inputs(diffs: dict[str, np.ndarray]):
+def _meta_inputs(diffs: dict[str, np.ndarray], reps: dict[str, np.ndarray] | None = None):
   """(y_K, v_K) = ``metaanalysis.effects_from_seeds`` (seed variance pooled over the
-  categories) of the finite per-seed differences, or the reason why not (k < 3, a
-  category with < 2 seeds, no seed variance at all)."""
+  categories) of the finite per-seed differences, or with test-image resamples ``reps``
+  (per category ``[S, R]``) ``effects_from_seeds_and_resamples`` (seed part pooled, each
+  category's test-image part added); or the reason why not (k < 3, a category with < 2
+  seeds, no variance at all)."""
   if len(diffs) < MIN_META_K:
     return _not_estimable(f"k < {MIN_META_K}")
   rows = {c: d[np.isfinite(d)] for c, d in diffs.items()}
   few = [c for c, d in rows.items() if d.size < 2]
   if few:
     return _not_estimable(f"< 2 seeds in {', '.join(few)}")
-  y_K, v_K = metaanalysis.effects_from_seeds(list(rows.values()), pool_variance=True)
+  if reps is not None and all(np.isfinite(d).all() for d in diffs.values()):
+    y_K, v_K = stats.effects_from_seeds_and_resamples(
+        list(rows.values()), [reps[c] for c in rows], pool_variance=True)
+  else:
+    y_K, v_K = metaanalysis.effects_from_seeds(list(rows.values()), pool_variance=True)
   if not (v_K > 0).all():
     return _not_estimable("zero seed variance in every category")
   return y_K, v_K
@@ -654,28 +737,35 @@ def _ci(mean, se, ci, p) -> dict:
           "p": float(p)}
 
 
-def regime_random_effects(diffs: dict[str, np.ndarray]) -> dict:
+def regime_random_effects(diffs: dict[str, np.ndarray],
+                          reps: dict[str, np.ndarray] | None = None) -> dict:
   """Random-effects pooled tail − mean over the categories of ``diffs`` (per category,
   per-seed differences): ``metaanalysis.random_effects`` (REML, HKSJ) on
-  ``y_i = mean_s d_is``, ``v_i = s²_pooled / S``, and its verdict (CI vs 0)."""
-  inputs = _meta_inputs(diffs)
+  ``y_i = mean_s d_is``, ``v_i`` = the pooled seed variance / S plus, with ``reps``, the
+  category's test-image variance (``_meta_inputs``), and its verdict (CI vs 0). Also the
+  95 % prediction interval for a new category's effect and the modified-HKSJ interval
+  (a sensitivity when k ≤ 4); Q and I² come from the same v_i as the estimate."""
+  inputs = _meta_inputs(diffs, reps)
   if isinstance(inputs, dict):
     return inputs
   re = metaanalysis.random_effects(*inputs, method="reml", ci="hksj")
   out = {"estimable": True, **_ci(re.mu, re.se, re.ci, re.p_value), "tau2": re.tau2,
          "tau2_lo": re.tau2_ci[0], "tau2_hi": re.tau2_ci[1], "i2": re.i2, "q": re.q,
          "q_df": re.q_df, "q_p": re.q_p_value, "k": re.k, "method": re.method,
-         "ci_method": re.ci_method}
+         "ci_method": re.ci_method, "pi_lo": re.pi[0], "pi_hi": re.pi[1], "pi_df": re.pi_df,
+         "ci_modified": [float(v) for v in re.ci_modified],
+         "test_images": reps is not None}
   out["verdict"] = reporting.difference_verdict(out, "tail-aware better", "tail-aware worse")
   return out
 
 
-def regime_meta_regression(diffs: dict[str, np.ndarray], x: dict[str, float]) -> dict:
+def regime_meta_regression(diffs: dict[str, np.ndarray], x: dict[str, float],
+                           reps: dict[str, np.ndarray] | None = None) -> dict:
   """Random-effects meta-regression ``y_i = a + b · x_i`` of the per-category tail − mean
   on ``x`` (the mean-only model's image AUROC): ``metaanalysis.meta_regression`` (REML,
   HKSJ on k − 2 df). ``b`` is in effect units per covariate unit (pp per pp). Verdict:
   "grows" iff b's CI lies above 0, "shrinks" iff below, else no dependence shown."""
-  inputs = _meta_inputs(diffs)
+  inputs = _meta_inputs(diffs, reps)
   if isinstance(inputs, dict):
     return inputs
   x_K = np.array([x[c] for c in diffs], np.float64)
@@ -716,24 +806,34 @@ def by_regime(cfg, primary: dict, base: str | None = None, treat: str | None = N
   tier = {c: category_regime(cfg, c) for c in cats}
   diffs = {k: paired(primary, base, treat, lambda r, k=k: r["metrics"][k])
            for k in REGIME_METRICS}
+  reps = {k: paired_resamples(primary, base, treat, k) for k in REGIME_METRICS}
+  sub = lambda r, members: None if r is None else {c: r[c] for c in members}
   x = {c: float(np.mean([r["metrics"]["image_auroc"] for r in primary[c]["rows"]
                          if r["variant"] == base])) for c in cats}
+
+  def category(c):
+    out = {"tier": tier[c], "covariate": x[c]}
+    for k in REGIME_METRICS:
+      out[k] = stats.paired_test(diffs[k][c])
+      if reps[k] is not None:   # the interval that counts the test images too
+        out[k]["with_test"] = stats.seed_test_interval(diffs[k][c], reps[k][c],
+                                                       bounds=stats.AUC_DIFF_BOUNDS)
+    return out
+
   out = {"covariate": f"image AUROC of the {base} rows at their selected step, mean over seeds",
-         "categories": {c: {"tier": tier[c], "covariate": x[c],
-                            **{k: stats.paired_test(diffs[k][c]) for k in REGIME_METRICS}}
-                        for c in cats},
-         "tiers": {}, "pooled": {}}
+         "test_images": reps["pixel_ap"] is not None,
+         "categories": {c: category(c) for c in cats}, "tiers": {}, "pooled": {}}
   for t in dict.fromkeys(tier.values()):
     members = [c for c in cats if tier[c] == t]
     out["tiers"][t] = {"categories": members}
     for k in REGIME_METRICS:
       d = {c: diffs[k][c] for c in members}
       out["tiers"][t][k] = {"seed_paired": stats.paired_test(pooled(d)),
-                            "random_effects": regime_random_effects(d)}
+                            "random_effects": regime_random_effects(d, sub(reps[k], members))}
   for k in REGIME_METRICS:
     out["pooled"][k] = {"seed_paired": stats.paired_test(pooled(diffs[k])),
-                        "random_effects": regime_random_effects(diffs[k]),
-                        "meta_regression": regime_meta_regression(diffs[k], x)}
+                        "random_effects": regime_random_effects(diffs[k], reps[k]),
+                        "meta_regression": regime_meta_regression(diffs[k], x, reps[k])}
   return out
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from tailjax import io, reporting, runrecord
 from tailjax.stats import mean_ci
-from tailjax.studies import study_a_record
+from tailjax.studies import study_a_ladder, study_a_record, study_a_robustness
 from tailjax.evaluation import METRIC_KEYS, METRIC_NAMES
 from tailjax.studies.study_a_conclusions import (
     COVARIATE, ORIGINAL, REGIME_METRICS, SELECTION_RULES, Conclusions, conclusions, headline,
@@ -60,10 +60,11 @@ def answer_lines(con: Conclusions) -> list[str]:
   """The answer's bullets: the pooled pixel-AP reading at the primary point, its budget
   dependence, image AUROC, warnings, the answer by regime and by NLL definition, and the
   original study's headline."""
-  lines = [_pixel_ap_answer(con), _budget_answer(con)]
+  lines = [_pixel_ap_answer(con), _headline_metrics(con), _budget_answer(con)]
   lines += [x for x in (_convergence_answer(con), _training_answer(con)) if x]
   vi = con.verdicts["image_auroc"]
-  lines.append(f"Image AUROC at the same point: pooled {_pp(con.pooled_diff['image_auroc'])} "
+  di = con.pooled_diff["image_auroc"]
+  lines.append(f"Image AUROC at the same point: pooled {_pp(di.get('with_test', di))} "
                f"pp, reading **{_reading(vi)}**.")
   if con.n_seeds < 3:
     lines.append(f"⚠ Only {con.n_seeds} seed(s): a t-interval with {con.n_seeds - 1} "
@@ -73,6 +74,15 @@ def answer_lines(con: Conclusions) -> list[str]:
     lines.append(f"This run uses {con.setup.coupling_steps} coupling steps; the original "
                  f"study's (and anomalib's) default is {steps} "
                  "(`configs/fastflow_study.py:arch8` runs the study with it).")
+  if con.ladder is not None:
+    lines.append(study_a_ladder.answer_line(con.ladder, con.treatment, con.baseline))
+  if con.robustness is not None:
+    rb = con.robustness
+    lines.append(f"**Across flow implementations** (this run beside "
+                 + ", ".join(f"`{r['workdir']}`" for r in rb["runs"][1:])
+                 + f", {len(rb['categories'])} shared categories): pixel AP effect "
+                 f"**{rb['verdict']['pixel_ap']}**, image AUROC effect "
+                 f"**{rb['verdict']['image_auroc']}**.")
   if con.by_regime is not None:
     lines.append(regime_answer(con.by_regime))
   if con.tail_nll is not None:
@@ -98,14 +108,35 @@ def _pixel_ap_answer(con: Conclusions) -> str:
       f"{', ' + ('better' if v['sign'] > 0 else 'worse') if v['sign'] else ''})"
       for c, v in vp["categories"].items())
   het = vp["heterogeneity"]
+  d = con.pooled_diff["pixel_ap"]
+  if vp.get("test_images"):
+    over = f"95 % interval over {con.n_seeds} seeds and the test images"
+    test = "seeds and a paired bootstrap over test images"
+  else:
+    over, test = f"95 % CI over {con.n_seeds} seeds", "paired t-test over seeds"
   return (f"**Pixel AP, {con.treatment} − {con.baseline}, {at}:** pooled over categories "
-          f"{_pp(con.pooled_diff['pixel_ap'])} pp (95 % CI over {con.n_seeds} seeds). "
-          f"Per category (paired t-test, Holm-corrected over {len(vp['categories'])} "
+          f"{_pp(d.get('with_test', d))} pp ({over}). "
+          f"Per category ({test}, Holm-corrected over {len(vp['categories'])} "
           f"categories): {per_cat}. Reading: **{_reading(vp)}**"
           + (f"; categories differ (Cochran's Q = {het['q']:.1f}, p = "
              f"{reporting.pvalue(het['p'])}, I² = {100 * het['i2']:.0f} %)"
              if np.isfinite(het["p"]) and het["p"] < 0.05 else "")
           + ".")
+
+
+def _headline_metrics(con: Conclusions) -> str:
+  """Pixel AP and image AUROC together, with pixel AUROC and AUPRO, pooled over
+  categories at the primary point (intervals counting the test images where recorded)."""
+  parts = []
+  for k in METRIC_KEYS:
+    d = con.pooled_diff[k]
+    parts.append(f"{METRIC_NAMES[k]} {_pp(d.get('with_test', d))}")
+  counted = "with_test" in con.pooled_diff["pixel_ap"]
+  return (f"**Headline ({con.treatment} − {con.baseline}, pp, pooled over categories):** "
+          + "; ".join(parts) + (" (pixel AP and image AUROC: 95 % intervals over seeds and "
+                                "test images; pixel AUROC and AUPRO: over seeds)" if counted
+                                else " (95 % CI over seeds)")
+          + (". Per defect kind: see the table below." if con.by_kind else "."))
 
 
 def _budget_answer(con: Conclusions) -> str:
@@ -186,8 +217,13 @@ def regime_answer(br: dict) -> str:
   tiers = ", ".join(f"{t} {len(v['categories'])}" for t, v in br["tiers"].items())
   text = (f"{_pp(re)} pp (τ² = {1e4 * re['tau2']:.3g} pp², I² = {100 * re['i2']:.0f} %)"
           if re["estimable"] else re["reason"])
-  head = (f"**By regime** ({len(br['categories'])} categories; tiers: {tiers}): pixel AP "
+  head = (f"**Across categories** ({len(br['categories'])} categories; tiers: {tiers}; a "
+          "description: categories and tiers differ in photographs, defect generator, mask "
+          "rule and strength at once, so this is no dose–response): pixel AP "
           f"random-effects pooled (REML, HKSJ) {text}")
+  if re["estimable"]:
+    head += (f", prediction interval for a new category [{100 * re['pi_lo']:+.2f}, "
+             f"{100 * re['pi_hi']:+.2f}] pp")
   head += f", **{re['verdict']}**" if re["estimable"] else ""
   head += f"; on {COVARIATE}: {_slope_text(mr)}"
   return head + (f", **{mr['verdict']}**." if mr["estimable"] else ".")
@@ -202,12 +238,18 @@ def regime_section(con: Conclusions) -> list[str]:
   br = con.by_regime
   if not br:
     return []
-  lines = ["## The answer by regime", "",
+  within = ("pooled seed variance / S plus the category's test-image bootstrap variance"
+            if br.get("test_images") else "pooled seed variance / S")
+  lines = ["## The answer by regime (across categories: a description)", "",
            f"{con.treatment} − {con.baseline} at the primary point, pp with 95 % "
            f"CI. Seed-paired: the mean over the scope's categories per seed, t-interval over "
            f"{con.n_seeds} seeds. Random effects: across the scope's categories, each "
-           "(mean difference, seed variance / S), REML τ², HKSJ interval. Detectability: "
-           f"{br['covariate']}.", ""]
+           f"(mean difference, {within}), REML τ², HKSJ interval. Detectability: "
+           f"{br['covariate']}. **Confounded:** the tiers differ in photographs, defect "
+           "generator (half-strength contours vs exact masks), mask rule and strength at "
+           "once, and the covariate is the baseline arm's own test result; a slope or tier "
+           "difference here describes these categories and is not evidence of a "
+           "dose–response (the difficulty ladder above varies strength alone).", ""]
   lines += reporting.table(["scope", "tier", "k", f"{COVARIATE} (%)", "Δ pixel AP (pp)",
                             "Δ image AUROC (pp)"], _regime_rows(br))
   return lines + [""] + reporting.bullets(_regime_items(br)) + [""]
@@ -545,8 +587,43 @@ def mechanisms_section(con: Conclusions) -> list[str]:
           + hypothesis_table(con.mechanisms) + [""])
 
 
+def ladder_section(con: Conclusions) -> list[str]:
+  """The within-category dose–response on the difficulty ladder; [] without a ladder."""
+  if con.ladder is None:
+    return []
+  return study_a_ladder.section_lines(con.ladder, con.treatment, con.baseline)
+
+
+def robustness_section(con: Conclusions) -> list[str]:
+  """The effect beside other flow implementations' runs; [] without ``report.compare_runs``."""
+  if con.robustness is None:
+    return []
+  return study_a_robustness.section_lines(con.robustness, con.treatment, con.baseline)
+
+
+def kind_section(con: Conclusions) -> list[str]:
+  """Per defect kind at the primary point (``defect_kinds``); [] without the records."""
+  if not con.by_kind:
+    return []
+  base, treat = con.baseline, con.treatment
+  body = [[kind, ", ".join(v["categories"]), v["n"],
+           _pct(v["pixel_ap"]["base"]), _pct(v["pixel_ap"]["treat"]), _pp(v["pixel_ap"]["delta"]),
+           _pct(v["image_auroc"]["base"]), _pct(v["image_auroc"]["treat"]),
+           _pp(v["image_auroc"]["delta"])] for kind, v in con.by_kind.items()]
+  return (["## By defect kind", "",
+           "Each kind's defective test images with every good image of their category, at "
+           "the primary point; arms: mean over seeds and categories (%); Δ: "
+           f"{treat} − {base} per seed (mean over the categories with that kind), 95 % "
+           "t-interval over seeds.", ""]
+          + reporting.table(["defect kind", "categories", "defective images",
+                             f"{base} pixel AP", f"{treat} pixel AP", "Δ pixel AP (pp)",
+                             f"{base} image AUROC", f"{treat} image AUROC",
+                             "Δ image AUROC (pp)"], body) + [""])
+
+
 SECTIONS: tuple[Callable[[Conclusions], list[str]], ...] = (
-    title_section, answer_section, regime_section, nll_section, budget_figure_section,
+    title_section, answer_section, ladder_section, robustness_section, kind_section,
+    regime_section, nll_section, budget_figure_section,
     setup_section, final_section, budget_section, selection_section, convergence_section,
     causal_section, examples_section, mechanisms_section)
 
