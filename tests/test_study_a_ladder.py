@@ -167,7 +167,11 @@ def test_a_rung_left_out_of_the_slope_changes_no_slope(planted):
         rung["metrics"][m] += 0.2 + 0.05 * row["seed"]
         rung["boot"][m] = [v + 0.2 + 0.05 * row["seed"] for v in rung["boot"][m]]
   b = _run(moved)
-  assert _slopes(a) == _slopes(b)
+  kept = lambda lad: {k: v for k, v in _slopes(lad).items() if k[1] != "with_clipped"}
+  assert kept(a) == kept(b)
+  # The sensitivity that includes the clipped rungs does see it.
+  assert _slopes(a)[("pixel_ap", "with_clipped")] != _slopes(b)[("pixel_ap", "with_clipped")]
+  assert a["dose"]["pixel_ap"]["with_clipped"]["categories"]["cat0"]["rungs"] == [0, 1, 2, 3, 4]
   ap = a["dose"]["pixel_ap"]["absolute"]
   assert ap["excluded"]["cat0"] == [3] and ap["categories"]["cat0"]["rungs"] == [0, 1, 2, 4]
   assert all(ap["excluded"][c] == [] for c in ("cat1", "cat2", "cat3"))

@@ -25,6 +25,9 @@ Rules, fixed before any run (printed in the report):
   slope inside ±``report.slope_margin`` pp per pp, else "not established".
 * **Relative scale** (sensitivity): the same on ``(tail − mean) / mean``, so a constant
   relative gain on a baseline that rises with x does not read as a dose–response.
+* **Clipped rungs included** (sensitivity, ``with_clipped``): the absolute slope over
+  every rung with a strength of its own, so the report shows how much the clipping
+  limit decides; never the verdict.
 
 The tier contrast of ``study_a_conclusions.by_regime`` changes the photographs, the
 defect generator, the mask rule and the strength at once; the report shows it as a
@@ -110,6 +113,9 @@ def ladder_conclusions(cfg, results: dict, base: str, treat: str) -> dict | None
   # A rung without a covariate (strengths given by hand) is shown but has no place on x.
   include = [np.array([bool(r["in_slope"]) for r in results[c]["ladder"]]) & np.isfinite(xc)
              for c, xc in zip(cats, x)]
+  distinct = [np.array([r["why_out"] is None or r["why_out"].startswith("clipped")
+                        for r in results[c]["ladder"]]) & np.isfinite(xc)
+              for c, xc in zip(cats, x)]
   arms = {k: [_arms(results, c, base, treat, k) for c in cats] for k in METRICS}
   dose: dict[str, Any] = {}
   tables = {}
@@ -130,7 +136,12 @@ def ladder_conclusions(cfg, results: dict, base: str, treat: str) -> dict | None
         t, [pos(a) for a in m], x, tail_replicates=tr,
         mean_replicates=None if mr is None else [pos(a) for a in mr],
         include=rel_include, categories=cats)
-    dose[k] = {"absolute": _dose_json(absolute), "relative": _dose_json(relative)}
+    # Sensitivity: every rung with a strength of its own, clipped ones included (where
+    # "stronger" is partly a flat blob at 0 or 255): how much the clipping limit decides.
+    unclipped = dr.dose_response(delta, x, replicates=reps, include=distinct,
+                                 categories=cats)
+    dose[k] = {"absolute": _dose_json(absolute), "relative": _dose_json(relative),
+               "with_clipped": _dose_json(unclipped)}
     tables[k] = dr.rung_table(delta, x, replicates=reps, include=include, categories=cats,
                               bounds=(-100.0, 100.0))
   rungs = []
@@ -184,7 +195,9 @@ def answer_line(lad: dict, treat: str, base: str) -> str:
           + (f"; not estimable: {out}" if out else "")
           + ". Relative scale (Δ / mean-only): "
           f"{_pooled_text(ap['relative']['pooled'], 'per pp', 4)}, "
-          f"**{ap['relative']['verdict']}**. Image AUROC: "
+          f"**{ap['relative']['verdict']}**. With the clipped rungs included (sensitivity): "
+          f"{_pooled_text(ap['with_clipped']['pooled'], 'pp per pp')}, "
+          f"**{ap['with_clipped']['verdict']}**. Image AUROC: "
           f"{_pooled_text(lad['dose']['image_auroc']['absolute']['pooled'], 'pp per pp')}, "
           f"**{lad['dose']['image_auroc']['absolute']['verdict']}**. Rungs scored at step "
           f"{lad['step']}.")
@@ -218,7 +231,8 @@ def section_lines(lad: dict, treat: str, base: str) -> list[str]:
                             "Δ pixel AP (pp)", "Δ image AUROC (pp)"], body) + [""]
   body = []
   for k in METRICS:
-    for scale, unit in (("absolute", "pp per pp"), ("relative", "per pp")):
+    for scale, unit in (("absolute", "pp per pp"), ("relative", "per pp"),
+                        ("with_clipped", "pp per pp")):
       d = lad["dose"][k][scale]
       for c, s in d["categories"].items():
         body.append([METRIC_NAMES[k], scale, c, _ci(s, 4), f"{s['se_seed']:.3g}",
