@@ -364,6 +364,9 @@ def conclusions(cfg, results: dict, analysis: dict | None = None, *,
                         pooled_diff["pixel_ap"])
   n_seeds = len({r["seed"] for r in next(iter(results.values()))["rows"]})
   summary = summary if summary is not None else summarize(results, base, treat)
+  convergence = _convergence(results, primary, steps, has_val)
+  own = {k: verdicts[k]["categories"] for k in study_a_robustness.METRICS}
+  own["levels"] = study_a_robustness.levels(convergence, base, treat)
   return Conclusions(
       setup=_setup(cfg, results, summary, seconds, extended, examples),
       baseline=base, treatment=treat, categories=tuple(cats),
@@ -379,13 +382,12 @@ def conclusions(cfg, results: dict, analysis: dict | None = None, *,
       tail_nll=nll_comparison(cfg, primary, analysis), final=summary,
       budget_table=_budget_table(results, steps, base, treat, curve),
       selection=_selection(results, sel, base, treat) if has_val else {},
-      convergence=_convergence(results, primary, steps, has_val),
+      convergence=convergence,
       mechanisms=hypothesis_summary(analysis) if analysis is not None else None,
       ladder=study_a_ladder.ladder_conclusions(cfg, results, base, treat),
       by_kind=defect_kinds(primary, base, treat),
-      robustness=study_a_robustness.compare(
-          cfg, "this run", {k: verdicts[k]["categories"] for k in study_a_robustness.METRICS},
-          study_a_robustness.compare_runs(cfg)))
+      robustness=study_a_robustness.compare(cfg, "this run", own,
+                                            study_a_robustness.compare_runs(cfg)))
 
 
 def defect_kinds(primary: dict, base: str, treat: str) -> dict | None:
@@ -512,8 +514,8 @@ def _primary_tests(primary: dict, base: str, treat: str) -> tuple[dict, dict]:
     if reps is not None:
       # Categories' resamples are independent, so resample r of the mean over categories
       # is the mean of their resamples r: the pooled difference's test-image noise.
-      pooled_diff[k]["with_test"] = stats.seed_test_interval(
-          pooled(d), np.mean(np.stack(list(reps.values())), 0), bounds=stats.AUC_DIFF_BOUNDS)
+      pooled_diff[k]["with_test"] = stats.seed_test_test(
+          pooled(d), np.mean(np.stack(list(reps.values())), 0))
   return verdicts, pooled_diff
 
 
@@ -549,7 +551,7 @@ def _causal_links(primary: dict, base: str, treat: str, has_val: bool, analysis:
   l1 = _l1(analysis)
   if l1 is not None:
     links["L1"] = l1
-  links["L4"] = {"pooled": pooled_ap, "reading": verdict_ap["pooled"],
+  links["L4"] = {"pooled": pooled_ap.get("with_test", pooled_ap), "reading": verdict_ap["pooled"],
                  "verdict": {"better": "SUPPORTED", "worse": "CONTRADICTED",
                              "mixed": "MIXED"}.get(verdict_ap["pooled"], "NOT SUPPORTED")}
   return links

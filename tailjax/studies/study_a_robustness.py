@@ -53,9 +53,20 @@ def _get(cfg: dict, dotted: str):
 
 
 def _run_effects(con: dict) -> dict:
-  """{category: {metric: interval}} of a run's per-category verdicts."""
-  return {k: {c: {f: v[f] for f in ("mean", "lo", "hi")}
-              for c, v in con["verdicts"][k]["categories"].items()} for k in METRICS}
+  """{metric: {category: interval}} of a run's per-category verdicts, and under "levels"
+  {category: (baseline, treatment) pixel AP at the primary point, mean over seeds}."""
+  out = {k: {c: {f: v[f] for f in ("mean", "lo", "hi")}
+             for c, v in con["verdicts"][k]["categories"].items()} for k in METRICS}
+  out["levels"] = levels(con.get("convergence") or {}, con["baseline"], con["treatment"])
+  return out
+
+
+def levels(convergence: dict, base: str, treat: str) -> dict:
+  """{category: [baseline, treatment] pixel AP at the primary point, mean over seeds}
+  from a run's ``convergence`` record (empty without one)."""
+  mean = lambda cell: float(sum(cell["selected"]) / len(cell["selected"]))
+  return {c: [mean(v[base]), mean(v[treat])] for c, v in convergence.items()
+          if base in v and treat in v and v[base].get("selected")}
 
 
 def _side(ci: dict) -> int:
@@ -73,10 +84,11 @@ def sign_rule(cis: Sequence[dict]) -> str:
 
 
 def compare(cfg, self_label: str, self_effects: dict, workdirs: Sequence[str]) -> dict | None:
-  """The comparison of this run (``self_effects``: {metric: {category: interval}}, its
-  config ``cfg``) with the finished runs at ``workdirs``; None without any.
+  """The comparison of this run (``self_effects``: {metric: {category: interval}} and
+  optionally "levels" as ``levels`` gives them; its config ``cfg``) with the finished
+  runs at ``workdirs``; None without any.
 
-  Returns ``{"runs": [{"label", "workdir", "settings", "effects"}], "differs": {setting:
+  Returns ``{"runs": [{"label", "workdir", "effects", "levels"}], "differs": {setting:
   [value per run]}, "categories": shared categories, "rule": {metric: {category: rule}},
   "verdict": {metric: over categories}, "missing": [workdirs without conclusions]}``."""
   if not workdirs:
@@ -104,7 +116,8 @@ def compare(cfg, self_label: str, self_effects: dict, workdirs: Sequence[str]) -
   values = {s: [_get(r["config"], s) for r in runs] for s in SETTINGS}
   differs = {s: v for s, v in values.items() if len({json.dumps(x) for x in v}) > 1}
   return {"runs": [{"label": r["label"], "workdir": r["workdir"],
-                    "effects": {k: {c: r["effects"][k][c] for c in shared} for k in METRICS}}
+                    "effects": {k: {c: r["effects"][k][c] for c in shared} for k in METRICS},
+                    "levels": {c: r["effects"].get("levels", {}).get(c) for c in shared}}
                    for r in runs],
           "differs": differs, "categories": shared, "rule": rule, "verdict": verdict,
           "missing": missing}
@@ -115,7 +128,8 @@ def section_lines(cmp: dict, treat: str, base: str) -> list[str]:
   per-category effects side by side with the rule, and the verdict per metric."""
   lines = ["## Robustness across flow implementations", "",
            f"{treat} − {base} per category (pp, each run at its own primary point; "
-           "intervals as in each run's per-category verdicts), this run beside "
+           "intervals as in each run's per-category verdicts; for pixel AP the two arms' "
+           f"levels, {base} → {treat}, mean over seeds), this run beside "
            + ", ".join(f"`{r['workdir']}`" for r in cmp["runs"][1:]) + ". Rule (fixed before "
            "the run): the effect keeps its sign when every run's interval excludes 0 on the "
            "same side, reverses when two exclude 0 on opposite sides, else not determined.",
@@ -129,10 +143,12 @@ def section_lines(cmp: dict, treat: str, base: str) -> list[str]:
   else:
     lines += ["The compared runs have the same flow and training settings.", ""]
   body = []
+  level = lambda lv: "" if not lv else f" ({100 * lv[0]:.1f} → {100 * lv[1]:.1f} %)"
   for c in cmp["categories"]:
     for k in METRICS:
       body.append([c, METRIC_NAMES[k]]
                   + [reporting.interval(r["effects"][k][c], scale=100, digits=2, signed=True)
+                     + (level(r["levels"].get(c)) if k == "pixel_ap" else "")
                      for r in cmp["runs"]] + [cmp["rule"][k][c]])
   lines += reporting.table(["category", "metric"] + [r["label"] for r in cmp["runs"]] + ["rule"],
                            body) + [""]
