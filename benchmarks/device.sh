@@ -13,7 +13,7 @@
 # Options (environment): TAILJAX_REFERENCE=runs/demo (the CPU run to compare with; carry it),
 # TAILJAX_STUDY=1 (also configs/fastflow_study.py against TAILJAX_STUDY_REFERENCE=runs/study,
 # then the study with 8 coupling steps and 5 seeds, configs/fastflow_study.py:arch8, which
-# the 2-core CPU cannot run within its 90 min: -> runs/study-arch8-5seeds/report.md),
+# the 2-core CPU cannot run within its 100 min: -> runs/study-arch8-5seeds/report.md),
 # TAILJAX_SKIP_MICRO=1 (skip the micro-benchmarks).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -17,8 +17,10 @@ no smoothing; since both the average and the Gaussian filter are linear,
 smoothing before or after averaging gives the same map up to float rounding).
 
 **Evaluation records of a grid** (``evaluate_rows``): every row's test metrics,
-held-out validation NLL statistics and defect-border metrics, the one evaluator of
-study A's rows and of the sweeps' (the engine's ``evaluate`` hook).
+held-out validation NLL statistics and defect-border metrics, its metrics on bootstrap
+resamples of the test images and per defect kind (``resampled_metrics``), and on the
+rungs of a difficulty ladder; the one evaluator of study A's rows and of the sweeps'
+(the engine's ``evaluate`` hook).
 """
 
 from __future__ import annotations
@@ -236,8 +238,7 @@ def evaluate_rows(cfg, program: train_lib.FlowProgram, params_R, data, *,
   # the GIL in them, so rows run in parallel threads, one per core.
   with concurrent.futures.ThreadPoolExecutor(
       max_workers=max(1, min(len(unique), os.cpu_count() or 1))) as ex:
-    recs = dict(zip(unique, ex.map(
-        lambda j: _host_record(cfg, data, *scored[j]), unique)))
+    recs = dict(zip(unique, ex.map(lambda j: _host_record(cfg, data, *scored[j]), unique)))
   return [copy.deepcopy(recs[j]) for j in source_R]
 
 

@@ -16,6 +16,10 @@ Data kinds (``data.kind``) and the fields each reads (``DATA_FIELDS``):
   before the tiers; a selection within the hard tier reads that same build; one that
   reaches the calibrated tier builds all nine categories beside it, at
   ``<data.root>-all`` (``texture_build``), so neither build ever replaces the other.
+  ``data.ladder = True`` also builds the difficulty ladder (``tailjax.data.ladder``) at
+  ``<data.root>-ladder`` and gives every category its rungs (``CategoryData.rungs``:
+  test sets at five calibrated defect strengths, on the very train split the texture
+  build holds, which ``build_ladder`` checks byte for byte).
 * ``features``: features extracted elsewhere (any backbone, grid and channel
   count), ``data.path`` = one ``.npz`` per category (a folder of
   ``<category>.npz``) or one file (one category, named by the file stem), holding

@@ -103,7 +103,7 @@ def ladder_conclusions(cfg, results: dict, base: str, treat: str) -> dict | None
 
   Returns ``{"covariate", "step", "margin", "rungs": [per category and rung: facts,
   PaDiM, both arms' mean over seeds, Δ intervals], "dose": {metric: {"absolute",
-  "relative"}}, "verdict": the pixel-AP verdict}``."""
+  "relative", "with_clipped"}}, "verdict": the pixel-AP verdict}``."""
   cats = [c for c in results if results[c].get("ladder")]
   if not cats:
     return None
@@ -138,10 +138,10 @@ def ladder_conclusions(cfg, results: dict, base: str, treat: str) -> dict | None
         include=rel_include, categories=cats)
     # Sensitivity: every rung with a strength of its own, clipped ones included (where
     # "stronger" is partly a flat blob at 0 or 255): how much the clipping limit decides.
-    unclipped = dr.dose_response(delta, x, replicates=reps, include=distinct,
-                                 categories=cats)
+    with_clipped = dr.dose_response(delta, x, replicates=reps, include=distinct,
+                                    categories=cats)
     dose[k] = {"absolute": _dose_json(absolute), "relative": _dose_json(relative),
-               "with_clipped": _dose_json(unclipped)}
+               "with_clipped": _dose_json(with_clipped)}
     tables[k] = dr.rung_table(delta, x, replicates=reps, include=include, categories=cats,
                               bounds=(-100.0, 100.0))
   rungs = []

@@ -85,7 +85,10 @@ def answer_lines(con: Conclusions) -> list[str]:
                  f"**{rb['verdict']['image_auroc']}**.")
   if con.by_regime is not None:
     lines.append(regime_answer(con.by_regime))
-  if con.tail_nll is not None:
+  if con.tail_nll is None:
+    lines.append("Exact vs even-share per-patch NLL in the tail: not in this run's grid (the "
+                 "configs' `:even_share` variant adds that arm, with the equivalence test).")
+  else:
     nc = con.tail_nll
     parts = [f"{n} ({r['tail_nll']}) {_pp(headline(r['vs_baseline']['pixel_ap']))} pp"
              for n, r in nc["variants"].items()]
@@ -197,9 +200,17 @@ def _training_answer(con: Conclusions) -> str | None:
 
 
 def _re_text(re: dict) -> str:
+  """A random-effects row: the CI, τ², I², the prediction interval for a new category
+  and, with k ≤ 4 categories, the modified-HKSJ interval (a sensitivity)."""
   if not re["estimable"]:
     return re["reason"]
-  return (f"{_pp(re)} (τ² = {1e4 * re['tau2']:.3g} pp², I² = {100 * re['i2']:.0f} %)")
+  extra = ""
+  if "pi_lo" in re:
+    extra = f"; new category [{100 * re['pi_lo']:+.2f}, {100 * re['pi_hi']:+.2f}]"
+    mod = re.get("ci_modified") or [np.nan, np.nan]
+    if re["k"] <= 4 and np.isfinite(mod[0]):
+      extra += f"; modified HKSJ [{100 * mod[0]:+.2f}, {100 * mod[1]:+.2f}]"
+  return f"{_pp(re)} (τ² = {1e4 * re['tau2']:.3g} pp², I² = {100 * re['i2']:.0f} %{extra})"
 
 
 def _slope_text(mr: dict) -> str:
