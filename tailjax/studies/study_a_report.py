@@ -92,8 +92,17 @@ def answer_lines(con: Conclusions) -> list[str]:
     nc = con.tail_nll
     parts = [f"{n} ({r['tail_nll']}) {_pp(headline(r['vs_baseline']['pixel_ap']))} pp"
              for n, r in nc["variants"].items()]
+    eq = [f"{n} − {nc['exact']} {r['equivalence']['pooled']['mean']:+.2f} pp, 90 % CI "
+          f"[{r['equivalence']['pooled']['ci90_lo']:+.2f}, "
+          f"{r['equivalence']['pooled']['ci90_hi']:+.2f}] against ±"
+          f"{nc['equivalence_margin_pp']:g} pp: **{r['equivalence']['pooled']['verdict']}**"
+          for n, r in nc["variants"].items() if "equivalence" in r]
+    overlap = nc.get("overlap")
     lines.append(f"**Exact vs approximate per-patch NLL** (pixel AP − {nc['baseline']}, all "
-                 f"categories): {'; '.join(parts)}. **{nc['verdict']}**.")
+                 f"categories): {'; '.join(parts)}. **{nc['verdict']}**."
+                 + (f" Equivalence (TOST): {'; '.join(eq)}." if eq else "")
+                 + (f" Top-k overlap of the two rankings: {overlap['reading']}."
+                    if overlap else ""))
   h = ORIGINAL["headline"]
   lines.append(f"The original study reported {h['pixel_ap_gain_pp']:+.2f} pp pixel AP "
                f"({h['pixel_ap_percent'][0]:.2f} → {h['pixel_ap_percent'][1]:.2f} %) and image "
@@ -229,8 +238,8 @@ def regime_answer(br: dict) -> str:
   text = (f"{_pp(re)} pp (τ² = {1e4 * re['tau2']:.3g} pp², I² = {100 * re['i2']:.0f} %)"
           if re["estimable"] else re["reason"])
   head = (f"**Across categories** ({len(br['categories'])} categories; tiers: {tiers}; a "
-          "description: categories and tiers differ in photographs, defect generator, mask "
-          "rule and strength at once, so this is no dose–response): pixel AP "
+          "description: categories differ in many ways at once, so this is no "
+          "dose–response): pixel AP "
           f"random-effects pooled (REML, HKSJ) {text}")
   if re["estimable"]:
     head += (f", prediction interval for a new category [{100 * re['pi_lo']:+.2f}, "
@@ -256,11 +265,12 @@ def regime_section(con: Conclusions) -> list[str]:
            f"CI. Seed-paired: the mean over the scope's categories per seed, t-interval over "
            f"{con.n_seeds} seeds. Random effects: across the scope's categories, each "
            f"(mean difference, {within}), REML τ², HKSJ interval. Detectability: "
-           f"{br['covariate']}. **Confounded:** the tiers differ in photographs, defect "
-           "generator (half-strength contours vs exact masks), mask rule and strength at "
-           "once, and the covariate is the baseline arm's own test result; a slope or tier "
-           "difference here describes these categories and is not evidence of a "
-           "dose–response (the difficulty ladder above varies strength alone).", ""]
+           f"{br['covariate']}. **Confounded:** categories differ in many ways at once (the "
+           "texture benchmark's tiers in photographs, defect generator — half-strength "
+           "contours vs exact masks —, mask rule and strength), and the covariate is the "
+           "baseline arm's own test result; a slope or tier difference here describes these "
+           "categories and is not evidence of a dose–response (a difficulty ladder, "
+           "`data.ladder`, varies strength alone).", ""]
   lines += reporting.table(["scope", "tier", "k", f"{COVARIATE} (%)", "Δ pixel AP (pp)",
                             "Δ image AUROC (pp)"], _regime_rows(br))
   return lines + [""] + reporting.bullets(_regime_items(br)) + [""]
