@@ -67,7 +67,7 @@ test: $(STAMP)
 mil: $(STAMP)
 	$(BIN)/tailjax mil --config=configs/mil_diagnosis.py --workdir=runs/mil
 
-## Study A ablations (λ grid and r grid, 3 seeds, all texture categories), then the analysis with H4.
+## Study A ablations (λ grid and r grid, 3 seeds, the demo's categories), then the analysis with H4.
 ablations: $(STAMP)
 	$(BIN)/tailjax sweep --config=configs/sweep_tail_weight.py --workdir=runs/sweep_lambda
 	$(BIN)/tailjax sweep --config=configs/sweep_top_k.py --workdir=runs/sweep_top_k
