@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 
-from tailjax.configs import fastflow_mvtec
 from tailjax.analysis import hypotheses as H
 from tailjax.data import pipeline, textures
 from tailjax import io
@@ -14,6 +13,7 @@ from tailjax.studies import mechanisms as report
 from tailjax.studies import study_a
 
 from fakes import cellstats_extractor
+from test_study_a import _smoke_cfg
 
 _fake_extractor = cellstats_extractor((8, 8), 8, "fake-cellstats-v1")
 
@@ -26,17 +26,8 @@ def tiny_run(tmp_path_factory):
   root = tmp / "tree"
   textures.build_texture_benchmark(root, seed=3, image_size=64, n_train=8, n_test=8,
                                    categories=("gravel",))
-  cfg = fastflow_mvtec.get_config("smoke")
-  cfg.data.root = str(root)
+  cfg = _smoke_cfg(root, tmp / "cache")   # study A's tiny run, on one category
   cfg.data.categories = "gravel"
-  cfg.data.cache_dir = str(tmp / "cache")
-  cfg.eval.size = 64
-  cfg.flow.num_steps = 2
-  cfg.train.batch_size = 6           # the 6 training images left after holding out 2
-  cfg.train.num_steps = 4
-  cfg.train.segment_steps = 2
-  cfg.eval.budgets = (0, 2, 4)
-  cfg.report.n_examples = 2
   cfg.mechanisms.enabled = True
   cfg.mechanisms.num_images, cfg.mechanisms.num_param_images = 4, 2
   run = tmp / "run"
