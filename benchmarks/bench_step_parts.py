@@ -29,6 +29,15 @@ Parts (backward = the part's forward-and-backward (``jax.vjp``) minus its forwar
   NLL + loss           per-patch NLL and the tail-aware loss, forward and backward together
   of which top-k       the rank mask of the tail (a sort per image), forward only
   Adam                 the optimiser update and the gradient norm (a metric)
+
+Candidate lowerings of the 3×3 subnet convolutions (``conv_lowerings``), forward and
+backward of each of the two shapes a 3×3 step runs (56 → 56 and 56 → 112 channels at
+batch 16, 14×14), each jitted alone and timed interleaved with the others:
+  im2col (tailjax)     pad, 9 shifted slices concatenated, one matmul (``train.conv_as_matmul``)
+  output shift         one matmul x · [C, 9·O] then the 9 shifted output slices summed
+                       (no 9× copy of the input; 9× the output instead)
+  per-tap sum          9 matmuls of the shifted input slices, summed (no concatenation)
+  XLA conv             ``lax.conv_general_dilated`` (``train.conv_impl="xla"``)
 """
 
 from __future__ import annotations
@@ -214,6 +223,56 @@ def step_parts(precision: str, flow_steps: int = 4, batch_size: int = 16, steps:
           "parts": [{k: v for k, v in p.items() if k != "flops"} for p in parts]}
 
 
+def _shift_conv(x_BxHxWxC, k_3x3xCxO):
+  b, h, w, c = x_BxHxWxC.shape
+  o = k_3x3xCxO.shape[-1]
+  y = (x_BxHxWxC.reshape(-1, c) @ k_3x3xCxO.transpose(2, 0, 1, 3).reshape(c, 9 * o))
+  yp = jnp.pad(y.reshape(b, h, w, 9, o), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+  return sum(yp[:, i:i + h, j:j + w, 3 * i + j, :] for i in range(3) for j in range(3))
+
+
+def _tap_conv(x_BxHxWxC, k_3x3xCxO):
+  h, w = x_BxHxWxC.shape[1:3]
+  xp = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return sum(xp[:, i:i + h, j:j + w, :] @ k_3x3xCxO[i, j] for i in range(3) for j in range(3))
+
+
+def conv_lowerings(batch_size: int = 16, repeats: int = 5, iters: int = 10) -> list[dict]:
+  """ms of forward + backward of the candidate 3×3 lowerings (module doc), per shape."""
+  import flax.linen as nn
+  rng = np.random.default_rng(0)
+  rows = []
+  for c_in, c_out in ((56, 56), (56, 112)):
+    x = jnp.asarray(rng.normal(size=(batch_size, 14, 14, c_in)), jnp.float32)
+    conv = nn.Conv(c_out, (3, 3), padding="SAME", use_bias=False)
+    params = conv.init(jax.random.key(0), x)
+    k = params["params"]["kernel"]
+
+    def engine_conv(x, k, impl):
+      with train.lowering(impl):
+        return conv.apply({"params": {"kernel": k}}, x)
+
+    candidates = {"im2col (tailjax)": lambda x, k: engine_conv(x, k, "matmul"),
+                  "output shift": _shift_conv, "per-tap sum": _tap_conv,
+                  "XLA conv": lambda x, k: engine_conv(x, k, "xla")}
+    fns = {n: jax.jit(jax.value_and_grad(lambda x, k, f=f: jnp.sum(jnp.tanh(f(x, k))),
+                                         argnums=(0, 1))) for n, f in candidates.items()}
+    best = {n: float("inf") for n in fns}
+    for f in fns.values():
+      jax.block_until_ready(f(x, k))
+    for _ in range(repeats):            # interleaved: a busy machine slows them alike
+      for n, f in fns.items():
+        t = time.perf_counter()
+        for _ in range(iters):
+          out = f(x, k)
+        jax.block_until_ready(out)
+        best[n] = min(best[n], 1000 * (time.perf_counter() - t) / iters)
+    base = best["im2col (tailjax)"]
+    rows += [{"shape": f"{c_in}→{c_out}", "lowering": n, "ms": v, "vs_im2col": base / v}
+             for n, v in best.items()]
+  return rows
+
+
 def table(res: dict) -> str:
   lines = [f"{res['precision']}: step {res['step_ms']:.1f} ms, {res['step_gflop']:.2f} GFLOP, "
            f"{res['step_gflops_per_s']:.1f} GFLOP/s ({res['conv_impl']} convs, "
@@ -254,6 +313,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out["step_speedup"] = {r["precision"]: base / r["step_ms"] for r in out["steps"]}
     print("step speed-up vs " + out["steps"][0]["precision"] + ": "
           + ", ".join(f"{k} {v:.2f}×" for k, v in out["step_speedup"].items()))
+  out["conv_lowerings"] = conv_lowerings(args.batch_size, args.repeats)
+  print("3×3 convolution lowerings, forward + backward (ms; speed vs im2col):")
+  for r in out["conv_lowerings"]:
+    print(f"  {r['shape']:<8} {r['lowering']:<18} {r['ms']:>7.2f} {r['vs_im2col']:>6.2f}×")
   if args.out:
     tj_io.atomic_write_json(args.out, out)
   return out

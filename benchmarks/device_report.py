@@ -11,6 +11,8 @@ few-minute run on an accelerator and writes one markdown file):
   14×14×112, batch 16, ms/step, FLOPs, the peer's step and the ratio;
 * sweep (``bench_sweep``): 8 tail weights λ as one vmapped program vs 8 sequential
   runs, FastFlow 3×3/1×1 on 14×14×112, batch 16;
+* the train step part by part, float32 and bfloat16 (``bench_step_parts``,
+  ``train.precision``), and the 3×3 convolution lowerings;
 * per-patch parameter-gradient norms (``bench_gradients``): our exact methods vs the
   peer's autograd loop, 196 patches of one image, 4 and 8 coupling steps.
 """
@@ -66,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "sweep": ("benchmarks.bench_sweep", ["--rows=8", f"--steps={2 if args.quick else 50}",
                                            "--batch-size=16", "--settings=FastFlow 3x3/1x1",
                                            "--no-constant"]),
+      "step_parts": ("benchmarks.bench_step_parts", [f"--steps={steps}", "--repeats=3"]),
       "gradients": ("benchmarks.bench_gradients",
                     ["--repeats=3", "--no-memory",
                      f"--peer-device={'cuda' if jax.default_backend() == 'gpu' else 'cpu'}"]),

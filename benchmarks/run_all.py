@@ -42,7 +42,12 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "sweep": ("benchmarks.bench_sweep", ["--rows=8", "--steps=8", "--batch-size=8"]),
     "engine": ("benchmarks.bench_engine", ["--steps=20", "--repeats=3"]),
     "step_parts": ("benchmarks.bench_step_parts", ["--steps=10", "--repeats=3"]),
+    "grid": ("benchmarks.bench_grid", ["--steps=200"]),
+    "precision": ("benchmarks.bench_precision", ["--workdir=runs/demo"]),
 }
+# Benchmarks that read a finished run: skipped (saying so) when it is not there.
+NEEDS = {"precision": "runs/demo/manifest.json"}
+GRID_TARGET = 1.3
 ENGINE_TARGET, ENGINE_GOAL = 1.0, 1.3
 SWEEP_TARGET = 3.0
 
@@ -60,6 +65,9 @@ def run(names: Sequence[str]) -> dict:
     module, argv = BENCHMARKS[name]
     if not _module_exists(module):
       out[name] = {"skipped": f"{module} not found"}
+      continue
+    if name in NEEDS and not os.path.exists(NEEDS[name]):
+      out[name] = {"skipped": f"needs {NEEDS[name]} (run `make demo` first)"}
       continue
     print(f"\n=== {name}: python -m {module} {' '.join(argv)}", flush=True)
     t = time.perf_counter()
@@ -288,6 +296,59 @@ def _engine_md(res: dict) -> tuple[list[str], list[list]]:
   return lines, targets
 
 
+def _grid_md(res: dict) -> tuple[list[str], list[list]]:
+  """The demo's grid trained by tailjax and the peer, one process and several."""
+  n = res["ours_n"]["processes"]
+  lines = [f"Study A's demo rows for one category ({res['rows']} rows: mean-only and tail-aware × "
+           f"3 seeds) × {res['steps']} steps on 96 random 14×14×112 maps, batch 16, Adam with "
+           f"clipping, {res['precision']}, {res['cores']} cores. Wall seconds from starting the "
+           "processes to the last row done (ours: interpreter start-up, compilation and a "
+           "checkpoint every 100 steps included; 'training s' is the training call alone). The "
+           "peer: anomalib's FastFlow block in torch, a plain loop, rows one after another in "
+           "each process.", ""]
+  rows = []
+  for key, label in (("ours_1", "ours, 1 process"), ("ours_n", f"ours, {n} local processes "
+                                                                "(train.processes=auto)"),
+                     ("peer_1", "peer, 1 process, all threads"),
+                     ("peer_n", f"peer, {n} processes × 1 thread")):
+    if key in res:
+      r = res[key]
+      rows.append([label, f"{r['wall_s']:.1f}", f"{r['train_s']:.1f}",
+                   f"{r['row_steps_per_s']:.2f}"])
+  lines += _table(["", "wall s", "training s", "row-steps/s"], rows) + [""]
+  targets = [[f"grid of {res['rows']} rows × {res['steps']} steps: local processes vs one process",
+              "reported", f"{res['processes_speedup']:.2f}× ({n} processes)", "–"]]
+  if "speedup_vs_peer" in res:
+    x = res["speedup_vs_peer"]
+    lines += [f"ours (best) / peer (best): **{x:.2f}×**, torch {res['peer_1']['torch']}.", ""]
+    targets.append([f"grid throughput vs the PyTorch peer's best (torch {res['peer_1']['torch']})",
+                    f"≥ {GRID_TARGET:g}×", f"{x:.2f}×", "yes" if x >= GRID_TARGET else "**no**"])
+  return lines, targets
+
+
+def _precision_md(res: dict) -> tuple[list[str], list[list]]:
+  """bfloat16 vs float32 scoring of a finished float32 run's trained flows."""
+  lines = [f"The trained float32 flows of `{res['workdir']}` score each category's test features "
+           "with float32 and with bfloat16 subnet convolutions (same parameters; log-dets and NLL "
+           "kept in float32). Over every row and test patch: |Δ NLL| and |Δ log-det| in nats, "
+           "|Δ NLL| relative to the float32 NLL's interquartile range and to the patch's own "
+           "|NLL|, and the smallest Spearman correlation of the two per-patch NLLs over the rows.",
+           ""]
+  cats = res["categories"]
+  lines += _table(["category", "rows", "|ΔNLL| median", "|ΔNLL| max", "/IQR median", "/IQR max",
+                   "/own max", "|Δlogdet| median", "|Δlogdet| max", "min Spearman"],
+                  [[n, r["rows"], f"{r['nll_abs_median']:.4f}", f"{r['nll_abs_max']:.3f}",
+                    f"{r['nll_rel_iqr_median']:.4f}", f"{r['nll_rel_iqr_max']:.3f}",
+                    f"{r['nll_rel_own_max']:.4f}", f"{r['logdet_abs_median']:.4f}",
+                    f"{r['logdet_abs_max']:.3f}", f"{r['spearman_min']:.5f}"]
+                   for n, r in cats.items()]) + [""]
+  worst = max(r["nll_rel_own_max"] for r in cats.values())
+  targets = [["bfloat16 accuracy cost on trained flows", "measured (no default change)",
+              f"largest |Δ NLL| {100 * worst:.2f} % of the patch's NLL; min Spearman "
+              f"{min(r['spearman_min'] for r in cats.values()):.5f}", "–"]]
+  return lines, targets
+
+
 def markdown(results: dict, total_s: float) -> str:
   now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   lines = ["# Benchmarks", "",
@@ -302,7 +363,9 @@ def markdown(results: dict, total_s: float) -> str:
   titles = {"features": "Feature extraction", "gradients": "Per-patch gradients",
             "train_step": "Flow train-step throughput", "sweep": "Sweep: one program vs sequential runs",
             "engine": "Train step on study A's path vs the peer and the peak",
-            "step_parts": "Where the train step's time goes (float32 and bfloat16)"}
+            "step_parts": "Where the train step's time goes (float32 and bfloat16)",
+            "grid": "The demo's grid: tailjax vs the peer, one process and several",
+            "precision": "bfloat16 on trained flows: the accuracy cost"}
   for name, entry in results.items():
     module, argv = BENCHMARKS[name]
     sections += [f"## {titles.get(name, name)}", "",
@@ -321,6 +384,12 @@ def markdown(results: dict, total_s: float) -> str:
         targets += t
       elif name == "engine":
         body, t = _engine_md(res)
+        targets += t
+      elif name == "grid":
+        body, t = _grid_md(res)
+        targets += t
+      elif name == "precision":
+        body, t = _precision_md(res)
         targets += t
       elif name == "train_step":
         body = _train_step_md(res)

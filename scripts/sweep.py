@@ -11,4 +11,4 @@ import sys
 from tailjax import cli
 
 if __name__ == "__main__":
-  sys.exit(cli.main(["sweep", *sys.argv[1:]], exit_process=True))
+  sys.exit(cli.main(["sweep", *sys.argv[1:]], exit_process=True, local_processes=True))

@@ -45,7 +45,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
@@ -62,10 +62,12 @@ TRACEBACK_ENV = "TAILJAX_TRACEBACK"
 class Command:
   """A subcommand: ``define(fv, argv)`` adds its flags to a fresh FlagValues (``argv``:
   the command line, which ml_collections reads to register --config.* overrides);
-  ``run(fv)`` does the job."""
+  ``run(fv)`` does the job. ``grid(config) -> (rows, row-steps)``, for the commands that
+  train a grid of rows, lets ``train.processes`` run them as local processes."""
   summary: str
   define: Callable[[flags.FlagValues, list[str]], None]
   run: Callable[[flags.FlagValues], None]
+  grid: Callable[[Any], tuple[int, int]] | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -177,6 +179,36 @@ def _train(fv):
   _maybe_initialize(fv)
   from tailjax.studies import study_a
   study_a.main(fv.config, fv.workdir, on_change=_on_change(fv))
+
+
+def _study_grid(cfg) -> tuple[int, int]:
+  from tailjax import engine
+  rows = engine.Rows.from_variants(cfg).num_rows
+  return rows, rows * int(cfg.train.num_steps)
+
+
+def _sweep_grid(cfg) -> tuple[int, int]:
+  from tailjax import engine
+  rows = engine.Rows.from_grid(cfg.sweep).num_rows
+  return rows, rows * int(cfg.train.num_steps)
+
+
+def _local_launch(name: str, fv: flags.FlagValues, args: Sequence[str]) -> int | None:
+  """``train.processes`` > 1 (or "auto" resolving so; ``distributed.local_process_count``)
+  without ``--distributed``: the command runs as that many local processes
+  (``distributed.launch_local``) and this returns their exit code; else None."""
+  grid = COMMANDS[name].grid
+  if grid is None or fv.distributed or "config" not in fv:
+    return None
+  train = fv.config.get("train") or {}
+  setting = train.get("processes", 1)
+  if setting == 1:
+    return None
+  n_rows, row_steps = grid(fv.config)
+  from tailjax import distributed
+  n = distributed.local_process_count(setting, n_rows, row_steps,
+                                      batch_devices=int(train.get("batch_devices", 1)))
+  return distributed.launch_local([name, *args], n) if n > 1 else None
 
 
 def _sweep_flags(fv, argv):
@@ -302,9 +334,9 @@ def _predict(fv):
 
 COMMANDS: dict[str, Command] = {
     "train": Command("study A: mean-only vs tail-aware flows, evaluation, analyses, report",
-                     _train_flags, _train),
+                     _train_flags, _train, _study_grid),
     "sweep": Command("a grid of flow trainings (λ × r × lr × seeds) as one sharded, resumable program",
-                     _sweep_flags, _sweep),
+                     _sweep_flags, _sweep, _sweep_grid),
     "analyze": Command("mechanism analyses (H1, H3, H4, H7) of a finished `train` workdir",
                        _analyze_flags, _analyze),
     "mil": Command("study B: the attention-MIL diagnosis", _mil_flags, _mil),
@@ -374,8 +406,13 @@ def _raise_terminated(signum, frame):
   raise Terminated
 
 
-def main(argv: Sequence[str] | None = None, *, exit_process: bool | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, exit_process: bool | None = None,
+         local_processes: bool | None = None) -> int:
   """Runs ``tailjax <command> [flags]``; ``argv`` excludes the program name. Returns the exit code.
+
+  ``local_processes`` (default: ``argv is None``, i.e. run as the program) lets
+  ``train.processes`` start local processes (``_local_launch``); a call from Python with
+  an ``argv`` runs in this process.
 
   ``exit_process`` (default: ``argv is None``, i.e. run as the program) makes an
   interrupted run end the process right after its message, with ``os._exit(130)``:
@@ -385,6 +422,7 @@ def main(argv: Sequence[str] | None = None, *, exit_process: bool | None = None)
   has already been unwound by then.
   """
   exit_process = argv is None if exit_process is None else exit_process
+  local_processes = argv is None if local_processes is None else local_processes
   argv = list(sys.argv[1:] if argv is None else argv)
   show_trace = "--traceback" in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
   argv = [a for a in argv if a != "--traceback"]
@@ -425,6 +463,10 @@ def main(argv: Sequence[str] | None = None, *, exit_process: bool | None = None)
   main_thread = threading.current_thread() is threading.main_thread()
   sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
   try:
+    code = (_local_launch(name, fv, cmdline[1:] + (["--traceback"] if show_trace else []))
+            if local_processes else None)
+    if code is not None:
+      return code
     COMMANDS[name].run(fv)
   except KeyboardInterrupt as e:
     if show_trace:

@@ -31,6 +31,17 @@ nothing, so no code path differs:
   (``heartbeat_timeout_s``): the others stop, and rerunning the same command on
   every process resumes from the last checkpoint (``tailjax.engine``).
 
+**Local processes** (``train.processes``): on a CPU host, a grid's rows train faster
+in several processes, each on its own share of the cores, than in one process whose
+step uses them all (a single row's step does not scale to every core). ``launch_local``
+starts the same command as n processes joined on 127.0.0.1 and waits for them;
+``own_cores`` pins a process to its share while a training segment runs. The numbers
+stay those of a single process: XLA:CPU splits a matmul or reduction by the size of
+its intra-op thread pool, which is fixed when the backend starts from the cores the
+process may use, so every process starts unpinned (a pool as large as the single
+process's) and is pinned only while it trains; evaluation and everything process 0
+does alone run on every core.
+
 Calls that coordinate must be made by every process in the same order (they are
 numbered, like collectives). Waits have a long default timeout (``wait_timeout_s``)
 because the lead may spend minutes evaluating while the others wait.
@@ -38,11 +49,19 @@ because the lead may spend minutes evaluating while the others wait.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
+import pkgutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
-from typing import Any, Callable, Mapping, Sequence
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 
@@ -295,12 +314,177 @@ def split_work(name: str, keys: Sequence[str], compute: Callable[[str], Any],
   return out
 
 
+# ----------------------------------------------------------------------------
+# Local processes: a grid's rows over this host's cores
+# ----------------------------------------------------------------------------
+
+CORES_ENV = "TAILJAX_LOCAL_CORES"   # a child's share of the cores, "0,1"
+PROCESSES_FIELD = "config.train.processes"
+# Starting n processes, importing JAX and joining them costs a few seconds; below this
+# many row-steps (at ~50 ms per row-step on a 2-core CPU, under a minute of training)
+# "auto" keeps one process.
+MIN_ROW_STEPS = 1000
+# A dead peer is noticed by the others after this many seconds without a heartbeat.
+LOCAL_HEARTBEAT_S = 20
+
+
+def _cpu_only() -> bool:
+  """True when JAX can only run on the CPU here, decided without starting a backend
+  (which on a GPU would claim its memory in the launching process): ``JAX_PLATFORMS``
+  when set, else whether any PJRT plugin (``jax_plugins.*``, ``libtpu``) is installed."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  if importlib.util.find_spec("libtpu") is not None:
+    return False
+  spec = importlib.util.find_spec("jax_plugins")
+  if spec is not None and spec.submodule_search_locations:
+    if any(True for _ in pkgutil.iter_modules(list(spec.submodule_search_locations))):
+      return False
+  from importlib import metadata
+  return not list(metadata.entry_points(group="jax_plugins"))
+
+
+def cores() -> list[int]:
+  """The cores this process may run on."""
+  if hasattr(os, "sched_getaffinity"):
+    return sorted(os.sched_getaffinity(0))
+  return list(range(os.cpu_count() or 1))
+
+
+def local_process_count(setting: Any, n_rows: int, row_steps: int, *, batch_devices: int = 1,
+                        where: str = PROCESSES_FIELD) -> int:
+  """How many local processes train a grid of ``n_rows`` rows (``row_steps`` = rows × steps).
+
+  ``setting`` is ``train.processes``: a count ≥ 1, or "auto" = one per core (at most one
+  per row) when JAX runs on the CPU only, the grid has at least ``MIN_ROW_STEPS``
+  row-steps and each row runs on one device (``batch_devices`` = 1); else 1. On GPU/TPU
+  one process drives its devices (several hosts: ``--distributed``)."""
+  if isinstance(setting, str) and setting == "auto":
+    if batch_devices != 1 or n_rows < 2 or row_steps < MIN_ROW_STEPS or not _cpu_only():
+      return 1
+    return max(1, min(len(cores()), n_rows))
+  if isinstance(setting, bool) or not isinstance(setting, (int, str)) or not str(setting).isdigit() \
+      or int(setting) < 1:
+    raise ValueError(f"{where} must be 'auto' or a number of processes ≥ 1, got {setting!r}")
+  return int(setting)
+
+
+def core_shares(available: Sequence[int], n: int) -> list[list[int]]:
+  """``available`` cores split into n contiguous shares as even as possible; with more
+  processes than cores, process i gets core i mod (number of cores)."""
+  available = list(available)
+  if n <= len(available):
+    bounds = [round(i * len(available) / n) for i in range(n + 1)]
+    return [available[bounds[i]:bounds[i + 1]] for i in range(n)]
+  return [[available[i % len(available)]] for i in range(n)]
+
+
+def _set_affinity(cpus: set[int]) -> None:
+  # Every thread of this process (XLA's pool, gloo, Python's): os.sched_setaffinity(0)
+  # would move only the calling thread, and threads started later inherit their
+  # creator's set.
+  for tid in os.listdir("/proc/self/task"):
+    try:
+      os.sched_setaffinity(int(tid), cpus)
+    except OSError:   # the thread has ended
+      pass
+
+
+@contextlib.contextmanager
+def own_cores() -> Iterator[None]:
+  """Inside the block, this process runs on its share of the cores (``CORES_ENV``, set
+  by ``launch_local``) and afterwards on all of them again; elsewhere a no-op."""
+  share = os.environ.get(CORES_ENV, "")
+  if not share or not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
+    yield
+    return
+  every = _state.setdefault("all_cores", set(os.sched_getaffinity(0)))
+  _set_affinity({int(c) for c in share.split(",")})
+  try:
+    yield
+  finally:
+    _set_affinity(every)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch_local(args: Sequence[str], n: int, *, module: str = "tailjax.cli",
+                 poll_s: float = 0.2, grace_s: float = 2 * LOCAL_HEARTBEAT_S) -> int:
+  """Runs ``python -m <module> <args>`` (``tailjax <args>``) as n processes of one
+  distributed run on this host and returns the exit code: process 0's, or the first
+  failing one's.
+
+  Process i gets ``--distributed`` flags for 127.0.0.1 and its share of the cores
+  (``core_shares``) in ``CORES_ENV``; it starts unpinned (see the module doc). Process 0
+  prints as the command would; the others' output is kept and its last lines shown if
+  one of them fails. SIGINT and SIGTERM are passed on once to every process (they run in
+  their own session, so a terminal's Ctrl-C does not reach them twice), and the run
+  stops at its next boundary as a single process would. A process that dies takes the
+  others down within ``LOCAL_HEARTBEAT_S`` (JAX's heartbeat); any still running
+  ``grace_s`` later are killed."""
+  port = _free_port()
+  shares = core_shares(cores(), n)
+  procs, logs = [], []
+  for i in range(n):
+    env = dict(os.environ, **{CORES_ENV: ",".join(map(str, shares[i]))})
+    cmd = [sys.executable, "-m", module, *args, "--distributed",
+           f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
+           f"--process_id={i}", f"--heartbeat_timeout={LOCAL_HEARTBEAT_S}"]
+    log = None if i == 0 else tempfile.TemporaryFile(mode="w+")
+    logs.append(log)
+    procs.append(subprocess.Popen(cmd, env=env, start_new_session=True,
+                                  stdout=log, stderr=log))
+
+  def forward(signum, frame):
+    del frame
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signum)
+
+  in_main = threading.current_thread() is threading.main_thread()
+  saved = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+  try:
+    first_failed_at = None
+    while any(p.poll() is None for p in procs):
+      if first_failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+        first_failed_at = time.monotonic()
+      if first_failed_at is not None and time.monotonic() - first_failed_at > grace_s:
+        for p in procs:
+          if p.poll() is None:
+            p.kill()
+      time.sleep(poll_s)
+  finally:
+    for s, h in saved.items():
+      signal.signal(s, h)
+  codes = [p.wait() for p in procs]
+  lead_code = codes[0]
+  for i, (code, log) in enumerate(zip(codes, logs)):
+    if log is None:
+      continue
+    if code not in (0, lead_code):
+      log.seek(0)
+      tail = [l for l in log.read().splitlines() if l.strip()][-3:]
+      print(f"process {i} of the local run exited with {code}:", *tail, sep="\n  ",
+            file=sys.stderr)
+    log.close()
+  if lead_code != 0:
+    return lead_code if lead_code > 0 else 128 - lead_code
+  bad = next((c for c in codes if c != 0), 0)
+  return bad if bad >= 0 else 128 - bad
+
+
 def _short(value: Any) -> str:
   text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
   return text if len(text) <= 60 else text[:57] + "..."
 
 
 __all__ = ("initialize", "initialized", "is_lead", "process_count", "process_index", "barrier",
-           "from_lead", "lead_first", "check_same", "split_work", "DistributedError",
+           "from_lead", "lead_first", "check_same", "split_work", "local_process_count", "core_shares",
+           "launch_local", "own_cores", "DistributedError",
            "ProcessMismatchError",
            "LeadFailedError")

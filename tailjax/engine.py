@@ -41,6 +41,10 @@ pure ``tailjax.train.FlowProgram``:
   (``CHECKSUMS``); one whose files do not match, or that orbax cannot read, is named in
   one line, moved aside to ``<step>.damaged-<n>`` (never deleted) and the run resumes
   from the newest intact one, or from the start, saying so.
+* **Local processes** (``train.processes``, ``tailjax.distributed.launch_local``): on a
+  CPU host the grid's rows may be split over several processes of this machine, each
+  pinned to its own cores while a segment runs (``distributed.own_cores``); rows run
+  whole on one device, so every row's numbers are the single process's.
 * **Profiling** (``train.profile_steps`` = n > 0): after the first segment of a call, a
   ``jax.profiler`` trace of n more train steps, run on a copy of the state and then
   dropped, is written to ``<prefix>/profile/`` (``_profile``); it changes no number.
@@ -867,8 +871,9 @@ def _train_grid(plan: _Plan, grid: _Grid, run: runrecord.Run, prefix: str, rows:
         break
       _stop_if_asked(at, run, prefix, mngr)
       n = b - done
-      state, metrics = grid.segment(state, n)
-      host = sharding.to_host(metrics)
+      with distributed.own_cores():   # local processes: each on its own cores while it trains
+        state, metrics = grid.segment(state, n)
+        host = sharding.to_host(metrics)
       loss_RxT = np.asarray(host["loss"])[:rows.num_rows, :n]
       if not np.all(np.isfinite(loss_RxT)):
         _halt(mngr, loss_RxT, done, rows, grid)

@@ -72,6 +72,7 @@ LOCK = ".lock"
 # Patterns match dotted config paths (fnmatch).
 NOT_RESULTS = (
     "train.row_mode", "train.segment_steps", "train.conv_impl", "train.profile_steps",
+    "train.processes",
     "data.cache_dir", "backbone.batch_size", "report.*", "mechanisms.*",
     # A moved weight file is the same run; a different one changes the features, which
     # the engine's rows.json (features hash) refuses.

@@ -92,3 +92,27 @@ def test_bench_study_compares_records_and_verdicts(tmp_path):
   assert "| **total** | 6.0 | 80.0 | 13.3× |" in text
   assert "2.000 TFLOP/s = 4.0 % of the 50.0 TFLOP/s float32 peak" in text
   assert "tolerance 0.001: within" in text and "verdicts DIFFER" in text
+
+
+def test_grid_targets_read_the_best_of_each_side():
+  entry = lambda wall, train, rs, **kw: {"wall_s": wall, "train_s": train, "row_steps_per_s": rs,
+                                         **kw}
+  res = {"rows": 6, "steps": 200, "precision": "float32", "cores": 2,
+         "ours_1": entry(60.0, 55.0, 20.0, processes=1), "ours_n": entry(40.0, 35.0, 30.0, processes=2),
+         "peer_1": entry(70.0, 69.0, 17.1, torch="2.13.0+cpu"), "peer_n": entry(50.0, 49.0, 24.0),
+         "processes_speedup": 1.5, "speedup_vs_peer": 1.25}
+  lines, targets = run_all._grid_md(res)
+  assert targets[0][2] == "1.50× (2 processes)"
+  assert targets[1][1:] == ["≥ 1.3×", "1.25×", "**no**"] and "2.13.0+cpu" in targets[1][0]
+  assert "| ours, 2 local processes (train.processes=auto) | 40.0 | 35.0 | 30.00 |" in lines
+
+
+def test_precision_table_reports_the_worst_category():
+  cat = lambda own, rho: {"rows": 6, "patches": 100, "nll_abs_median": 0.04, "nll_abs_max": 9.0,
+                          "nll_rel_iqr_median": 0.001, "nll_rel_iqr_max": 0.3,
+                          "nll_rel_own_max": own, "logdet_abs_median": 0.02,
+                          "logdet_abs_max": 0.2, "spearman_min": rho}
+  lines, targets = run_all._precision_md(
+      {"workdir": "runs/demo", "categories": {"brick": cat(0.009, 0.99999), "moon": cat(0.002, 0.9999)}})
+  assert "0.90 % of the patch's NLL" in targets[0][2] and "0.99990" in targets[0][2]
+  assert sum(l.startswith("| brick |") or l.startswith("| moon |") for l in lines) == 2

@@ -13,6 +13,9 @@ devices each, joined by ``jax.distributed`` on 127.0.0.1 (CPU collectives: gloo)
 * the smoke sweep with each row's mini-batch split over all 4 devices, so gradients
   are averaged across the two processes, equals the 1-process run of the same mesh
   and the 1-device full-batch run to float tolerance (stated below);
+* the smoke study as ``train.processes=2`` (one command, two local processes pinned to
+  their cores while they train), stopped by SIGTERM and resumed, equals the plain
+  1-process 1-device run bit for bit;
 * a process started with another config is refused on both processes, naming the
   field; a process whose peer never comes gives a one-line timeout error.
 """
@@ -140,7 +143,17 @@ def _assert_close(a, b, where: str, rtol: float = 1e-4, atol: float = 1e-5) -> N
     assert a == b, (where, a, b)
 
 
-def test_study_killed_and_resumed_on_two_processes_equals_one_process(shared, monkeypatch):
+@pytest.fixture(scope="module")
+def one_process_study(shared):
+  """The smoke study in one plain process with one device: the reference run."""
+  one_dev = shared / "study1x1"
+  _ok(_finish(_start(shared, ["train", f"--config={STUDY}", f"--workdir={one_dev}", *STUDY_SMALL],
+                     n=0, devices=1)))
+  return one_dev
+
+
+def test_study_killed_and_resumed_on_two_processes_equals_one_process(shared, monkeypatch,
+                                                                       one_process_study):
   work = shared / "study2"
   procs = _start(shared, ["train", f"--config={STUDY}", f"--workdir={work}", *STUDY_SMALL])
   first_ckpt = work / "brick" / "checkpoints" / "5"
@@ -158,9 +171,7 @@ def test_study_killed_and_resumed_on_two_processes_equals_one_process(shared, mo
   assert [i["process_count"] for i in manifest["invocations"]] == [2, 2]
   assert manifest["invocations"][-1]["device_count"] == 4
 
-  one_dev = shared / "study1x1"
-  _ok(_finish(_start(shared, ["train", f"--config={STUDY}", f"--workdir={one_dev}", *STUDY_SMALL], n=0,
-                     devices=1)))
+  one_dev = one_process_study
   # 1 process × 4 devices (this test process's fake devices).
   monkeypatch.chdir(shared)
   monkeypatch.setenv("TAILJAX_CACHE", str(shared / "cache"))
@@ -183,6 +194,73 @@ def test_study_killed_and_resumed_on_two_processes_equals_one_process(shared, mo
   log = [json.loads(l)["step"] for l in (work / "brick" / "metrics.jsonl").read_text().splitlines()]
   assert log == [5, 10]
   assert len(list((work / "tensorboard" / "brick").iterdir())) == 4
+
+
+def test_rows_in_local_processes_stopped_and_resumed_equal_one_process(shared, one_process_study):
+  """``train.processes=2``: one command starts two local processes (each pinned to its own
+  core while it trains); SIGTERM to that command stops both at a boundary (exit 143) and
+  the rerun resumes. Every record equals the plain single-process run bit for bit."""
+  work = shared / "study_local"
+  args = ["train", f"--config={STUDY}", f"--workdir={work}", *STUDY_SMALL,
+          "--config.train.processes=2"]
+  parent = _start(shared, args, n=0, devices=1)[0]
+  first_ckpt = work / "brick" / "checkpoints" / "5"
+  deadline = time.time() + 240
+  while not first_ckpt.is_dir() and time.time() < deadline and parent.poll() is None:
+    time.sleep(0.02)
+  assert first_ckpt.is_dir(), _finish([parent])[0][2][-3000:]
+  parent.send_signal(signal.SIGTERM)
+  (rc, _, err), = _finish([parent])
+  assert rc == 143, err[-3000:]
+  assert "resume" in err.splitlines()[-1], err[-3000:]
+  manifest = json.loads((work / "manifest.json").read_text())
+  assert manifest["invocations"][0]["stopped"]["step"] == 5, manifest["invocations"][0]
+  assert not (work / "report.md").exists()
+
+  _ok(_finish(_start(shared, args, n=0, devices=1)))
+  manifest = json.loads((work / "manifest.json").read_text())
+  assert [i["process_count"] for i in manifest["invocations"]] == [2, 2]
+  assert _units(work) == _units(one_process_study)
+  assert _report(work) == _report(one_process_study)
+  assert (work / "conclusions.json").read_text() == (
+      one_process_study / "conclusions.json").read_text()
+
+
+def test_local_process_count_and_core_shares(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setattr(distributed, "cores", lambda: [0, 1])
+  count = distributed.local_process_count
+  assert count("auto", n_rows=6, row_steps=4800) == 2
+  assert count("auto", n_rows=1, row_steps=4800) == 1          # one row: nothing to split
+  assert count("auto", n_rows=6, row_steps=60) == 1            # start-up would not pay
+  assert count("auto", n_rows=6, row_steps=4800, batch_devices=2) == 1
+  assert count("3", n_rows=6, row_steps=60) == 3 and count(1, 6, 60) == 1
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  assert count("auto", n_rows=6, row_steps=4800) == 1          # accelerators: one process
+  for bad in ("0", "two", 1.5, True, -1):
+    with pytest.raises(ValueError, match="config.train.processes"):
+      count(bad, 6, 4800)
+  assert distributed.core_shares([0, 1, 2, 3], 2) == [[0, 1], [2, 3]]
+  assert sorted(map(len, distributed.core_shares([0, 1, 2], 2))) == [1, 2]
+  assert distributed.core_shares([4], 2) == [[4], [4]]
+
+
+def test_own_cores_pins_every_thread_and_restores(monkeypatch):
+  if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+    pytest.skip("needs sched_setaffinity and two cores")
+  import threading
+  every = os.sched_getaffinity(0)
+  mine = min(every)
+  stop = threading.Event()
+  worker = threading.Thread(target=stop.wait, daemon=True)
+  worker.start()
+  monkeypatch.setenv(distributed.CORES_ENV, str(mine))
+  monkeypatch.setitem(distributed._state, "all_cores", set(every))
+  affinity = lambda: {int(t): os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
+  with distributed.own_cores():
+    assert set(map(frozenset, affinity().values())) == {frozenset({mine})}
+  assert set(map(frozenset, affinity().values())) == {frozenset(every)}
+  stop.set()
 
 
 # Tolerance of the batch-sharded sweep: every step averages 4 partial-batch gradients

@@ -58,6 +58,7 @@ FIELDS = (
     "variants.*.tail_nll", "optim.*",
     "train.num_steps", "train.batch_size", "train.segment_steps", "train.row_mode",
     "train.conv_impl", "train.batch_devices", "train.profile_steps", "train.precision",
+    "train.processes",
     "eval.score", "eval.size", "eval.smoothing_sigma", "eval.image_score", "eval.image_topk",
     "eval.fpr_limit", "eval.budgets", "eval.boundary_px", "eval.fixed_tpr", "eval.plateau_tol",
     "eval.n_boot",

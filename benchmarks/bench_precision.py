@@ -1,0 +1,84 @@
+"""What bfloat16 convolutions cost in accuracy on trained flows (``train.precision``).
+
+  python -m benchmarks.bench_precision --workdir=runs/demo        # a finished float32 study A run
+
+For every category and row of a finished float32 run, the trained parameters score the
+category's test features twice: with the flow as trained (float32) and with the same
+parameters and bfloat16 subnet convolutions (``precision="bfloat16"``: float32
+parameters, log-determinants and NLL; ``tailjax.flows``). Reported per category, over
+its rows and every test patch: the median and largest |Δ NLL| and |Δ log-det| (nats),
+|Δ NLL| relative to the spread of the float32 NLL (its interquartile range across
+patches) and to the patch's own |NLL| (at least 1), and the Spearman rank correlation of the two per-patch NLLs (what the scores,
+the top-k selection and AP depend on). The speed side is in ``bench_step_parts``; what
+bfloat16 *training* does to the study's answers is the bfloat16 demo run, compared
+with the float32 one by ``report.compare_runs`` (README, docs/results.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+from scipy import stats
+
+
+def category_errors(tc) -> dict:
+  """|Δ NLL|, |Δ log-det| and rank agreement of bfloat16 vs float32 scoring, one category."""
+  feats = np.asarray(tc.data.flow_feats("test"))
+  models = {p: dataclasses.replace(tc.model, precision=p) for p in ("float32", "bfloat16")}
+  if tc.model.precision != "float32":
+    raise ValueError(f"train.precision is {tc.model.precision!r}: bench_precision needs a run "
+                     "trained in float32")
+  fns = {p: jax.jit(lambda params, x, m=m: _nll_logdet(m, tc.program, params, x))
+         for p, m in models.items()}
+  d_nll, d_ld, rel, own, rho = [], [], [], [], []
+  for i in range(len(tc.rows)):
+    params = jax.tree.map(lambda a: a[i], tc.params_R)
+    out = {p: [np.asarray(a) for a in f(params, feats)] for p, f in fns.items()}
+    (n32, l32), (n16, l16) = out["float32"], out["bfloat16"]
+    d_nll.append(np.abs(n16 - n32).ravel())
+    d_ld.append(np.abs(l16 - l32).ravel())
+    q75, q25 = np.percentile(n32, [75, 25])
+    rel.append(np.abs(n16 - n32).ravel() / (q75 - q25))
+    own.append((np.abs(n16 - n32) / np.maximum(np.abs(n32), 1.0)).ravel())
+    rho.append(stats.spearmanr(n32.ravel(), n16.ravel()).statistic)
+  d_nll, d_ld, rel, own = map(np.concatenate, (d_nll, d_ld, rel, own))
+  return {"rows": len(tc.rows), "patches": int(feats.shape[0] * feats.shape[1] * feats.shape[2]),
+          "nll_abs_median": float(np.median(d_nll)), "nll_abs_max": float(d_nll.max()),
+          "nll_rel_iqr_median": float(np.median(rel)), "nll_rel_iqr_max": float(rel.max()),
+          "nll_rel_own_max": float(own.max()),
+          "logdet_abs_median": float(np.median(d_ld)), "logdet_abs_max": float(d_ld.max()),
+          "spearman_min": float(min(rho))}
+
+
+def _nll_logdet(model, program, params, x):
+  from tailjax import losses, train
+  with train.lowering(program.conv_impl):
+    z, logdet = model.apply(params, x)
+  return losses.patch_nll(z, logdet), logdet
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="runs/demo")
+  parser.add_argument("--category", default="")
+  args = parser.parse_args(argv)
+  from tailjax.studies import study_a_record
+  trained = study_a_record.load_trained(args.workdir, args.category or None)
+  res = {"workdir": args.workdir, "categories": {n: category_errors(tc) for n, tc in trained.items()}}
+  print(f"bfloat16 vs float32 scoring of {args.workdir}'s trained float32 flows (test patches)")
+  print(f"{'category':<10} {'|ΔNLL| med':>10} {'max':>8} {'/IQR med':>9} {'max':>7} "
+        f"{'/|NLL| max':>10} {'|Δlogdet| med':>13} {'max':>8} {'min ρ':>7}")
+  for n, r in res["categories"].items():
+    print(f"{n:<10} {r['nll_abs_median']:>10.4f} {r['nll_abs_max']:>8.3f} "
+          f"{r['nll_rel_iqr_median']:>9.4f} {r['nll_rel_iqr_max']:>7.3f} {r['nll_rel_own_max']:>10.4f} "
+          f"{r['logdet_abs_median']:>13.4f} {r['logdet_abs_max']:>8.3f} {r['spearman_min']:>7.4f}")
+  return res
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
