@@ -48,7 +48,7 @@ def config(flow_steps: int, batch_size: int, steps: int) -> ml_collections.Confi
             "clamp": 2.0, "layer_norm": "image", "global_affine": False}
   c.optim = {"name": "adam", "learning_rate": 1e-3}
   c.train = {"num_steps": steps, "batch_size": batch_size, "segment_steps": steps,
-             "rows": "auto", "conv_impl": "auto", "batch_devices": 1}
+             "row_mode": "auto", "conv_impl": "auto", "batch_devices": 1}
   return c
 
 

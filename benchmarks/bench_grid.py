@@ -16,6 +16,9 @@ Four ways to train it, each in fresh processes (none inherits another's threads)
   ours, n processes       the same grid as n local processes (``train.processes=auto``,
                           ``tailjax.distributed.launch_local``), each pinned to its own
                           core while it trains; the same numbers as one process
+  ours, n × 1 thread      the same, but each process pinned before JAX starts, so its
+                          XLA thread pool has one thread: the numbers of a one-core
+                          run, not the default's (what the pool size costs)
   peer, 1 process         anomalib's FastFlow block in torch (``benchmarks.peer_torch``),
                           torch threads = cores, the rows one after another
   peer, n processes       n processes with one torch thread each, pinned to their own
@@ -61,6 +64,8 @@ def grid_config(steps: int, precision: str = "float32"):
 
 def _ours_worker(args) -> None:
   from tailjax import distributed
+  if args.pin_at_start:          # before the backend starts: a pool of this share's size
+    os.sched_setaffinity(0, {int(c) for c in os.environ[distributed.CORES_ENV].split(",")})
   if args.distributed:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                            heartbeat_timeout_s=args.heartbeat_timeout)
@@ -114,11 +119,12 @@ def _run(cmd: Sequence[str]) -> None:
                  stdout=subprocess.DEVNULL)
 
 
-def ours(steps: int, processes: int, precision: str, tmp: Path) -> dict:
+def ours(steps: int, processes: int, precision: str, tmp: Path, pin_at_start: bool = False) -> dict:
   from tailjax import distributed
-  out, workdir = tmp / f"ours{processes}.json", tmp / f"ours{processes}"
+  tag = f"{processes}{'_own' if pin_at_start else ''}"
+  out, workdir = tmp / f"ours{tag}.json", tmp / f"ours{tag}"
   args = ["--role=ours", f"--steps={steps}", f"--precision={precision}",
-          f"--workdir={workdir}", f"--out={out}"]
+          f"--workdir={workdir}", f"--out={out}"] + (["--pin-at-start"] if pin_at_start else [])
   t = time.perf_counter()
   if processes == 1:
     _run(args)
@@ -167,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--peer-rows", default="")
   parser.add_argument("--threads", type=int, default=1)
   parser.add_argument("--cores", default="")
+  parser.add_argument("--pin-at-start", action="store_true")
   parser.add_argument("--distributed", action="store_true")
   parser.add_argument("--coordinator_address", default=None)
   parser.add_argument("--num_processes", type=int, default=None)
@@ -186,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     res["ours_1"] = ours(args.steps, 1, args.precision, tmp)
-    res[f"ours_n"] = ours(args.steps, n, args.precision, tmp) if n > 1 else res["ours_1"]
+    res["ours_n"] = ours(args.steps, n, args.precision, tmp) if n > 1 else res["ours_1"]
+    if n > 1:
+      res["ours_n_own"] = ours(args.steps, n, args.precision, tmp, pin_at_start=True)
     if not args.no_peer and peer_torch.peer_available():
       res["peer_1"] = peer(args.steps, 1, n_rows, tmp)
       res["peer_n"] = peer(args.steps, n, n_rows, tmp) if n > 1 else res["peer_1"]
@@ -195,11 +204,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "row-steps per second (wall, start-up included)")
   print(f"{'':<22} {'wall s':>8} {'training s':>10} {'row-steps/s':>12}")
   for key, label in (("ours_1", "ours, 1 process"), ("ours_n", f"ours, {n} processes"),
+                     ("ours_n_own", f"ours, {n} × 1 thread"),
                      ("peer_1", "peer, 1 process"), ("peer_n", f"peer, {n} processes")):
     if key in res:
       res[key]["row_steps_per_s"] = rs(res[key])
       print(f"{label:<22} {res[key]['wall_s']:>8.1f} {res[key]['train_s']:>10.1f} "
             f"{rs(res[key]):>12.2f}")
+  # The default's numbers: one process or the same-numbers processes (not the 1-thread ones).
   best_ours = max(res["ours_1"]["row_steps_per_s"], res["ours_n"]["row_steps_per_s"])
   res["processes_speedup"] = res["ours_n"]["row_steps_per_s"] / res["ours_1"]["row_steps_per_s"]
   print(f"ours: {n} processes / 1 process = {res['processes_speedup']:.2f}×")

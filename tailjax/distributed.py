@@ -31,9 +31,10 @@ nothing, so no code path differs:
   (``heartbeat_timeout_s``): the others stop, and rerunning the same command on
   every process resumes from the last checkpoint (``tailjax.engine``).
 
-**Local processes** (``train.processes``): on a CPU host, a grid's rows train faster
-in several processes, each on its own share of the cores, than in one process whose
-step uses them all (a single row's step does not scale to every core). ``launch_local``
+**Local processes** (``train.processes``): on a CPU host whose cores one row's step
+does not keep busy, a grid's rows can train in several processes, each on its own
+share of the cores (on 2 cores one process already runs the step 1.8× faster than on
+one, and the processes gain nothing there: docs/distributed.md). ``launch_local``
 starts the same command as n processes joined on 127.0.0.1 and waits for them;
 ``own_cores`` pins a process to its share while a training segment runs. The numbers
 stay those of a single process: XLA:CPU splits a matmul or reduction by the size of

@@ -490,6 +490,9 @@ def _plan(cfg, prefix: str, train_feats, eval_steps, evaluate, mesh, n_rows: int
   profile_steps = _exec_get(cfg, "profile_steps", 0)
   if isinstance(profile_steps, bool) or not isinstance(profile_steps, int) or profile_steps < 0:
     raise ValueError(f"config.train.profile_steps must be an integer ≥ 0, got {profile_steps!r}")
+  # train.processes is acted on by the command, before JAX starts (cli._local_launch);
+  # checked here too, so that a bad value fails in one line when the library is called.
+  distributed.local_process_count(_exec_get(cfg, "processes", 1), n_rows, n_rows * total)
   feats_shape = train_lib.feats_shape_of(train_feats)
   check_batch_size(cfg.train.batch_size, jax.tree.leaves(feats_shape)[0], prefix)
   program, init_fn, segment_fn = _row_fns(cfg, feats_shape, mesh, row_impl, seg_len)

@@ -214,7 +214,8 @@ def test_rows_in_local_processes_stopped_and_resumed_equal_one_process(shared, o
   assert rc == 143, err[-3000:]
   assert "resume" in err.splitlines()[-1], err[-3000:]
   manifest = json.loads((work / "manifest.json").read_text())
-  assert manifest["invocations"][0]["stopped"]["step"] == 5, manifest["invocations"][0]
+  # At the boundary after the signal: 5, or 10 when the next segment was already running.
+  assert manifest["invocations"][0]["stopped"]["step"] in (5, 10), manifest["invocations"][0]
   assert not (work / "report.md").exists()
 
   _ok(_finish(_start(shared, args, n=0, devices=1)))

@@ -407,6 +407,9 @@ def _signalling_segments(monkeypatch, at_call: int, times: int = 1):
 
 
 def test_ctrl_c_finishes_the_segment_and_a_second_one_stops_at_once(tmp_path, monkeypatch):
+  # The handler this process had before (pytest's, or one an earlier test in the same
+  # worker left): the run must put back exactly that one.
+  before = signal.getsignal(signal.SIGINT)
   full = _train(tmp_path / "full", _cfg(num_steps=8))
   _signalling_segments(monkeypatch, at_call=2)
   with pytest.raises(engine.Interrupted) as err:
@@ -416,7 +419,7 @@ def test_ctrl_c_finishes_the_segment_and_a_second_one_stops_at_once(tmp_path, mo
       f"SIGINT: cat stopped at step 4, the end of the compiled segment that was running, with "
       f"checkpoint {ckpt}; rerunning the same command resumes from there")
   assert runrecord.read_manifest(tmp_path / "w")["invocations"][-1]["stopped"]["step"] == 4
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
+  assert signal.getsignal(signal.SIGINT) is before   # handlers restored
   _signalling_segments(monkeypatch, at_call=1, times=2)
   with pytest.raises(engine.Interrupted, match=r"^interrupted at step 4 of cat; .* from step 4"):
     _train(tmp_path / "w", _cfg(num_steps=8))

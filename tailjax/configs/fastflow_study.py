@@ -17,8 +17,8 @@ so five categories carry a slope).
 Why 2000 steps: the demo's measured plateau curve (validation NLL per patch, 1 seed)
 reaches the 1-nat plateau rule at 400–1500 steps depending on category and arm; 2000
 steps with budgets every 250 steps from 1000 on gives every row room to show a plateau
-before the last budget, and 54 rows × 2000 steps is what fits `make study` in about
-100 min on a 2-core CPU. If rows still have not plateaued, extend the finished run
+before the last budget (all 54 did), and 54 rows × 2000 steps is what fits `make study`
+in about 95 min on a 2-core CPU. If rows still have not plateaued, extend the finished run
 instead of retraining it:
 `tailjax train --config=configs/fastflow_study.py --workdir=runs/study --extend
 --config.train.num_steps=3000 --config.eval.budgets="(0,30,100,300,600,1000,1250,1500,1750,2000,2500,3000)"`

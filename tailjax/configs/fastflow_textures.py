@@ -119,9 +119,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.conv_impl = "auto"     # xla | matmul | auto (matmul on CPU, xla on GPU/TPU)
   c.train.batch_devices = 1      # devices splitting one row's batch; the rest split rows
   c.train.profile_steps = 0      # > 0: jax.profiler trace of that many steps, <category>/profile
-  # auto: on a CPU host, the rows in one process per core (tailjax.distributed.launch_local;
-  # same numbers); 1: one process; n: n local processes.
-  c.train.processes = "auto"
+  # 1: one process. n or "auto" (one per core on a CPU host): the rows in n local
+  # processes, same numbers (tailjax.distributed.launch_local). Not the default: on a
+  # 2-core CPU one process already runs a row's step 1.8x faster than one core does, and
+  # the processes trained the demo's grid 1.01x as fast (docs/distributed.md).
+  c.train.processes = 1
   # Changes numbers: "bfloat16" runs the flow's convolutions in bfloat16 (float32
   # parameters, log-dets, NLL, top-k and optimiser state); see tailjax/train.py.
   c.train.precision = "float32"  # float32 | bfloat16

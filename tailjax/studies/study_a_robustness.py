@@ -30,7 +30,8 @@ METRICS = ("pixel_ap", "image_auroc")
 SETTINGS = ("flow.num_steps", "flow.kernel_mode", "flow.hidden_ratio", "flow.clamp",
             "flow.global_affine", "flow.layer_norm", "flow.subnet_init", "optim.name",
             "optim.learning_rate", "optim.grad_clip_norm", "train.num_steps",
-            "train.batch_size", "num_seeds", "seed", "backbone.name", "backbone.layer")
+            "train.batch_size", "train.precision", "num_seeds", "seed", "backbone.name",
+            "backbone.layer")
 
 KEEPS, REVERSES, UNDETERMINED = "keeps its sign", "reverses", "not determined"
 
