@@ -373,6 +373,9 @@ def markdown(results: dict, total_s: float) -> str:
             "step_parts": "Where the train step's time goes (float32 and bfloat16)",
             "grid": "The demo's grid: tailjax vs the peer, one process and several",
             "precision": "bfloat16 on trained flows: the accuracy cost"}
+  # Sections whose formatter also returns its rows of the targets table.
+  with_targets = {"sweep": _sweep_md, "engine": _engine_md, "grid": _grid_md,
+                  "precision": _precision_md}
   for name, entry in results.items():
     module, argv = BENCHMARKS[name]
     sections += [f"## {titles.get(name, name)}", "",
@@ -386,17 +389,8 @@ def markdown(results: dict, total_s: float) -> str:
       continue
     res = entry["result"]
     try:
-      if name == "sweep":
-        body, t = _sweep_md(res)
-        targets += t
-      elif name == "engine":
-        body, t = _engine_md(res)
-        targets += t
-      elif name == "grid":
-        body, t = _grid_md(res)
-        targets += t
-      elif name == "precision":
-        body, t = _precision_md(res)
+      if name in with_targets:
+        body, t = with_targets[name](res)
         targets += t
       elif name == "train_step":
         body = _train_step_md(res)

@@ -423,8 +423,9 @@ def launch_local(args: Sequence[str], n: int, *, module: str = "tailjax.cli",
   Process i gets ``--distributed`` flags for 127.0.0.1 and its share of the cores
   (``core_shares``) in ``CORES_ENV``; it starts unpinned (see the module doc). Process 0
   prints as the command would; the others' output is kept and its last lines shown if
-  one of them fails. SIGINT and SIGTERM are passed on once to every process (they run in
-  their own session, so a terminal's Ctrl-C does not reach them twice), and the run
+  one of them fails. SIGINT and SIGTERM are passed on once to every process (they are
+  started outside the terminal's process group, ``start_new_session``, so a Ctrl-C does
+  not reach them twice), and the run
   stops at its next boundary as a single process would. A process that dies takes the
   others down within ``LOCAL_HEARTBEAT_S`` (JAX's heartbeat); any still running
   ``grace_s`` later are killed."""
