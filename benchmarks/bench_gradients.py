@@ -218,7 +218,7 @@ def _print_timings(t: dict, pr: dict | None, device: str) -> None:
   print(f"\nPer-patch parameter-gradient norms, 196 patches of one 14×14×{C} image, "
         f"{t['num_steps']}-step flow ({t['n_params']} parameters), {device}; default method: {t['default_method']}")
   if pr is None:
-    peer_note = "peer not installed (pip install torch==2.13.0 FrEIA)"
+    peer_note = "peer not installed (pip install torch==2.14.1 FrEIA)"
   else:
     ths = ", ".join(f"{th} thread{'s' if th > 1 else ''}: {1000 * r['best_s']:.0f} ms"
                     for th, r in pr["threads"].items()) if pr["device"] == "cpu" else pr["device"]

@@ -9,14 +9,18 @@ the tail-aware loss λ = 0.7, r = 0.02, Adam), convolutions lowered as on this b
 (``train.conv_impl="auto"``), one row. "step" is the engine's compiled segment program
 (ms per step, best of ``--repeats`` segments of ``--steps`` steps).
 
-Each part is compiled alone as its own jitted function of the step's real shapes and
-parameters: its FLOPs are XLA's ``compiled.cost_analysis()`` and its time the best of
-``--repeats`` timed loops of ``--iters`` calls. Why not a profile of the whole step: a
-``jax.profiler`` trace (``train.profile_steps``) holds per-op times, but reading it
-needs the profiler plugin (``xprof``), which tailjax does not depend on, and XLA fuses
-across the parts' borders, so the trace's ops do not map back onto these parts. The
-parts, alone, lose those fusions and add a dispatch each: their sum is not the step,
-and the table shows the difference ("rest": sampling, loss metrics, fusion/dispatch).
+Two views. **The compiled step's own ops** (``op_profile``): a ``jax.profiler`` trace of
+one segment of the engine's program, each traced op mapped through the compiled HLO's
+``op_name`` metadata to its region (coupling i forward / backward, permutations, loss,
+top-k, optimiser) and by its name to its kind (matmul, gather/scatter, pad/slice/
+concatenate, copy/transpose, sort, elementwise/reduce), in milliseconds per step:
+what the step really runs, fusions included. **Parts alone** (``step_parts``): each
+part compiled alone as its own jitted function of the step's real shapes and
+parameters, with XLA's ``compiled.cost_analysis()`` FLOPs and its time, the best of
+``--repeats`` timed loops of ``--iters`` calls, so that each part has a rate (GFLOP/s).
+The parts lose the step's fusions across their borders and add a dispatch each: their
+sum is not the step, and the table shows the difference ("rest": sampling, loss
+metrics, fusion/dispatch).
 
 Parts (backward = the part's forward-and-backward (``jax.vjp``) minus its forward):
   LayerNorm            the parameter-free image LayerNorm (no gradient: input data)
@@ -273,6 +277,135 @@ def conv_lowerings(batch_size: int = 16, repeats: int = 5, iters: int = 10) -> l
   return rows
 
 
+# Kinds of the compiled step's ops, from the HLO instruction's name (XLA names a fusion
+# after its root ops): the first pattern that matches wins.
+OP_KINDS = (("matmul", ("ynn_fusion", "dot", "onednn", "xnn_fusion", "custom-call")),
+            ("gather / scatter", ("gather", "scatter")),
+            ("pad / slice / concatenate", ("concatenate", "pad", "slice")),
+            ("copy / transpose", ("copy", "transpose")),
+            ("sort", ("sort",)),
+            ("elementwise / reduce", ("",)))
+
+
+# Ops XLA added that carry no JAX call path (loop-carried and layout copies).
+NO_CALL_PATH = "copies XLA added (no call path)"
+
+
+def _op_kind(instruction: str) -> str:
+  return next(kind for kind, keys in OP_KINDS if any(k in instruction for k in keys))
+
+
+def _op_region(op_name: str) -> str:
+  """Where an op comes from, from its HLO ``op_name`` metadata (the JAX call path)."""
+  import re
+  backward = "transpose(jvp(" in op_name
+  step = re.search(r"step_(\d+)\.", op_name)
+  if step:
+    return f"coupling {step.group(1)} {'bwd' if backward else 'fwd'}"
+  if "FastFlow2d" in op_name:
+    if "gather" in op_name or "scatter" in op_name:
+      return f"permutations {'bwd' if backward else 'fwd'}"
+    return f"LayerNorm, log-det sum {'bwd' if backward else 'fwd'}"
+  if any(k in op_name for k in ("take_along_axis", "argsort", "sort", "top_k")):
+    return "top-k selection"
+  if "jvp(" in op_name:
+    return f"NLL + loss {'bwd' if backward else 'fwd'}"
+  if any(k in op_name for k in ("threefry", "randint", "random")):
+    return "batch sampling"
+  return "Adam, clipping, metrics, loop"
+
+
+def op_profile(precision: str, flow_steps: int = 4, batch_size: int = 16, steps: int = 10,
+               feats_shape: tuple[int, int, int, int] = (64, 14, 14, 112)) -> dict:
+  """The compiled segment program's own ops, from a ``jax.profiler`` trace of ``steps`` steps.
+
+  The trace is written with ``create_perfetto_trace=True`` (a gzipped Chrome-trace JSON,
+  read here without the profiler plugin) and the Python tracer off. Each traced XLA op is
+  mapped to its HLO instruction in the compiled program's text, whose ``op_name``
+  metadata (the JAX call path, ``transpose(jvp(…))`` for the backward pass) gives the
+  region (coupling i forward/backward, permutations, loss, top-k, optimiser) and whose
+  name gives the kind (matmul, gather/scatter, pad/slice/concatenate, copy, sort,
+  elementwise). Times are milliseconds per step. XLA:CPU runs the step's ops one after
+  another, each spread over the pool's threads (``ops_overlap``: the sum of the ops'
+  times over the length of their union, ≈ 1), so an op's time is its share of the
+  step; the ops' total is less than the step by the executor's dispatch between them,
+  and tracing slows the step (``traced_step_ms`` vs ``step_ms``): read the shares.
+  """
+  import collections
+  import glob
+  import gzip
+  import json
+  import re
+  import tempfile
+  from tailjax import engine, sharding
+
+  cfg = bench_engine.config(flow_steps, batch_size, steps)
+  cfg.train.precision = precision
+  feats = np.random.default_rng(0).normal(size=feats_shape).astype(np.float32)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  _, init, segment = engine._row_fns(cfg, feats.shape, mesh, train.resolve_row_impl("auto"), steps)
+  rows = engine.Rows.from_dicts([{**HP, "seed": 0}])
+  h = {k: jnp.asarray(v) for k, v in rows.hparams_R.items()}
+  kd = jnp.asarray(jax.random.key_data(train.row_keys(rows.seeds_R)))
+  f, n = jnp.asarray(feats), jnp.int32(steps)
+  state = init(h, kd)
+  hlo = segment.lower(state, kd, f, n).compile().as_text()
+  instructions = set(re.findall(r"^\s*%?([\w.-]+) = ", hlo, re.M))
+  op_names = dict(re.findall(r"^\s*%?([\w.-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo, re.M))
+  state, m = segment(state, kd, f, n)   # compile and warm
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  state, m = segment(state, kd, f, n)
+  jax.block_until_ready(m)
+  step_ms = 1000 * (time.perf_counter() - t) / steps
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  with tempfile.TemporaryDirectory() as folder:
+    with jax.profiler.trace(folder, create_perfetto_trace=True, profiler_options=options):
+      t = time.perf_counter()
+      state, m = segment(state, kd, f, n)
+      jax.block_until_ready(m)
+      traced_ms = 1000 * (time.perf_counter() - t) / steps
+    path, = glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)
+    events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
+  cells = collections.defaultdict(float)
+  ops = [e for e in events if e["name"] in instructions]   # the rest: the runtime's own events
+  union, end = 0.0, float("-inf")
+  for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in ops):
+    union += max(0.0, stop - max(start, end))
+    end = max(end, stop)
+  for e in ops:
+    region = _op_region(op_names[e["name"]]) if e["name"] in op_names else NO_CALL_PATH
+    cells[(region, _op_kind(e["name"]))] += e["dur"] / 1000 / steps
+  total = sum(cells.values())
+  regions = sorted({r for r, _ in cells}, key=lambda r: -sum(v for (q, _), v in cells.items() if q == r))
+  table_rows = []
+  for region in regions:
+    row = {"region": region}
+    for kind, _ in OP_KINDS:
+      row[kind] = cells.get((region, kind), 0.0)
+    row["total_ms"] = sum(row[kind] for kind, _ in OP_KINDS)
+    row["pct"] = 100 * row["total_ms"] / total
+    table_rows.append(row)
+  by_kind = {kind: sum(v for (_, k), v in cells.items() if k == kind) for kind, _ in OP_KINDS}
+  return {"precision": precision, "step_ms": step_ms, "traced_step_ms": traced_ms,
+          "ops_ms": total, "ops_overlap": sum(e["dur"] for e in ops) / union if union else float("nan"),
+          "by_kind_pct": {k: 100 * v / total for k, v in by_kind.items()}, "rows": table_rows}
+
+
+def op_table(res: dict) -> str:
+  kinds = [k for k, _ in OP_KINDS]
+  lines = [f"{res['precision']}: the compiled step's ops, ms per step (step {res['step_ms']:.1f} ms, "
+           f"{res['traced_step_ms']:.1f} ms traced; ops {res['ops_ms']:.1f} ms, overlap "
+           f"{res['ops_overlap']:.2f})",
+           f"{'region':<32}" + "".join(f"{k[:14]:>15}" for k in kinds) + f"{'total':>8}{'%':>6}"]
+  for r in res["rows"]:
+    lines.append(f"{r['region']:<32}" + "".join(f"{r[k]:>15.2f}" for k in kinds)
+                 + f"{r['total_ms']:>8.2f}{r['pct']:>6.1f}")
+  lines.append("share by kind: " + ", ".join(f"{k} {v:.0f} %" for k, v in res["by_kind_pct"].items()))
+  return "\n".join(lines)
+
+
 def table(res: dict) -> str:
   lines = [f"{res['precision']}: step {res['step_ms']:.1f} ms, {res['step_gflop']:.2f} GFLOP, "
            f"{res['step_gflops_per_s']:.1f} GFLOP/s ({res['conv_impl']} convs, "
@@ -308,6 +441,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out["steps"].append({k: v for k, v in res.items() if k != "parts"})
     out["parts"] += [{"precision": precision, **{k: v for k, v in p.items() if k != "sub"}}
                      for p in res["parts"]]
+    ops = op_profile(precision, args.flow_steps, args.batch_size, args.steps)
+    print(op_table(ops), flush=True)
+    out.setdefault("ops", []).extend({"precision": precision, **r} for r in ops["rows"])
+    out.setdefault("ops_by_kind_pct", []).append({"precision": precision, "step_ms": ops["step_ms"],
+                                                  "traced_step_ms": ops["traced_step_ms"],
+                                                  "ops_ms": ops["ops_ms"], "ops_overlap": ops["ops_overlap"],
+                                                  **ops["by_kind_pct"]})
   if len(out["steps"]) > 1:
     base = out["steps"][0]["step_ms"]
     out["step_speedup"] = {r["precision"]: base / r["step_ms"] for r in out["steps"]}

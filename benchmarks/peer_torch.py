@@ -4,7 +4,7 @@
   python -m benchmarks.peer_torch --steps=8 --threads=2
 
 Install (CPU build of torch; FrEIA needs only numpy and scipy besides torch):
-  .venv/bin/pip install torch==2.13.0 FrEIA
+  .venv/bin/pip install torch==2.14.1 FrEIA
 
 The flow is anomalib's ``create_fast_flow_block`` shape: a FrEIA ``SequenceINN``
 of ``AllInOneBlock(subnet_constructor=subnet_conv(kernel, hidden_ratio=1.0),
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
   args = parser.parse_args(argv)
   if not peer_available():
-    print("peer not installed (pip install torch==2.13.0 FrEIA)")
+    print("peer not installed (pip install torch==2.14.1 FrEIA)")
     return {}
   out = {"logdet_split_error": patch_logdet_error()}
   print(f"per-patch logdet split: max relative error vs FrEIA's per-image logdet {out['logdet_split_error']:.1e}")

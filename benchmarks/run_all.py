@@ -405,6 +405,13 @@ def markdown(results: dict, total_s: float) -> str:
         targets.append(["feature extraction throughput", "reported (no numeric target)",
                         f"{best['stride16_images_per_s']:.1f} images/s (batch {best['batch_size']})",
                         "–"])
+      elif name == "step_parts":
+        body = ["**parts**: each part of the step compiled alone (its time and XLA's FLOPs); "
+                "they lose the step's fusions, so their sum is not the step ('rest'). **ops**: "
+                "the compiled step's own ops from a `jax.profiler` trace, ms per step by region "
+                "(from the HLO call path) and kind (the ops run one after another: `ops_overlap` "
+                "≈ 1); **ops_by_kind_pct**: each kind's share of the ops' time (tracing slows "
+                "the step: `traced_step_ms`).", ""] + _generic(res)
       elif name == "gradients":
         body = _gradients_md(res)
         targets += _gradients_targets(res)

@@ -37,8 +37,8 @@ share of the cores (on 2 cores one process already runs the step 1.8× faster th
 one, and the processes gain nothing there: docs/distributed.md). ``launch_local``
 starts the same command as n processes joined on 127.0.0.1 and waits for them;
 ``own_cores`` pins a process to its share while a training segment runs. The numbers
-stay those of a single process: XLA:CPU splits a matmul or reduction by the size of
-its intra-op thread pool, which is fixed when the backend starts from the cores the
+stay those of a single process: XLA:CPU splits a reduction over leading axes by the
+size of its intra-op thread pool, which is fixed when the backend starts from the cores the
 process may use, so every process starts unpinned (a pool as large as the single
 process's) and is pinned only while it trains; evaluation and everything process 0
 does alone run on every core.

@@ -288,3 +288,22 @@ def test_auto_picks_an_exact_method_and_windowed_methods_check_the_model(fastflo
       G.flow_spec = orig
   with pytest.raises(TypeError, match="FastFlow2d"):
     G.flow_spec(object(), params)
+
+
+@pytest.mark.parametrize("flow", [dict(global_affine="softplus"), dict(layer_norm="image_affine")])
+def test_auto_takes_the_generic_method_for_a_flow_the_windowed_methods_do_not_restate(flow):
+  """anomalib's softplus global affine and LayerNorm parameters are outside what
+  ``flow_spec`` re-states: "auto" runs the generic exact method there instead of raising
+  (``tailjax analyze`` on such a run), and the result is still exact (= jacrev)."""
+  model = flows.build_flow({"channels": WIN_C, "kernel_mode": "alternate", "num_steps": 2,
+                            "layer_norm": "image", **flow})
+  params, x, w = _random_like(model, key=5, dtype=jnp.float32)
+  with pytest.raises(TypeError, match="unexpected parameters|outside the coupling steps"):
+    G.flow_spec(model, params)
+  assert G.resolve_method(model, params) == "vmap_grad"
+  assert G.resolve_method(model, params, "jacrev") == "jacrev"
+  got = G.per_patch_param_grads(model, params, x, w).norm_BxN
+  ref = G.per_patch_param_grads(model, params, x, w, method="jacrev", patch_chunk=WIN_H * WIN_W).norm_BxN
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  h3 = G.gradient_concentration(model, params, x, [0.7], 0.1, num_param_images=1)
+  assert h3["method"] == "vmap_grad"

@@ -583,6 +583,31 @@ def default_method(return_grads: bool = False, backend: str | None = None) -> st
   return grads if return_grads else norms
 
 
+# The generic exact method "auto" falls back to for a flow the windowed methods do not
+# re-state (bench_gradients: vmap_grad is the faster of the two generic ones on CPU).
+_GENERIC = "vmap_grad"
+
+
+def resolve_method(model, params, method: str = "auto", return_grads: bool = False) -> str:
+  """The method a call with ``method`` runs for this flow.
+
+  "auto" is ``default_method`` when the windowed methods know the flow (``flow_spec``),
+  else the generic exact method (the windowed methods re-state FastFlow2d's forward with
+  an "exp" global affine and a parameter-free LayerNorm; a flow with a softplus global
+  affine or LayerNorm parameters takes the generic path, same numbers, slower). Any other
+  value is returned unchanged.
+  """
+  if method != "auto":
+    return method
+  best = default_method(return_grads)
+  if best in ("ghost", "window"):
+    try:
+      flow_spec(model, params)
+    except TypeError:
+      return _GENERIC
+  return best
+
+
 def _check_restated_forward(nll_restated, nll_model, what: str) -> None:
   """The windowed methods re-state the flow's forward: it must give the model's NLLs."""
   ref = np.asarray(nll_model, np.float64)
@@ -605,8 +630,8 @@ def per_patch_param_grads(model: flows.FastFlow2d, params, feats_BxHxWxC, weight
     weights_BxN: constant per-patch weights w_bi (e.g. ``loss_weights``); None
       gives the unweighted ``∂NLL_bi/∂θ``. Because w is a constant,
       ``‖g_bi‖ = |w_bi| · ‖∂NLL_bi/∂θ‖``.
-    method: "auto" (default: the fastest exact method on this backend,
-      ``default_method``), "ghost", "window", "jacrev", "vmap_grad" or "loop"
+    method: "auto" (default: the fastest exact method on this backend that
+      takes this flow, ``resolve_method``), "ghost", "window", "jacrev", "vmap_grad" or "loop"
       (module docstring). "ghost" gives norms only.
     patch_chunk, image_chunk: patches × images per compiled call (per vmapped
       block for "window"/"ghost", which run all of an image's patches in one
@@ -620,8 +645,7 @@ def per_patch_param_grads(model: flows.FastFlow2d, params, feats_BxHxWxC, weight
   Returns:
     PatchGrads(norm_BxN, grads or None); ``(1/B) Σ_bi g_bi = ∂L/∂θ``.
   """
-  if method == "auto":
-    method = default_method(return_grads)
+  method = resolve_method(model, params, method, return_grads)
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS + ('auto',)}, got {method!r}")
   if method == "ghost" and return_grads:
@@ -797,12 +821,13 @@ def gradient_concentration(model: flows.FastFlow2d, params, feats_BxHxWxC, tail_
   if 0.0 not in lams:
     lams = [0.0] + lams
   bp = b if num_param_images is None else max(1, min(int(num_param_images), b))
+  method = resolve_method(model, params, method)
   unweighted = per_patch_param_grads(model, params, feats[:bp], None, method=method,
                                      patch_chunk=patch_chunk, image_chunk=image_chunk).norm_BxN
   out: dict[str, Any] = {
       "n_patches": n, "k": k, "top_k_ratio": float(top_k_ratio), "theoretical_amplification": n / k,
       "n_images_input": b, "n_images_param": bp, "input_wrt": input_wrt,
-      "method": default_method() if method == "auto" else method,
+      "method": method,
       "unweighted_param": concentration_stats(unweighted, tail_BxN[:bp]),
       "conditions": [],
   }
