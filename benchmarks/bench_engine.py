@@ -86,18 +86,27 @@ def step_flops(cfg, feats) -> float | None:
   return xla_flops(jax.jit(lambda st: program.run(st, key, feats, 1)).lower(state))
 
 
-def time_segment(cfg, feats, steps: int, repeats: int) -> dict:
-  """The engine's compiled segment program for one row of ``cfg`` on ``feats``: seconds
-  per step (best of ``repeats`` segments of ``steps`` steps, after one compiling call),
-  the compile time, XLA's flops of one step, the program and the row mode."""
+def one_row(cfg, feats, steps: int) -> dict:
+  """The engine's compiled programs for one row (``HP``, seed 0) of ``cfg`` on ``feats``,
+  with segments of ``steps`` steps, on one device: ``program``, ``segment``, the row's
+  initial ``state``, its key data ``kd``, the features ``f`` on the device, ``row_impl``."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   row_impl = train.resolve_row_impl("auto")
   program, init, segment = engine._row_fns(cfg, feats.shape, mesh, row_impl, steps)
   rows = engine.Rows.from_dicts([{**HP, "seed": 0}])
   h = {k: jnp.asarray(v) for k, v in rows.hparams_R.items()}
   kd = jnp.asarray(jax.random.key_data(train.row_keys(rows.seeds_R)))
-  f = jnp.asarray(feats)
-  state = init(h, kd)
+  return {"program": program, "segment": segment, "state": init(h, kd), "kd": kd,
+          "f": jnp.asarray(feats), "row_impl": row_impl}
+
+
+def time_segment(cfg, feats, steps: int, repeats: int) -> dict:
+  """The engine's compiled segment program for one row of ``cfg`` on ``feats``: seconds
+  per step (best of ``repeats`` segments of ``steps`` steps, after one compiling call),
+  the compile time, XLA's flops of one step, the program and the row mode."""
+  row = one_row(cfg, feats, steps)
+  program, segment, state, kd, f, row_impl = (row[k] for k in ("program", "segment", "state", "kd",
+                                                               "f", "row_impl"))
   t = time.perf_counter()
   state, m = segment(state, kd, f, jnp.int32(steps))
   jax.block_until_ready(m)

@@ -47,8 +47,14 @@ batch 16, 14×14), each jitted alone and timed interleaved with the others:
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
 import os
+import re
 import sys
+import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -297,7 +303,6 @@ def _op_kind(instruction: str) -> str:
 
 def _op_region(op_name: str) -> str:
   """Where an op comes from, from its HLO ``op_name`` metadata (the JAX call path)."""
-  import re
   backward = "transpose(jvp(" in op_name
   step = re.search(r"step_(\d+)\.", op_name)
   if step:
@@ -331,24 +336,12 @@ def op_profile(precision: str, flow_steps: int = 4, batch_size: int = 16, steps:
   step; the ops' total is less than the step by the executor's dispatch between them,
   and tracing slows the step (``traced_step_ms`` vs ``step_ms``): read the shares.
   """
-  import collections
-  import glob
-  import gzip
-  import json
-  import re
-  import tempfile
-  from tailjax import engine, sharding
-
   cfg = bench_engine.config(flow_steps, batch_size, steps)
   cfg.train.precision = precision
   feats = np.random.default_rng(0).normal(size=feats_shape).astype(np.float32)
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  _, init, segment = engine._row_fns(cfg, feats.shape, mesh, train.resolve_row_impl("auto"), steps)
-  rows = engine.Rows.from_dicts([{**HP, "seed": 0}])
-  h = {k: jnp.asarray(v) for k, v in rows.hparams_R.items()}
-  kd = jnp.asarray(jax.random.key_data(train.row_keys(rows.seeds_R)))
-  f, n = jnp.asarray(feats), jnp.int32(steps)
-  state = init(h, kd)
+  row = bench_engine.one_row(cfg, feats, steps)
+  segment, state, kd, f = row["segment"], row["state"], row["kd"], row["f"]
+  n = jnp.int32(steps)
   hlo = segment.lower(state, kd, f, n).compile().as_text()
   instructions = set(re.findall(r"^\s*%?([\w.-]+) = ", hlo, re.M))
   op_names = dict(re.findall(r"^\s*%?([\w.-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo, re.M))

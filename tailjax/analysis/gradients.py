@@ -21,7 +21,8 @@ Two senses of "the gradient of patch i":
 Per-patch parameter gradients are N cotangents through one image's network.
 Five exact implementations are kept selectable, because their speed depends on
 the backend and the flow (``benchmarks/bench_gradients.py``); ``method="auto"``
-(the default) takes the fastest measured one, ``default_method()``:
+(the default) takes the fastest measured one, ``default_method()``, where it takes the
+flow (``resolve_method``: the windowed methods re-state FastFlow2d only):
 
 * ``"ghost"`` (default for norms): receptive-field windows + ghost norms, below;
 * ``"window"`` (default when the gradients themselves are requested):
@@ -594,7 +595,7 @@ def resolve_method(model, params, method: str = "auto", return_grads: bool = Fal
   "auto" is ``default_method`` when the windowed methods know the flow (``flow_spec``),
   else the generic exact method (the windowed methods re-state FastFlow2d's forward with
   an "exp" global affine and a parameter-free LayerNorm; a flow with a softplus global
-  affine or LayerNorm parameters takes the generic path, same numbers, slower). Any other
+  affine or LayerNorm parameters takes the generic path, exact too, slower). Any other
   value is returned unchanged.
   """
   if method != "auto":
