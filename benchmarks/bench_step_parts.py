@@ -47,12 +47,7 @@ batch 16, 14×14), each jitted alone and timed interleaved with the others:
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
-import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -64,7 +59,7 @@ import numpy as np
 import optax
 
 from benchmarks import bench_engine
-from tailjax import flows, io as tj_io, losses, train
+from tailjax import flows, io as tj_io, losses, profiling, train
 
 HP = bench_engine.HP
 
@@ -283,59 +278,12 @@ def conv_lowerings(batch_size: int = 16, repeats: int = 5, iters: int = 10) -> l
   return rows
 
 
-# Kinds of the compiled step's ops, from the HLO instruction's name (XLA names a fusion
-# after its root ops): the first pattern that matches wins.
-OP_KINDS = (("matmul", ("ynn_fusion", "dot", "onednn", "xnn_fusion", "custom-call")),
-            ("gather / scatter", ("gather", "scatter")),
-            ("pad / slice / concatenate", ("concatenate", "pad", "slice")),
-            ("copy / transpose", ("copy", "transpose")),
-            ("sort", ("sort",)),
-            ("elementwise / reduce", ("",)))
-
-
-# Ops XLA added that carry no JAX call path (loop-carried and layout copies).
-NO_CALL_PATH = "copies XLA added (no call path)"
-
-
-def _op_kind(instruction: str) -> str:
-  return next(kind for kind, keys in OP_KINDS if any(k in instruction for k in keys))
-
-
-def _op_region(op_name: str) -> str:
-  """Where an op comes from, from its HLO ``op_name`` metadata (the JAX call path)."""
-  backward = "transpose(jvp(" in op_name
-  step = re.search(r"step_(\d+)\.", op_name)
-  if step:
-    return f"coupling {step.group(1)} {'bwd' if backward else 'fwd'}"
-  if "FastFlow2d" in op_name:
-    if "gather" in op_name or "scatter" in op_name:
-      return f"permutations {'bwd' if backward else 'fwd'}"
-    return f"LayerNorm, log-det sum {'bwd' if backward else 'fwd'}"
-  if any(k in op_name for k in ("take_along_axis", "argsort", "sort", "top_k")):
-    return "top-k selection"
-  if "jvp(" in op_name:
-    return f"NLL + loss {'bwd' if backward else 'fwd'}"
-  if any(k in op_name for k in ("threefry", "randint", "random")):
-    return "batch sampling"
-  return "Adam, clipping, metrics, loop"
-
-
 def op_profile(precision: str, flow_steps: int = 4, batch_size: int = 16, steps: int = 10,
                feats_shape: tuple[int, int, int, int] = (64, 14, 14, 112)) -> dict:
-  """The compiled segment program's own ops, from a ``jax.profiler`` trace of ``steps`` steps.
-
-  The trace is written with ``create_perfetto_trace=True`` (a gzipped Chrome-trace JSON,
-  read here without the profiler plugin) and the Python tracer off. Each traced XLA op is
-  mapped to its HLO instruction in the compiled program's text, whose ``op_name``
-  metadata (the JAX call path, ``transpose(jvp(…))`` for the backward pass) gives the
-  region (coupling i forward/backward, permutations, loss, top-k, optimiser) and whose
-  name gives the kind (matmul, gather/scatter, pad/slice/concatenate, copy, sort,
-  elementwise). Times are milliseconds per step. XLA:CPU runs the step's ops one after
-  another, each spread over the pool's threads (``ops_overlap``: the sum of the ops'
-  times over the length of their union, ≈ 1), so an op's time is its share of the
-  step; the ops' total is less than the step by the executor's dispatch between them,
-  and tracing slows the step (``traced_step_ms`` vs ``step_ms``): read the shares.
-  """
+  """The engine's compiled segment program for one row, its ops read from a
+  ``jax.profiler`` trace of ``steps`` steps (``tailjax.profiling``: region of the step ×
+  kind of op, ms per step), with the step's time untraced and traced (tracing slows it:
+  read the shares)."""
   cfg = bench_engine.config(flow_steps, batch_size, steps)
   cfg.train.precision = precision
   feats = np.random.default_rng(0).normal(size=feats_shape).astype(np.float32)
@@ -343,51 +291,24 @@ def op_profile(precision: str, flow_steps: int = 4, batch_size: int = 16, steps:
   segment, state, kd, f = row["segment"], row["state"], row["kd"], row["f"]
   n = jnp.int32(steps)
   hlo = segment.lower(state, kd, f, n).compile().as_text()
-  instructions = set(re.findall(r"^\s*%?([\w.-]+) = ", hlo, re.M))
-  op_names = dict(re.findall(r"^\s*%?([\w.-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo, re.M))
   state, m = segment(state, kd, f, n)   # compile and warm
   jax.block_until_ready(m)
   t = time.perf_counter()
   state, m = segment(state, kd, f, n)
   jax.block_until_ready(m)
   step_ms = 1000 * (time.perf_counter() - t) / steps
-  options = jax.profiler.ProfileOptions()
-  options.python_tracer_level = 0
   with tempfile.TemporaryDirectory() as folder:
-    with jax.profiler.trace(folder, create_perfetto_trace=True, profiler_options=options):
+    with profiling.trace(folder):
       t = time.perf_counter()
       state, m = segment(state, kd, f, n)
       jax.block_until_ready(m)
       traced_ms = 1000 * (time.perf_counter() - t) / steps
-    path, = glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)
-    events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
-  cells = collections.defaultdict(float)
-  ops = [e for e in events if e["name"] in instructions]   # the rest: the runtime's own events
-  union, end = 0.0, float("-inf")
-  for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in ops):
-    union += max(0.0, stop - max(start, end))
-    end = max(end, stop)
-  for e in ops:
-    region = _op_region(op_names[e["name"]]) if e["name"] in op_names else NO_CALL_PATH
-    cells[(region, _op_kind(e["name"]))] += e["dur"] / 1000 / steps
-  total = sum(cells.values())
-  regions = sorted({r for r, _ in cells}, key=lambda r: -sum(v for (q, _), v in cells.items() if q == r))
-  table_rows = []
-  for region in regions:
-    row = {"region": region}
-    for kind, _ in OP_KINDS:
-      row[kind] = cells.get((region, kind), 0.0)
-    row["total_ms"] = sum(row[kind] for kind, _ in OP_KINDS)
-    row["pct"] = 100 * row["total_ms"] / total
-    table_rows.append(row)
-  by_kind = {kind: sum(v for (_, k), v in cells.items() if k == kind) for kind, _ in OP_KINDS}
-  return {"precision": precision, "step_ms": step_ms, "traced_step_ms": traced_ms,
-          "ops_ms": total, "ops_overlap": sum(e["dur"] for e in ops) / union if union else float("nan"),
-          "by_kind_pct": {k: 100 * v / total for k, v in by_kind.items()}, "rows": table_rows}
+    summary = profiling.op_summary(profiling.trace_events(folder), hlo, steps)
+  return {"precision": precision, "step_ms": step_ms, "traced_step_ms": traced_ms, **summary}
 
 
 def op_table(res: dict) -> str:
-  kinds = [k for k, _ in OP_KINDS]
+  kinds = profiling.KINDS
   lines = [f"{res['precision']}: the compiled step's ops, ms per step (step {res['step_ms']:.1f} ms, "
            f"{res['traced_step_ms']:.1f} ms traced; ops {res['ops_ms']:.1f} ms, overlap "
            f"{res['ops_overlap']:.2f})",

@@ -47,7 +47,9 @@ pure ``tailjax.train.FlowProgram``:
   whole on one device, so every row's numbers are the single process's.
 * **Profiling** (``train.profile_steps`` = n > 0): after the first segment of a call, a
   ``jax.profiler`` trace of n more train steps, run on a copy of the state and then
-  dropped, is written to ``<prefix>/profile/`` (``_profile``); it changes no number.
+  dropped, is written to ``<prefix>/profile/`` with ``ops.md`` / ``ops.json`` beside it,
+  the traced ops' time per step by region of the step and kind of op
+  (``tailjax.profiling``; ``_profile``); it changes no number.
 * **Sizes are checked before anything is allocated** (``check_batch_size``,
   ``_check_memory``): a batch larger than the training split, and a grid whose training
   step needs more memory than the device has (a lower bound, ``_step_bytes``), are
@@ -80,7 +82,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from tailjax import distributed, io, losses, runrecord, sharding
+from tailjax import distributed, io, losses, profiling, reporting, runrecord, sharding
 from tailjax import train as train_lib
 
 PyTree = Any
@@ -909,23 +911,40 @@ PROFILE_DIR = "profile"
 
 def _profile(grid: _Grid, state_host, steps: int, folder: Path, writer: bool) -> None:
   """``train.profile_steps``: a ``jax.profiler`` trace of ``steps`` train steps in
-  ``folder`` (TensorBoard's profile plugin / Perfetto read it), taken after the first
-  segment of a call so that compilation is not in it.
+  ``folder`` (TensorBoard's profile plugin or Perfetto read it; ``profiling.trace``),
+  taken after the first segment of a call so that compilation is not in it, and beside
+  it ``ops.md`` / ``ops.json``: the traced ops' time per step by region of the step and
+  kind of op (``profiling.op_summary``). With several processes each traces into
+  ``folder/process-<i>``.
 
   The traced steps run on a *copy* of the state (the segment program donates its
   input) and their result is dropped: the run's own state, keys and checkpoints are
-  untouched, so profiling never changes a number; it costs ``steps`` extra steps."""
+  untouched, so profiling never changes a number; it costs ``steps`` extra steps and
+  one more compilation of the segment program (for the op names)."""
   if writer:
     io.note_written(folder, folder=True)
+  if distributed.process_count() > 1:
+    folder = folder / f"process-{distributed.process_index()}"
   folder.mkdir(parents=True, exist_ok=True)
   copy = grid.to_device(state_host)
-  with jax.profiler.trace(str(folder)):
+  n = min(steps, grid.plan.seg_len)
+  hlo = grid.plan.segment_fn.lower(copy, grid.kd_dev, grid.feats_dev,
+                                   jnp.asarray(n, jnp.int32)).compile().as_text()
+  with profiling.trace(folder):
     left = steps
     while left > 0:
       n = min(left, grid.plan.seg_len)
       copy, metrics = grid.segment(copy, n)
       left -= n
     jax.block_until_ready((copy, metrics))
+  try:
+    summary = profiling.op_summary(profiling.trace_events(folder), hlo, steps)
+  except (FileNotFoundError, ValueError) as e:   # the trace is written; only its summary fails
+    logging.warning("train.profile_steps: no op summary beside the trace in %s (%s)", folder, e)
+    return
+  title = "Ops of one train step of the rows on this process's devices"
+  io.atomic_write_json(folder / "ops.json", summary)
+  reporting.write_markdown(folder / "ops.md", profiling.summary_lines(summary, title))
 
 
 def _evaluator(plan: _Plan, grid: _Grid, run: runrecord.Run, prefix: str, evaluate,

@@ -118,25 +118,6 @@ def test_precision_table_reports_the_worst_category():
   assert sum(l.startswith("| brick |") or l.startswith("| moon |") for l in lines) == 2
 
 
-def test_op_regions_and_kinds_read_the_hlo_call_path():
-  from benchmarks import bench_step_parts as bsp
-  base = "jit(local_segment)/while/body/closed_call/while/body/"
-  assert bsp._op_region(base + "transpose(jvp(FastFlow2d))/FastFlow2d.forward/step_2.coupling/"
-                        "step_2._scale_shift/conv_in/dot_general") == "coupling 2 bwd"
-  assert bsp._op_region(base + "jvp(FastFlow2d)/FastFlow2d.forward/step_0.coupling/concatenate") \
-      == "coupling 0 fwd"
-  assert bsp._op_region(base + "transpose(jvp(FastFlow2d))/FastFlow2d.forward/scatter-add") \
-      == "permutations bwd"
-  assert bsp._op_region(base + "jvp(jit(take_along_axis))/gather") == "top-k selection"
-  assert bsp._op_region(base + "jit(_randint)/while/body/add") == "batch sampling"
-  assert bsp._op_region(base + "transpose(jvp())/mul") == "NLL + loss bwd"
-  assert bsp._op_region(base + "div") == "Adam, clipping, metrics, loop"
-  assert [bsp._op_kind(n) for n in ("ynn_fusion.3", "wrapped_scatter.1", "add_pad_fusion",
-                                    "copy_bitcast_fusion.9", "sort.29", "multiply_add_fusion")] \
-      == ["matmul", "gather / scatter", "pad / slice / concatenate", "copy / transpose", "sort",
-          "elementwise / reduce"]
-
-
 def test_op_profile_accounts_for_the_compiled_steps_ops():
   """A tiny 2-step flow: the trace's ops map onto every coupling, both directions, and
   the permutations; the matmuls are found; the shares add up to 100 %."""

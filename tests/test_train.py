@@ -1,5 +1,7 @@
 """The training core: pure steps, optimiser factory, early stopping, the pure flow program."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -297,8 +299,15 @@ def test_profile_steps_writes_a_trace_and_changes_no_number(tmp_path):
                       "batch_devices": 1, "profile_steps": steps})
     with runrecord.open_run(tmp_path / f"p{steps}", cfg, kind="test") as run:
       out[steps] = engine.run_rows(cfg, run, "cat", SWEEP_FEATS, rows, mesh=mesh, progress=False)
-  traces = list(pathlib.Path(tmp_path / "p2" / "cat" / engine.PROFILE_DIR).rglob("*.xplane.pb"))
-  assert traces and not (tmp_path / "p0" / "cat" / engine.PROFILE_DIR).exists()
+  folder = pathlib.Path(tmp_path / "p2" / "cat" / engine.PROFILE_DIR)
+  assert list(folder.rglob("*.xplane.pb")) and list(folder.rglob("*.trace.json.gz"))
+  assert not (tmp_path / "p0" / "cat" / engine.PROFILE_DIR).exists()
+  # The op summary beside the trace: the run's couplings in both directions, shares to 100 %.
+  ops = json.loads((folder / "ops.json").read_text())
+  regions = {r["region"] for r in ops["rows"]}
+  assert {"coupling 0 fwd", "coupling 0 bwd"} <= regions, sorted(regions)
+  assert sum(r["pct"] for r in ops["rows"]) == pytest.approx(100)
+  assert (folder / "ops.md").read_text().startswith("# Ops of one train step")
   for a, b in zip(_leaves(out[0].params_R), _leaves(out[2].params_R)):
     np.testing.assert_array_equal(a, b)
   ckpts = [sorted(p.name for p in (tmp_path / f"p{s}" / "cat" / "checkpoints").iterdir()

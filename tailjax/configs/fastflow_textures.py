@@ -118,7 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.row_mode = "auto"          # vmap | map | auto (map on CPU, vmap on GPU/TPU)
   c.train.conv_impl = "auto"     # xla | matmul | auto (matmul on CPU, xla on GPU/TPU)
   c.train.batch_devices = 1      # devices splitting one row's batch; the rest split rows
-  c.train.profile_steps = 0      # > 0: jax.profiler trace of that many steps, <category>/profile
+  c.train.profile_steps = 0      # > 0: jax.profiler trace of that many steps + ops.md, <category>/profile
   # 1: one process. n or "auto" (one per core on a CPU host): the rows in n local
   # processes, same numbers (tailjax.distributed.launch_local). Not the default: on a
   # 2-core CPU one process already runs a row's step 1.8x faster than one core does, and
