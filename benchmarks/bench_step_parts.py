@@ -290,8 +290,9 @@ def op_profile(precision: str, flow_steps: int = 4, batch_size: int = 16, steps:
   row = bench_engine.one_row(cfg, feats, steps)
   segment, state, kd, f = row["segment"], row["state"], row["kd"], row["f"]
   n = jnp.int32(steps)
-  hlo = segment.lower(state, kd, f, n).compile().as_text()
-  state, m = segment(state, kd, f, n)   # compile and warm
+  compiled = segment.lower(state, kd, f, n).compile()   # its HLO names the traced ops
+  hlo, segment = compiled.as_text(), compiled
+  state, m = segment(state, kd, f, n)   # warm
   jax.block_until_ready(m)
   t = time.perf_counter()
   state, m = segment(state, kd, f, n)
@@ -305,19 +306,6 @@ def op_profile(precision: str, flow_steps: int = 4, batch_size: int = 16, steps:
       traced_ms = 1000 * (time.perf_counter() - t) / steps
     summary = profiling.op_summary(profiling.trace_events(folder), hlo, steps)
   return {"precision": precision, "step_ms": step_ms, "traced_step_ms": traced_ms, **summary}
-
-
-def op_table(res: dict) -> str:
-  kinds = profiling.KINDS
-  lines = [f"{res['precision']}: the compiled step's ops, ms per step (step {res['step_ms']:.1f} ms, "
-           f"{res['traced_step_ms']:.1f} ms traced; ops {res['ops_ms']:.1f} ms, overlap "
-           f"{res['ops_overlap']:.2f})",
-           f"{'region':<32}" + "".join(f"{k[:14]:>15}" for k in kinds) + f"{'total':>8}{'%':>6}"]
-  for r in res["rows"]:
-    lines.append(f"{r['region']:<32}" + "".join(f"{r[k]:>15.2f}" for k in kinds)
-                 + f"{r['total_ms']:>8.2f}{r['pct']:>6.1f}")
-  lines.append("share by kind: " + ", ".join(f"{k} {v:.0f} %" for k, v in res["by_kind_pct"].items()))
-  return "\n".join(lines)
 
 
 def table(res: dict) -> str:
@@ -356,7 +344,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out["parts"] += [{"precision": precision, **{k: v for k, v in p.items() if k != "sub"}}
                      for p in res["parts"]]
     ops = op_profile(precision, args.flow_steps, args.batch_size, args.steps)
-    print(op_table(ops), flush=True)
+    print("\n".join(profiling.summary_lines(
+        ops, f"{precision}: the compiled step's ops, ms per step (step {ops['step_ms']:.1f} ms, "
+             f"{ops['traced_step_ms']:.1f} ms traced)")), flush=True)
     out.setdefault("ops", []).extend({"precision": precision, **r} for r in ops["rows"])
     out.setdefault("ops_by_kind_pct", []).append({"precision": precision, "step_ms": ops["step_ms"],
                                                   "traced_step_ms": ops["traced_step_ms"],
